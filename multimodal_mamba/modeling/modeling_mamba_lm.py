@@ -1,0 +1,538 @@
+"""The shared Mamba mixer, the preallocated state cache, and the Mamba language model.
+
+One ``MambaMixer`` serves the VL-Mamba language model, the VL-Mamba VSS connector and the Coupled Mamba blocks.
+Every projection (``in_proj``, ``x_proj``, ``dt_proj``, ``out_proj``) is called as a module, on every path, so
+LoRA, hooks and quantization wrappers see every call. The scan, decode step and conv go through the op
+dispatch of ``ops_selective_scan`` (reference, chunked PyTorch, fused GPU kernels).
+
+``MambaCausalLM`` is configured by a plain transformers ``MambaConfig`` and has transformers'
+``MambaForCausalLM`` parameter names (``backbone.embeddings``, ``backbone.layers.{i}.norm``,
+``backbone.layers.{i}.mixer.{in_proj,conv1d,x_proj,dt_proj,out_proj,A_log,D}``, ``backbone.norm_f``,
+``lm_head``), so a Mamba checkpoint in transformers' format loads into it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from transformers import MambaConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .ops_selective_scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from .ssm_backends import ssm_backend
+
+
+class MambaStateCache:
+    """Preallocated recurrent state of a stack of Mamba mixers, updated in place.
+
+    conv_states: (num_layers, batch, intermediate_size, conv_kernel) in the model dtype: the last
+    ``conv_kernel`` inputs of each layer's causal conv. ssm_states: (num_layers, batch, intermediate_size,
+    state_size) float32. Shapes never change after allocation and every update is an in-place copy, so a
+    whole decode step can be captured in a CUDA graph and replayed.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers, batch_size, intermediate_size, state_size, conv_kernel, device=None, dtype=None):
+        self.conv_states = torch.zeros(num_layers, batch_size, intermediate_size, conv_kernel, device=device, dtype=dtype)
+        self.ssm_states = torch.zeros(
+            num_layers, batch_size, intermediate_size, state_size, device=device, dtype=torch.float32
+        )
+        # Number of tokens already folded into the states (0: nothing yet, the next call is a prefill).
+        self.seqlen_offset = 0
+
+    @classmethod
+    def for_config(cls, config: MambaConfig, batch_size: int, device=None, dtype=None) -> "MambaStateCache":
+        return cls(
+            config.num_hidden_layers, batch_size, config.intermediate_size, config.state_size, config.conv_kernel,
+            device=device, dtype=dtype,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.conv_states.shape[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seqlen_offset
+
+    def reset(self) -> None:
+        self.conv_states.zero_()
+        self.ssm_states.zero_()
+        self.seqlen_offset = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i of the new states is row ``beam_idx[i]`` of the old ones (in place)."""
+        beam_idx = beam_idx.to(self.conv_states.device)
+        self.conv_states.copy_(self.conv_states.index_select(1, beam_idx))
+        self.ssm_states.copy_(self.ssm_states.index_select(1, beam_idx))
+
+
+class MambaRMSNorm(nn.Module):
+    """RMSNorm over the last dim, as transformers' ``MambaRMSNorm`` (normalizes in float32)."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+
+
+def _apply_padding_mask(hidden_states, attention_mask):
+    """Zero padded positions. hidden_states (batch, L, dim); attention_mask (batch, L) with 0 on padding."""
+    if attention_mask is None:
+        return hidden_states
+    return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+
+
+class MambaMixer(nn.Module):
+    """in_proj -> causal depthwise conv -> x_proj -> dt_proj -> selective scan -> gate -> out_proj.
+
+    Input and output (batch, L, hidden_size). Parameters: ``in_proj`` (hidden -> 2 * intermediate),
+    ``conv1d`` (depthwise, kernel ``conv_kernel``), ``x_proj`` (intermediate -> dt_rank + 2 * state_size),
+    ``dt_proj`` (dt_rank -> intermediate, with bias), ``A_log`` (intermediate, state_size) and ``D``
+    (intermediate,) kept float32, ``out_proj`` (intermediate -> hidden).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        state_size: int = 16,
+        expand: int = 2,
+        conv_kernel: int = 4,
+        time_step_rank="auto",
+        use_bias: bool = False,
+        use_conv_bias: bool = True,
+        time_step_min: float = 0.001,
+        time_step_max: float = 0.1,
+        time_step_floor: float = 1e-4,
+        time_step_scale: float = 1.0,
+        time_step_init_scheme: str = "random",
+        layer_idx: Optional[int] = None,
+        intermediate_size: Optional[int] = None,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.state_size = state_size
+        self.intermediate_size = int(intermediate_size or expand * hidden_size)
+        self.conv_kernel = conv_kernel
+        self.time_step_rank = math.ceil(hidden_size / 16) if time_step_rank == "auto" else int(time_step_rank)
+        self.layer_idx = layer_idx
+        self.time_step_min, self.time_step_max, self.time_step_floor = time_step_min, time_step_max, time_step_floor
+        self.time_step_scale, self.time_step_init_scheme = time_step_scale, time_step_init_scheme
+
+        self.in_proj = nn.Linear(hidden_size, self.intermediate_size * 2, bias=use_bias)
+        self.conv1d = nn.Conv1d(
+            self.intermediate_size, self.intermediate_size, kernel_size=conv_kernel, groups=self.intermediate_size,
+            padding=conv_kernel - 1, bias=use_conv_bias,
+        )
+        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + 2 * state_size, bias=False)
+        self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.intermediate_size, state_size))
+        self.D = nn.Parameter(torch.empty(self.intermediate_size))
+        self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=use_bias)
+        if self.A_log.device.type != "meta":
+            self.init_ssm_parameters()
+
+    @classmethod
+    def from_mamba_config(cls, config: MambaConfig, layer_idx: Optional[int] = None) -> "MambaMixer":
+        return cls(
+            config.hidden_size, config.state_size, config.expand, config.conv_kernel, config.time_step_rank,
+            config.use_bias, config.use_conv_bias, config.time_step_min, config.time_step_max,
+            config.time_step_floor, config.time_step_scale, config.time_step_init_scheme, layer_idx=layer_idx,
+            intermediate_size=config.intermediate_size,
+        )
+
+    @torch.no_grad()
+    def init_ssm_parameters(self):
+        """S4D-real A, D = 1, and dt_proj so that softplus(bias) is log-uniform in [time_step_min, time_step_max]."""
+        A = torch.arange(1, self.state_size + 1, dtype=torch.float32, device=self.A_log.device)
+        init.copy_(self.A_log, torch.log(A)[None, :].expand(self.intermediate_size, -1))
+        init.ones_(self.D)
+        dt_init_std = self.time_step_rank**-0.5 * self.time_step_scale
+        if self.time_step_init_scheme == "constant":
+            init.constant_(self.dt_proj.weight, dt_init_std)
+        else:
+            init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        dt = torch.exp(
+            torch.rand(self.intermediate_size, device=self.dt_proj.bias.device)
+            * (math.log(self.time_step_max) - math.log(self.time_step_min))
+            + math.log(self.time_step_min)
+        ).clamp(min=self.time_step_floor)
+        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    # The three stages are public so that the Coupled Mamba block can run its own scan between them.
+    def input_stage(self, hidden_states, attention_mask=None, conv_state=None, conv_initial=None):
+        """hidden_states (batch, L, hidden) -> x (batch, intermediate, L) after conv + SiLU, gate z (same shape).
+
+        ``conv_state`` (batch, intermediate, conv_kernel), if given, is updated in place: a single token is
+        a decode step, a longer input refreshes it with the last inputs. ``conv_initial`` (batch,
+        intermediate, conv_kernel - 1) are the inputs that precede this one (a continued prefill).
+        """
+        hidden_states = _apply_padding_mask(hidden_states, attention_mask)
+        # (batch, dim, L) views of time-major memory: the ops run on dense (batch, L, dim) tensors.
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        weight = self.conv1d.weight.squeeze(1)
+        if conv_state is not None and x.shape[-1] == 1 and conv_initial is None:
+            x = causal_conv1d_update(x[..., 0], conv_state, weight, self.conv1d.bias, activation="silu")[..., None]
+        else:
+            if conv_state is not None:
+                prefix = conv_initial if conv_initial is not None else x.new_zeros(x.shape[0], x.shape[1], self.conv_kernel - 1)
+                history = torch.cat([prefix.to(x.dtype), x], dim=-1)[..., -self.conv_kernel:]
+                conv_state.copy_(history.to(conv_state.dtype))
+            x = causal_conv1d(x, weight, self.conv1d.bias, initial_state=conv_initial, activation="silu")
+        if attention_mask is not None:
+            x = x * attention_mask[:, None, :].to(x.dtype)
+        return x, z
+
+    def ssm_parameters(self, x):
+        """x (batch, intermediate, L) -> delta (batch, intermediate, L) with dt_proj's bias, B and C (batch, N, L)."""
+        params = self.x_proj(x.transpose(1, 2))
+        time_step, B, C = torch.split(params, [self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        delta = self.dt_proj(time_step).transpose(1, 2)
+        return delta, B.transpose(1, 2), C.transpose(1, 2)
+
+    def output_stage(self, y):
+        """y (batch, intermediate, L) -> (batch, L, hidden)."""
+        return self.out_proj(y.transpose(1, 2))
+
+    def ssm_A(self):
+        return -torch.exp(self.A_log.float())
+
+    def forward(self, hidden_states, cache_params: Optional[MambaStateCache] = None, attention_mask=None, scan_orders=None):
+        """hidden_states (batch, L, hidden) -> (batch, L, hidden).
+
+        cache_params: a ``MambaStateCache`` holding this layer's states (``layer_idx``); read and updated in
+        place. scan_orders: (K, L) long, K orderings of the L positions (VSS): each ordering is scanned as its
+        own sequence in one grouped scan, put back in position order, and the K results are summed.
+        """
+        if scan_orders is not None:
+            if cache_params is not None:
+                raise ValueError("MambaMixer: scan_orders (multi-direction scan) cannot be combined with a cache")
+            return self._forward_scan_orders(hidden_states, attention_mask, scan_orders)
+        conv_state = ssm_state = conv_initial = initial_state = None
+        if cache_params is not None:
+            conv_state = cache_params.conv_states[self.layer_idx]
+            ssm_state = cache_params.ssm_states[self.layer_idx]
+            if cache_params.seqlen_offset > 0 and hidden_states.shape[1] > 1:  # continued prefill
+                conv_initial = conv_state[..., 1:].clone()
+                initial_state = ssm_state.clone()
+        decode_step = cache_params is not None and cache_params.seqlen_offset > 0 and hidden_states.shape[1] == 1
+        x, z = self.input_stage(hidden_states, attention_mask, conv_state, conv_initial)
+        delta, B, C = self.ssm_parameters(x)
+        if decode_step:
+            y = selective_state_update(
+                ssm_state, x[..., 0], delta[..., 0], self.ssm_A(), B[..., 0], C[..., 0], self.D, z=z[..., 0]
+            )[..., None]
+        else:
+            result = selective_scan(
+                x, delta, self.ssm_A(), B, C, self.D, z=z, delta_softplus=True, initial_state=initial_state,
+                return_final_state=ssm_state is not None,
+            )
+            if ssm_state is not None:
+                y, final_state = result
+                ssm_state.copy_(final_state)
+            else:
+                y = result
+        return self.output_stage(y.to(hidden_states.dtype))
+
+    def _forward_scan_orders(self, hidden_states, attention_mask, scan_orders):
+        batch, length, _ = hidden_states.shape
+        if scan_orders.dim() != 2 or scan_orders.shape[1] != length:
+            raise ValueError(f"MambaMixer: scan_orders must be (K, L={length}), got {tuple(scan_orders.shape)}")
+        directions = scan_orders.shape[0]
+        dim = self.intermediate_size
+        hidden_states = _apply_padding_mask(hidden_states, attention_mask)
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        # (batch, dim, K, L) -> (batch * K, dim, L): each ordering becomes its own sequence.
+        x = x[:, :, scan_orders].permute(0, 2, 1, 3).reshape(batch * directions, dim, length)
+        z = z[:, :, scan_orders].permute(0, 2, 1, 3).reshape(batch, directions * dim, length)
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        delta, B, C = self.ssm_parameters(x)
+        # One grouped scan: group k holds direction k's channels and its own B, C.
+        y = selective_scan(
+            x.reshape(batch, directions * dim, length),
+            delta.reshape(batch, directions * dim, length),
+            self.ssm_A().repeat(directions, 1),
+            B.reshape(batch, directions, self.state_size, length),
+            C.reshape(batch, directions, self.state_size, length),
+            self.D.repeat(directions),
+            z=z,
+            delta_softplus=True,
+        )
+        inverse = torch.argsort(scan_orders, dim=1)  # position p of ordering k sits at index inverse[k, p]
+        y = y.reshape(batch, directions, dim, length)
+        index = inverse[None, :, None, :].expand(batch, directions, dim, length)
+        merged = torch.gather(y, 3, index).sum(dim=1)
+        return self.output_stage(merged.to(hidden_states.dtype))
+
+
+class MambaBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + mixer(norm(x)), the residual in float32 when ``residual_in_fp32``."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = MambaMixer.from_mamba_config(config, layer_idx=layer_idx)
+
+    def forward(self, hidden_states, cache_params=None, attention_mask=None):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.to(torch.float32)
+        return residual + self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+
+
+def init_mamba_module_weights(module, config):
+    """Initialization shared by every model that holds Mamba mixers (called from ``_init_weights``)."""
+    if isinstance(module, MambaMixer):
+        module.init_ssm_parameters()
+        init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+        if module.conv1d.bias is not None:
+            init.zeros_(module.conv1d.bias)
+        init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+        if getattr(config, "rescale_prenorm_residual", False):
+            with torch.no_grad():
+                module.out_proj.weight /= math.sqrt(config.num_hidden_layers)
+    elif isinstance(module, MambaRMSNorm):
+        init.ones_(module.weight)
+
+
+# Keeps A_log and D in float32 when a model is loaded in bf16/fp16 (anchored on "mixer.", never a bare "D").
+KEEP_IN_FP32 = ["mixer.A_log", "mixer.D"]
+
+
+class MambaLMPreTrainedModel(PreTrainedModel):
+    config_class = MambaConfig
+    base_model_prefix = "backbone"
+    _no_split_modules = ["MambaBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+    _keep_in_fp32_modules_strict = KEEP_IN_FP32
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        init_mamba_module_weights(module, self.config)
+
+
+@dataclass
+class MambaLMOutput(ModelOutput):
+    """last_hidden_state (batch, L, hidden); cache_params: the ``MambaStateCache`` after this call."""
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    cache_params: Optional[MambaStateCache] = None
+    hidden_states: Optional[tuple] = None
+
+
+@dataclass
+class MambaCausalLMOutput(ModelOutput):
+    """logits (batch, L, vocab) float32; loss when labels are given; cache_params after this call."""
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    cache_params: Optional[MambaStateCache] = None
+    hidden_states: Optional[tuple] = None
+
+
+def resolve_backend(config) -> str:
+    return getattr(config, "ssm_backend", None) or "auto"
+
+
+class MambaBackbone(MambaLMPreTrainedModel):
+    """Embeddings, ``num_hidden_layers`` Mamba blocks and the final norm (transformers' ``MambaModel`` names)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MambaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self._register_load_state_dict_pre_hook(self._rename_mamba_ssm_keys)
+        self.post_init()
+
+    @staticmethod
+    def _rename_mamba_ssm_keys(state_dict, prefix, *args):
+        # mamba-ssm names the embedding "embedding" (singular)
+        old = prefix + "embedding.weight"
+        if old in state_dict:
+            state_dict[prefix + "embeddings.weight"] = state_dict.pop(old)
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaStateCache:
+        """A zeroed ``MambaStateCache`` for ``batch_size`` sequences on the model's device and dtype."""
+        return MambaStateCache.for_config(
+            self.config, batch_size, device=device or self.embeddings.weight.device,
+            dtype=dtype or self.embeddings.weight.dtype,
+        )
+
+    def forward(
+        self, input_ids=None, inputs_embeds=None, cache_params=None, use_cache=None, output_hidden_states=None,
+        return_dict=None, attention_mask=None, **kwargs,
+    ):
+        """input_ids (batch, L) or inputs_embeds (batch, L, hidden); attention_mask (batch, L) with 0 on padding
+        (left padding for generation). Returns ``MambaLMOutput``."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache if not self.training else False)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        batch, length = inputs_embeds.shape[:2]
+        if cache_params is not None and not isinstance(cache_params, MambaStateCache):
+            raise ValueError(
+                f"cache_params must be a MambaStateCache (see allocate_cache), got {type(cache_params).__name__}"
+            )
+        if use_cache and cache_params is None:
+            cache_params = self.allocate_cache(batch)
+        if not use_cache:
+            cache_params = None
+        if cache_params is not None and cache_params.batch_size != batch:
+            raise ValueError(f"cache_params holds {cache_params.batch_size} sequences but the input has {batch}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+            if cache_params is not None and cache_params.seqlen_offset > 0 and attention_mask.shape[0] == batch:
+                attention_mask = attention_mask[:, -length:]  # the mask of the whole sequence, as generate passes it
+            else:
+                raise ValueError(f"attention_mask must be (batch, L) = {(batch, length)}, got {tuple(attention_mask.shape)}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing to mask: skip the multiplications
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        with ssm_backend(resolve_backend(self.config)):
+            for block in self.layers:
+                hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+                if output_hidden_states:
+                    all_hidden_states = all_hidden_states + (hidden_states,)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+        if cache_params is not None:
+            cache_params.seqlen_offset += length
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache_params, all_hidden_states) if v is not None)
+        return MambaLMOutput(last_hidden_state=hidden_states, cache_params=cache_params, hidden_states=all_hidden_states)
+
+
+class MambaGenerationMixin(GenerationMixin):
+    """generate() plumbing for models whose state lives in a ``MambaStateCache`` named ``cache_params``.
+
+    transformers' generate passes a cache as ``cache_params`` to models whose class name contains "Mamba" and,
+    left alone, would create a ``DynamicCache``. These models instead allocate their preallocated cache on the
+    first forward (with the batch size generate expanded to, beams included), get it back through
+    ``outputs.cache_params``, and feed only the newest token once the cache holds the prompt.
+    """
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get("cache_params")
+        if cache is not None and not isinstance(cache, MambaStateCache):
+            raise ValueError(f"cache_params must be a MambaStateCache, got {type(cache).__name__}")
+
+    def prepare_inputs_for_generation(
+        self, input_ids, attention_mask=None, inputs_embeds=None, cache_params=None, use_cache=None,
+        is_first_iteration=False, **kwargs,
+    ):
+        decoding = cache_params is not None and cache_params.seqlen_offset > 0
+        model_inputs = {"cache_params": cache_params, "use_cache": use_cache}
+        if decoding:
+            # The state holds the prefix: feed the newest token only, without the images of the prompt.
+            model_inputs["input_ids"] = input_ids[:, -1:].contiguous()
+            for key in self._prefill_only_inputs:
+                kwargs.pop(key, None)
+        elif inputs_embeds is not None and (is_first_iteration or input_ids is None or input_ids.shape[1] == 0):
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids.contiguous()
+            model_inputs["attention_mask"] = attention_mask
+        for key, value in kwargs.items():
+            if key not in model_inputs and key not in ("past_key_values", "next_sequence_length", "position_ids"):
+                model_inputs[key] = value
+        return model_inputs
+
+    _prefill_only_inputs = ("pixel_values",)
+
+
+class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
+    """A Mamba language model (``backbone`` + ``lm_head``) on this package's ops and preallocated cache.
+
+    Drop-in for transformers' ``MambaForCausalLM``: same config, same parameter names, same logits; faster on
+    CPU (chunked scan instead of a loop over tokens) and GPU (fused kernels, in-place cache).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        self.backbone = MambaBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaStateCache:
+        return self.backbone.allocate_cache(batch_size, device=device, dtype=dtype)
+
+    def forward(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, cache_params=None, labels=None,
+        output_hidden_states=None, return_dict=None, use_cache=None, logits_to_keep=0, **kwargs,
+    ):
+        """Returns ``MambaCausalLMOutput``: logits (batch, L or logits_to_keep, vocab) float32, loss when
+        ``labels`` (batch, L) are given (-100 ignored, shifted inside)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, return_dict=True, attention_mask=attention_mask,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.cache_params, outputs.hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return MambaCausalLMOutput(
+            loss=loss, logits=logits, cache_params=outputs.cache_params, hidden_states=outputs.hidden_states
+        )

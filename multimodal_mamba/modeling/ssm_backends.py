@@ -1,0 +1,108 @@
+"""Backend selection for the state-space ops (selective scan, coupled scan, decode steps, causal conv).
+
+Every op has one public entry point, a plain PyTorch reference that defines what is correct (``"reference"``),
+a fast PyTorch path (``"torch"``) and, on CUDA, faster backends that register themselves here when they can be
+imported (``"triton"``: this package's kernels, ``"mamba_ssm"``: mamba-ssm / causal-conv1d). Dispatch takes the
+first backend, in priority order, that is registered, available and accepts the call; a user can force one:
+
+    with ssm_backend("reference"):
+        model(**inputs)
+    last_backend("selective_scan")  # -> "reference"
+
+or set ``ssm_backend`` on a model config (the models wrap their forward in this context manager).
+
+This file imports nothing from the package, so it travels with remote code unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, Dict, List, Optional
+
+BACKEND_NAMES = ("auto", "triton", "mamba_ssm", "torch", "reference")
+# Order tried by "auto"; "reference" is never chosen automatically (it is the slow definition of correct).
+AUTO_PRIORITY = ("triton", "mamba_ssm", "torch")
+
+_local = threading.local()
+# op name -> backend name -> (implementation, accepts(*args, **kwargs) -> bool)
+_REGISTRY: Dict[str, Dict[str, tuple]] = {}
+_LAST: Dict[str, str] = {}
+
+
+def register_backend(op: str, backend: str, fn: Callable, accepts: Optional[Callable[..., bool]] = None) -> None:
+    """Register ``fn`` as ``backend`` for ``op``. ``accepts(*args, **kwargs)`` says whether it can take a call."""
+    if backend not in BACKEND_NAMES or backend == "auto":
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES[1:]}")
+    _REGISTRY.setdefault(op, {})[backend] = (fn, accepts)
+
+
+def available_backends(op: str) -> List[str]:
+    """The backends registered for ``op``, in the order "auto" tries them (then "reference")."""
+    registered = _REGISTRY.get(op, {})
+    return [name for name in (*AUTO_PRIORITY, "reference") if name in registered]
+
+
+def _validate_backend_name(name: str) -> str:
+    if name is None:
+        return "auto"
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown ssm backend {name!r}; expected one of {BACKEND_NAMES}")
+    return name
+
+
+def forced_backend() -> str:
+    """The backend forced by the innermost ``ssm_backend(...)`` context, or ``"auto"``."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else "auto"
+
+
+@contextlib.contextmanager
+def ssm_backend(name: Optional[str]):
+    """Force every state-space op called inside the block onto backend ``name`` ("auto" restores dispatch).
+
+    A forced backend that cannot take a call raises a ValueError naming the op and the reason rather than
+    silently running something else.
+    """
+    name = _validate_backend_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def last_backend(op: str) -> Optional[str]:
+    """The backend that ran the most recent call of ``op`` (None if it has not run)."""
+    return _LAST.get(op)
+
+
+def dispatch(op: str, *args, **kwargs):
+    """Run ``op`` on the first backend that applies (or on the forced one) and record which ran."""
+    registered = _REGISTRY.get(op)
+    if not registered:
+        raise ValueError(f"no backend is registered for op {op!r}")
+    forced = forced_backend()
+    if forced != "auto":
+        if forced not in registered:
+            raise ValueError(
+                f"ssm backend {forced!r} was forced but is not available for {op!r} here "
+                f"(available: {available_backends(op)})"
+            )
+        fn, accepts = registered[forced]
+        if accepts is not None and not accepts(*args, **kwargs):
+            raise ValueError(f"ssm backend {forced!r} was forced but cannot run this {op!r} call (device, dtype or shape)")
+        _LAST[op] = forced
+        return fn(*args, **kwargs)
+    for name in AUTO_PRIORITY:
+        entry = registered.get(name)
+        if entry is None:
+            continue
+        fn, accepts = entry
+        if accepts is None or accepts(*args, **kwargs):
+            _LAST[op] = name
+            return fn(*args, **kwargs)
+    raise ValueError(f"no backend can run this {op!r} call (registered: {sorted(registered)})")
