@@ -1,6 +1,22 @@
-"""multimodal-mamba: VL-Mamba and Coupled Mamba as Hugging Face transformers models."""
+"""multimodal-mamba: VL-Mamba and Coupled Mamba as first-class Hugging Face transformers models.
 
+Importing the package registers every model with transformers' Auto classes:
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import multimodal_mamba  # noqa: F401
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .modeling.configuration_vl_mamba import VLMambaConfig
 from .modeling.modeling_mamba_lm import MambaBackbone, MambaCausalLM, MambaMixer, MambaStateCache
+from .modeling.modeling_vl_mamba import VLMambaForConditionalGeneration, VLMambaModel, VLMambaPreTrainedModel
 from .modeling.ops_selective_scan import (
     causal_conv1d,
     causal_conv1d_update,
@@ -9,5 +25,18 @@ from .modeling.ops_selective_scan import (
     selective_state_update,
 )
 from .modeling.ssm_backends import available_backends, last_backend, ssm_backend
+from .processing.processing_vl_mamba import VLMambaProcessor
 
 __version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    AutoConfig.register(VLMambaConfig.model_type, VLMambaConfig, exist_ok=True)
+    AutoModel.register(VLMambaConfig, VLMambaModel, exist_ok=True)
+    AutoModelForImageTextToText.register(VLMambaConfig, VLMambaForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(VLMambaConfig, VLMambaProcessor, exist_ok=True)
+
+
+_register_auto_classes()
+
+# >>> coupled mamba exports (issue 3) are appended below this line
