@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .ops_selective_scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
-from .ssm_backends import ssm_backend
+from .ssm_backends import config_backend
 
 
 class MambaStateCache:
@@ -353,10 +353,6 @@ class MambaCausalLMOutput(ModelOutput):
     hidden_states: Optional[tuple] = None
 
 
-def resolve_backend(config) -> str:
-    return getattr(config, "ssm_backend", None) or "auto"
-
-
 class MambaBackbone(MambaLMPreTrainedModel):
     """Embeddings, ``num_hidden_layers`` Mamba blocks and the final norm (transformers' ``MambaModel`` names)."""
 
@@ -427,7 +423,7 @@ class MambaBackbone(MambaLMPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
-        with ssm_backend(resolve_backend(self.config)):
+        with config_backend(self.config):
             for block in self.layers:
                 hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
                 if output_hidden_states:

@@ -27,9 +27,8 @@ from .modeling_mamba_lm import (
     MambaMixer,
     MambaStateCache,
     init_mamba_module_weights,
-    resolve_backend,
 )
-from .ssm_backends import ssm_backend
+from .ssm_backends import config_backend
 
 
 def vision_scan_orders(scan_type: str, rows: int, cols: int, device=None) -> torch.LongTensor:
@@ -234,7 +233,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
         """input_ids (batch, L) with expanded ``<image>`` tokens; pixel_values (num_images, C, H, W), images in
         prompt order; attention_mask (batch, L), 0 on (left) padding. Returns ``VLMambaModelOutput``."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        with ssm_backend(resolve_backend(self.config)):
+        with config_backend(self.config):
             inputs_embeds, image_features = self.embed_inputs(
                 input_ids, pixel_values, inputs_embeds, vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,

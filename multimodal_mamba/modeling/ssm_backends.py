@@ -75,6 +75,17 @@ def ssm_backend(name: Optional[str]):
         stack.pop()
 
 
+def config_backend(config):
+    """Context manager applying a model config's ``ssm_backend`` field ("auto" or absent: no effect).
+
+    An enclosing ``ssm_backend(...)`` block that forces a backend takes precedence over the config.
+    """
+    name = _validate_backend_name(getattr(config, "ssm_backend", None) or "auto")
+    if name == "auto" or forced_backend() != "auto":
+        return contextlib.nullcontext()
+    return ssm_backend(name)
+
+
 def last_backend(op: str) -> Optional[str]:
     """The backend that ran the most recent call of ``op`` (None if it has not run)."""
     return _LAST.get(op)
