@@ -188,3 +188,32 @@ def test_trainer_on_llava_json(tiny, tmp_path):
     in_memory = Dataset.from_list([{"image": r["image"], "conversations": r["conversations"]} for r in data])
     batch = LlavaConversationCollator(processor)([in_memory[0], in_memory[1]])
     assert batch["pixel_values"].shape[0] == 2
+
+
+@pytest.mark.parametrize("stage,lora", [(1, False), (2, True)])
+def test_training_example_runs_both_stages(tiny, tmp_path, stage, lora):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "train_vl_mamba", pathlib.Path(__file__).parents[1] / "examples" / "train_vl_mamba.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model, processor = tiny
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    data = write_llava_json(make_shapes_vqa(4, seed=5), str(tmp_path / "data"))
+    out = tmp_path / "out"
+    argv = ["--model", str(checkpoint), "--data", data, "--stage", str(stage), "--output-dir", str(out),
+            "--max-steps", "2", "--per-device-batch-size", "4", "--global-batch-size", "8", "--use-cpu",
+            "--logging-steps", "1", "--loss-log", str(tmp_path / "losses.json")]
+    trainer = example.main(argv + (["--lora", "--lora-r", "4"] if lora else []))
+    assert trainer.args.gradient_accumulation_steps == 2
+    losses = json.load(open(tmp_path / "losses.json"))["losses"]
+    assert len(losses) == 2 and all(l == l for l in losses)
+    saved = sorted(p.name for p in out.iterdir())
+    assert ("adapter_config.json" in saved) if lora else ("model.safetensors" in saved)
+    assert "processor_config.json" in saved
+    with pytest.raises(SystemExit, match="not empty"):
+        example.main(argv)
