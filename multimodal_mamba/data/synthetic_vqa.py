@@ -33,12 +33,20 @@ def draw_shapes(shape: str, color: str, count: int, size: int = 32, rng: Optiona
     rng = rng or random.Random(0)
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
-    radius = size / 9
+    radius = size / 7.5
     centers: List[tuple] = []
-    while len(centers) < count:
-        cx, cy = rng.uniform(radius + 1, size - radius - 1), rng.uniform(radius + 1, size - radius - 1)
-        if all((cx - x) ** 2 + (cy - y) ** 2 > (2.3 * radius) ** 2 for x, y in centers):
-            centers.append((cx, cy))
+    for _ in range(1000):  # rejection sampling, restarted when stuck: shapes well apart, so they can be counted
+        centers = []
+        for _ in range(50):
+            cx, cy = rng.uniform(radius + 1, size - radius - 1), rng.uniform(radius + 1, size - radius - 1)
+            if all((cx - x) ** 2 + (cy - y) ** 2 > (3.0 * radius) ** 2 for x, y in centers):
+                centers.append((cx, cy))
+                if len(centers) == count:
+                    break
+        if len(centers) == count:
+            break
+    else:
+        raise ValueError(f"could not place {count} separate shapes on a {size}px image")
     fill = COLORS[color]
     for cx, cy in centers:
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
