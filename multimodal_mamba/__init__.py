@@ -26,6 +26,7 @@ from .modeling.ops_selective_scan import (
 )
 from .modeling.ssm_backends import available_backends, last_backend, ssm_backend
 from .processing.processing_vl_mamba import VLMambaProcessor
+from .hub import push_to_hub, register_remote_code, render_model_card
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,15 @@ def _register_auto_classes() -> None:
     AutoModel.register(VLMambaConfig, VLMambaModel, exist_ok=True)
     AutoModelForImageTextToText.register(VLMambaConfig, VLMambaForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(VLMambaConfig, VLMambaProcessor, exist_ok=True)
+    # Remote code: save_pretrained copies the modeling / processing files next to the weights and writes the whole
+    # family's auto_map (AutoConfig, AutoModel, AutoModelForImageTextToText; AutoProcessor in the processor files),
+    # so the folder loads with trust_remote_code=True where this package is not installed. model.push_to_hub
+    # uploads with a model card rendered from model_cards/ (see multimodal_mamba.hub).
+    register_remote_code(
+        VLMambaConfig,
+        {"AutoModel": VLMambaModel, "AutoModelForImageTextToText": VLMambaForConditionalGeneration},
+        {"AutoProcessor": VLMambaProcessor},
+    )
 
 
 _register_auto_classes()
