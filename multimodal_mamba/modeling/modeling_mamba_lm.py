@@ -26,6 +26,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .ops_mamba_ssm import GPU_BACKENDS  # noqa: F401  (registers the "mamba_ssm" and "triton" backends on CUDA)
 from .ops_selective_scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from .ssm_backends import config_backend
 

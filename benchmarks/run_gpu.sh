@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks in one command (as run on the H200 machine). Usage:
+#   benchmarks/run_gpu.sh OUT_DIR STAGE [STAGE...]
+# Stages: env, tests, sweep_scan, sweep_coupled, bench_scan, bench_coupled, bench_prefill, bench_fusion.
+# mamba-ssm / causal-conv1d wheels are installed from .gpuwheels/ when present (see ../shared/wheels/README.md).
+set -uo pipefail
+OUT_DIR=${1:?usage: run_gpu.sh OUT_DIR STAGE...}
+shift
+mkdir -p "$OUT_DIR"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if ls .gpuwheels/*.whl >/dev/null 2>&1; then
+    SITE=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpuwheels/*.whl
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+for stage in "$@"; do
+    echo "=== $stage $(date +%T)"
+    case "$stage" in
+        env)
+            nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv
+            python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+            python3 -c "import mamba_ssm, causal_conv1d, selective_scan_cuda; print('mamba_ssm', mamba_ssm.__version__)" 2>&1 | tail -1
+            ;;
+        tests)
+            KARGS=()
+            if [ -n "${PYTEST_K:-}" ]; then KARGS=(-k "$PYTEST_K"); fi
+            timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_kernels.py \
+                --maxfail=30 "${KARGS[@]}" 2>&1 | tee "$OUT_DIR/pytest_gpu.log" | tail -40
+            ;;
+        sweep_scan)
+            timeout "${SWEEP_TIMEOUT:-200}" python3 benchmarks/bench_gpu_selective_scan.py --sweep --lengths 2048 \
+                --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/sweep_scan.log" | tail -5
+            ;;
+        sweep_coupled)
+            timeout "${SWEEP_TIMEOUT:-200}" python3 benchmarks/bench_gpu_coupled_scan.py --sweep --out "$OUT_DIR" 2>&1 \
+                | tee "$OUT_DIR/sweep_coupled.log" | tail -5
+            ;;
+        bench_scan)
+            timeout 300 python3 benchmarks/bench_gpu_selective_scan.py --out "$OUT_DIR" 2>&1 | tail -20
+            ;;
+        bench_coupled)
+            timeout 300 python3 benchmarks/bench_gpu_coupled_scan.py --out "$OUT_DIR" 2>&1 | tail -12
+            ;;
+        bench_prefill)
+            timeout 400 python3 benchmarks/bench_gpu_prefill.py --out "$OUT_DIR" 2>&1 | tail -20
+            ;;
+        bench_fusion)
+            timeout 300 python3 benchmarks/bench_gpu_coupled_vs_attention.py --out "$OUT_DIR" 2>&1 | tail -20
+            ;;
+        *)
+            echo "unknown stage $stage"
+            ;;
+    esac
+done
+echo "=== done $(date +%T)"

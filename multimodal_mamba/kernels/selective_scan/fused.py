@@ -1,0 +1,580 @@
+"""Triton selective scan: forward and backward kernels and their autograd wrapper.
+
+Reference (the definition of correct): ``multimodal_mamba.modeling.ops_selective_scan.selective_scan_ref``
+(re-exported by ``naive.py`` beside this file). Contract: the module docstring of ``ops_selective_scan``.
+
+Design (measurements: ``benchmarks/results/gpu_selective_scan.md`` and ``gpu_kernels_notes.md``):
+
+- One program per (batch, block of ``BLOCK_D`` channels); by default one warp per channel. It walks the sequence in
+  chunks of ``BLOCK_T`` steps (512 forward, 256 backward: the whole chunk lies within the warp, so every scan and
+  reduction is a shuffle, never a barrier). Inside a chunk, for each state index n, the decays a_t = exp(dt_t A_n)
+  and drives b_t = dt_t B_{n,t} u_t of the (BLOCK_D, BLOCK_T) tile are combined by one ``tl.associative_scan`` along
+  time (work-efficient: sequential inside a thread, shuffles across), the carried state is folded in, and y
+  accumulates <C_t, h_t>. u, delta, z and the output cross HBM once.
+- The carried state goes through memory (an L1/L2-resident slot buffer): each chunk reads h_n (one value per
+  channel, broadcast) and writes the next from the one element that holds the chunk's last state, so no
+  cross-thread reduction is needed. In training the forward keeps a slot every backward chunk; the backward walks the
+  chunks in reverse, recomputes the chunk's states from its slot, runs the adjoint recurrence
+  g_t = a_{t+1} g_{t+1} + dy_t C_t as a reverse scan (its carry through memory too), and accumulates every
+  gradient. a_t h_{t-1} is taken as h_t - b_t (no division by a decay that may underflow).
+- dB, dC are sums over the channels of a group: each program reduces its rows and adds them to one of ``partials``
+  float32 copies (plain stores when every program owns one, atomics otherwise), summed after.
+- Any strides; time-major inputs (the mixers' (batch, L, dim) memory) are copied to (batch, dim, L) first (faster than
+  scanning with time spread across threads). Grouped B/C (batch, G, N, L), initial / final states; L need not be a
+  multiple of anything; the gradient of the final state is propagated (mamba-ssm ignores it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import affine_combine, empty_like_layout, largest_pow2_divisor, next_pow2, softplus
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_BC(base, n, stride_n, stride_l, t, mask_t, mask, SAME_GROUP: tl.constexpr):
+    """B[n] or C[n] over the chunk: a (1, BLOCK_T) row when the block's channels share one group, else per row."""
+    if SAME_GROUP:
+        return tl.load(base + n * stride_n + t * stride_l, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+    else:
+        return tl.load(base + n * stride_n + t[None, :] * stride_l, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd_state(
+    n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l,
+    read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP: tl.constexpr,
+):
+    """State index n over one chunk: scan its decays and drives, fold in the carried state, accumulate y."""
+    A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32) * 1.4426950408889634
+    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
+    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP)
+    h_n = tl.load(read_base + n, mask=mask_d, other=0.0)  # the carried state (one value per channel)
+    a = tl.exp2(dt * A_n[:, None])
+    b = dtu * B_n
+    a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
+    x = b_cum + a_cum * h_n[:, None]
+    y += x * C_n
+    tl.store(write_ptrs + n, x, mask=last)  # the chunk's last state, for the next chunk (one element a row)
+    return y
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    out_ptr, states_ptr,
+    dim, length, dim_per_group, n_chunks, n_slots,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_delta_b, stride_delta_d, stride_delta_l,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_g, stride_B_n, stride_B_l,
+    stride_C_b, stride_C_g, stride_C_n, stride_C_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_out_b, stride_out_d, stride_out_l,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, SAME_GROUP: tl.constexpr, UNROLL_N: tl.constexpr,
+    N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, N_PAD)
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+
+    u_base = u_ptr + pid_b * stride_u_b + offs_d[:, None] * stride_u_d
+    delta_base = delta_ptr + pid_b * stride_delta_b + offs_d[:, None] * stride_delta_d
+    z_base = z_ptr + pid_b * stride_z_b + offs_d[:, None] * stride_z_d
+    out_base = out_ptr + pid_b * stride_out_b + offs_d[:, None] * stride_out_d
+    A_base = A_ptr + offs_d * stride_A_d
+    if SAME_GROUP:
+        group = (pid_d * BLOCK_D) // dim_per_group
+        B_base = B_ptr + pid_b * stride_B_b + group * stride_B_g
+        C_base = C_ptr + pid_b * stride_C_b + group * stride_C_g
+    else:
+        rows_group = (offs_d // dim_per_group)[:, None]
+        B_base = B_ptr + pid_b * stride_B_b + rows_group * stride_B_g
+        C_base = C_ptr + pid_b * stride_C_b + rows_group * stride_C_g
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    # The carried state goes through memory: states (batch, dim, n_slots, N) float32; with SAVE_STATES, slot k =
+    # the state before step k * SAVE_EVERY (kept for the backward; the last slot = the final state), else two
+    # slots used in turn. Each chunk reads its slot (one value per channel and state, broadcast to the row) and writes the
+    # next one from the single element that holds the chunk's last state: no reduction across the warp.
+    slot_row = (pid_b * dim + offs_d) * n_slots  # (BLOCK_D,)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    else:
+        h0 = tl.zeros([BLOCK_D, N_PAD], dtype=tl.float32)
+    tl.store(states_ptr + slot_row[:, None] * N + offs_n[None, :], h0, mask=mask_dn)
+    if SAVE_STATES:  # write the state after every SAVE_EVERY steps (the backward's chunk starts)
+        last = mask_d[:, None] & ((offs_t + 1) % SAVE_EVERY == 0)[None, :]
+    else:
+        last = mask_d[:, None] & (offs_t == BLOCK_T - 1)[None, :]
+
+    for chunk in range(n_chunks):
+        tl.debug_barrier()  # the previous chunk's state writes are visible to every thread
+        if SAVE_STATES:  # slot k: the state before step k * SAVE_EVERY (SAVE_EVERY divides BLOCK_T)
+            read_slot = chunk * (BLOCK_T // SAVE_EVERY)
+            write_ptrs = states_ptr + (slot_row[:, None] + read_slot + (offs_t[None, :] + 1) // SAVE_EVERY) * N
+        else:
+            read_slot = chunk % 2
+            write_ptrs = states_ptr + (slot_row[:, None] + 1 - read_slot) * N + offs_t[None, :] * 0
+        read_base = states_ptr + (slot_row + read_slot) * N
+        t = chunk * BLOCK_T + offs_t
+        mask_t = t < length
+        mask = mask_d[:, None] & mask_t[None, :]
+        u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)
+        dt = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[:, None]
+        if SOFTPLUS:
+            dt = softplus(dt)
+        dt = tl.where(mask, dt, 0.0)  # padded steps: decay 1, drive 0 (the state passes through unchanged)
+        dtu = dt * u
+        y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        if UNROLL_N:
+            for n in tl.static_range(N):
+                y = _fwd_state(
+                    n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
+                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP,
+                )
+        else:
+            for n in range(N):
+                y = _fwd_state(
+                    n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
+                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP,
+                )
+        if HAS_D:
+            y += u * skip[:, None]
+        if HAS_Z:
+            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(out_base + t[None, :] * stride_out_l, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_state(
+    n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base, stride_A_n,
+    B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base, stride_dB_n, stride_dB_l, t,
+    mask_t, mask, mask_d, offs_t, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
+):
+    """State index n over one chunk of the backward pass: recompute h_t, run the adjoint scan, accumulate."""
+    A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32)
+    A2_n = A_n * 1.4426950408889634
+    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
+    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP)
+    # recompute the chunk's states h_t from the saved chunk-start state
+    a = tl.exp2(dt * A2_n[:, None])
+    b = dtu * B_n
+    a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
+    x = b_cum + a_cum * tl.load(h_base + n, mask=mask_d, other=0.0)[:, None]
+    y += x * C_n
+    # adjoint: g_t = dy_t C_t + a_{t+1} g_{t+1}; the g after the chunk is carried in from the next one
+    a_next = tl.exp2(dt_next * A2_n[:, None])
+    g_a, g_b = tl.associative_scan((a_next, dy * C_n), axis=1, combine_fn=affine_combine, reverse=True)
+    g = g_b + g_a * tl.load(g_read_base + n, mask=mask_d, other=0.0)[:, None]
+    tl.store(g_write_ptrs + n, g, mask=first)  # g at the chunk's first step, for the chunk before
+    g_ah = g * (x - b)  # g_t a_t h_{t-1}: the decay's gradient times the decay
+    ddt += g * u * B_n + g_ah * A_n[:, None]
+    du += g * dt * B_n
+    dA_acc += tl.where(offs_t[None, :] == n, tl.sum(g_ah * dt, axis=1)[:, None], 0.0)  # column n: dA[:, n]
+    if SAME_GROUP:
+        dB_row = tl.sum(g * dtu, axis=0)
+        dC_row = tl.sum(dy * x, axis=0)
+        if BC_MODE == 0:  # this program owns its partial row: plain stores
+            tl.store(dB_base + n * stride_dB_n + t, dB_row, mask=mask_t)
+            tl.store(dC_base + n * stride_dB_n + t, dC_row, mask=mask_t)
+        elif BC_MODE == 1:  # atomics on the contiguous layout (each thread a few neighbours: 16 sectors a warp)
+            tl.atomic_add(dB_base + n * stride_dB_n + t, dB_row, mask=mask_t, sem="relaxed")
+            tl.atomic_add(dC_base + n * stride_dB_n + t, dC_row, mask=mask_t, sem="relaxed")
+        elif BC_MODE == 2:  # striped: an unspecialized stride hides the contiguity, one element a thread per
+            # instruction, so each warp-wide atomic covers 32 consecutive floats (as mamba-ssm's BlockedToStriped)
+            tl.atomic_add(dB_base + n * stride_dB_n + t * stride_dB_l, dB_row, mask=mask_t, sem="relaxed")
+            tl.atomic_add(dC_base + n * stride_dB_n + t * stride_dB_l, dC_row, mask=mask_t, sem="relaxed")
+    else:
+        tl.atomic_add(dB_base + n * stride_dB_n + t[None, :], g * dtu, mask=mask, sem="relaxed")
+        tl.atomic_add(dC_base + n * stride_dB_n + t[None, :], dy * x, mask=mask, sem="relaxed")
+    return y, ddt, du, dA_acc
+
+
+@triton.jit(do_not_specialize=["stride_dB_l"])
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr, dfinal_ptr, gbuf_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    dim, length, dim_per_group, n_chunks, blocks_per_group, n_saved, state_step,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_delta_b, stride_delta_d, stride_delta_l,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_g, stride_B_n, stride_B_l,
+    stride_C_b, stride_C_g, stride_C_n, stride_C_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_dout_b, stride_dout_d, stride_dout_l,
+    stride_du_b, stride_du_d, stride_du_l,
+    stride_ddelta_b, stride_ddelta_d, stride_ddelta_l,
+    stride_dz_b, stride_dz_d, stride_dz_l,
+    stride_dB_p, stride_dB_b, stride_dB_g, stride_dB_n, stride_dB_l,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, SAME_GROUP: tl.constexpr, N_PARTIALS: tl.constexpr, BC_MODE: tl.constexpr,
+    UNROLL_N: tl.constexpr, N_PAD: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = offs_t  # carried states / gradients: (BLOCK_D, BLOCK_T) tiles, column n = state n
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    LOG2E: tl.constexpr = 1.4426950408889634
+
+    u_base = u_ptr + pid_b * stride_u_b + offs_d[:, None] * stride_u_d
+    delta_base = delta_ptr + pid_b * stride_delta_b + offs_d[:, None] * stride_delta_d
+    z_base = z_ptr + pid_b * stride_z_b + offs_d[:, None] * stride_z_d
+    dout_base = dout_ptr + pid_b * stride_dout_b + offs_d[:, None] * stride_dout_d
+    du_base = du_ptr + pid_b * stride_du_b + offs_d[:, None] * stride_du_d
+    ddelta_base = ddelta_ptr + pid_b * stride_ddelta_b + offs_d[:, None] * stride_ddelta_d
+    dz_base = dz_ptr + pid_b * stride_dz_b + offs_d[:, None] * stride_dz_d
+    A_base = A_ptr + offs_d * stride_A_d
+    if SAME_GROUP:
+        group = (pid_d * BLOCK_D) // dim_per_group
+        B_base = B_ptr + pid_b * stride_B_b + group * stride_B_g
+        C_base = C_ptr + pid_b * stride_C_b + group * stride_C_g
+        part = (pid_d % blocks_per_group) % N_PARTIALS
+        dB_base = dB_ptr + part * stride_dB_p + pid_b * stride_dB_b + group * stride_dB_g
+        dC_base = dC_ptr + part * stride_dB_p + pid_b * stride_dB_b + group * stride_dB_g
+    else:
+        rows_group = (offs_d // dim_per_group)[:, None]
+        B_base = B_ptr + pid_b * stride_B_b + rows_group * stride_B_g
+        C_base = C_ptr + pid_b * stride_C_b + rows_group * stride_C_g
+        dB_base = dB_ptr + pid_b * stride_dB_b + rows_group * stride_dB_g
+        dC_base = dC_ptr + pid_b * stride_dB_b + rows_group * stride_dB_g
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    state_offs = (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :]  # dA (columns of a (BLOCK_D, BLOCK_T) tile)
+    offs_np = tl.arange(0, N_PAD)
+    mask_dnp = mask_d[:, None] & (offs_np[None, :] < N)
+    # g after each chunk goes through memory (two slots of gbuf (batch, dim, 2, N) used in turn), as the forward
+    # carries its state; the chunk-start states are the forward's slots (n_saved of them, one every state_step)
+    g_row = (pid_b * dim + offs_d) * 2
+    if HAS_DFINAL:
+        g0 = tl.load(dfinal_ptr + (pid_b * dim + offs_d[:, None]) * N + offs_np[None, :], mask=mask_dnp, other=0.0)
+    else:
+        g0 = tl.zeros([BLOCK_D, N_PAD], dtype=tl.float32)
+    tl.store(gbuf_ptr + g_row[:, None] * N + offs_np[None, :], g0, mask=mask_dnp)
+    first = mask_d[:, None] & (offs_t == 0)[None, :]
+    saved_row = (pid_b * dim + offs_d) * n_saved
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    for rev in range(n_chunks):
+        tl.debug_barrier()  # the previous chunk's g writes are visible to every thread
+        chunk = n_chunks - 1 - rev
+        g_read_base = gbuf_ptr + (g_row + rev % 2) * N
+        g_write_ptrs = gbuf_ptr + (g_row[:, None] + 1 - rev % 2) * N + offs_t[None, :] * 0
+        h_base = states_ptr + (saved_row + chunk * state_step) * N
+        t = chunk * BLOCK_T + offs_t
+        mask_t = t < length
+        mask = mask_d[:, None] & mask_t[None, :]
+        mask_next = mask_d[:, None] & (t + 1 < length)[None, :]
+        u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)
+        raw = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+        raw_next = tl.load(delta_base + (t + 1)[None, :] * stride_delta_l, mask=mask_next, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += bias[:, None]
+            raw_next += bias[:, None]
+        if SOFTPLUS:
+            dt = softplus(raw)
+            dt_next = softplus(raw_next)
+        else:
+            dt = raw
+            dt_next = raw_next
+        dt = tl.where(mask, dt, 0.0)
+        dt_next = tl.where(mask_next, dt_next, 0.0)  # a_{t+1} = 1 past the end: g_{L-1} = dy C + dfinal
+        dy = tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
+            dy = dy * zz * tl.sigmoid(zz)
+        dtu = dt * u
+        y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        ddt = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        du = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        if UNROLL_N:
+            for n in tl.static_range(N):
+                y, ddt, du, dA_acc = _bwd_state(
+                    n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
+                    stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
+                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, SAME_GROUP, BC_MODE,
+                )
+        else:
+            for n in range(N):
+                y, ddt, du, dA_acc = _bwd_state(
+                    n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
+                    stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
+                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, SAME_GROUP, BC_MODE,
+                )
+        if HAS_D:
+            y += u * skip[:, None]
+            du += dy * skip[:, None]
+            dD_acc += tl.sum(dy * u, axis=1)
+        if HAS_Z:  # reloaded (cache hits) rather than kept live across the loop over states
+            dout = tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0).to(tl.float32)
+            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
+            z_sig = tl.sigmoid(zz)
+            dz = dout * y * z_sig * (1.0 + zz * (1.0 - z_sig))
+            tl.store(dz_base + t[None, :] * stride_dz_l, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if SOFTPLUS:
+            raw = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw += bias[:, None]
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(mask, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_base + t[None, :] * stride_du_l, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_base + t[None, :] * stride_ddelta_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+
+    # gradient of the initial state: dh_{-1} = a_0 g_0
+    tl.debug_barrier()
+    g_first = tl.load(gbuf_ptr + (g_row[:, None] + n_chunks % 2) * N + offs_np[None, :], mask=mask_dnp, other=0.0)
+    raw0 = tl.load(delta_base, mask=mask_d[:, None], other=0.0).to(tl.float32)  # (BLOCK_D, 1)
+    if HAS_BIAS:
+        raw0 += bias[:, None]
+    if SOFTPLUS:
+        raw0 = softplus(raw0)
+    A_tile = tl.load(A_base[:, None] + offs_np[None, :] * stride_A_n, mask=mask_dnp, other=0.0).to(tl.float32)
+    dh0_offs = (pid_b * dim + offs_d[:, None]) * N + offs_np[None, :]
+    tl.store(dh0_ptr + dh0_offs, tl.exp2(raw0 * A_tile * LOG2E) * g_first, mask=mask_dnp)
+    tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
+    row_offs = pid_b * dim + offs_d
+    tl.store(dD_ptr + row_offs, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + row_offs, dbias_acc, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------------
+# (block_d, block_t, num_warps, unroll_n), chosen on an H200 (benchmarks/bench_gpu_selective_scan.py --sweep; notes
+# in benchmarks/results/gpu_kernels_notes.md). The kernels are fastest when a chunk's time axis lies within one warp
+# (all scans and reductions are shuffles, no barrier). unroll_n None: unroll the loop over the N states when
+# N <= 32 (faster before the carry moved to memory, slower since: more registers, fewer resident warps). "lmajor": time contiguous ((batch, dim, L) memory, mamba-ssm's
+# layout); "tmajor": channels contiguous ((batch, L, dim), as the mixers pass their activations).
+FWD_CONFIGS = {"lmajor": (1, 512, 1, False), "tmajor": (1, 512, 1, False)}
+BWD_CONFIGS = {"lmajor": (1, 256, 1, False), "tmajor": (1, 256, 1, False)}
+# Time-major inputs are copied to (batch, dim, L) first: the kernels then load 16-byte vectors along time, and the
+# copy costs far less than scanning with time spread across threads.
+COPY_TIME_MAJOR = True
+# Largest float32 workspace for the per-program dB / dC partial sums before falling back to atomics.
+PARTIALS_MAX_BYTES = 64 << 20
+# How the programs of a group add up dB / dC when they share partial rows: 1 atomics on the contiguous layout,
+# 2 atomics on a striped layout (coalesced warp-wide), 3 skip (timing experiments only; wrong gradients).
+BWD_BC_MODE = 2
+
+
+def _layout(u):
+    return "tmajor" if u.stride(-1) != 1 and u.shape[-1] > 1 else "lmajor"
+
+
+def _lmajor(t):
+    """t with its last (time) axis contiguous (a copy if needed)."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1:
+        return t
+    return t.contiguous()
+
+
+def _pick_blocks(u, state_size, dim_per_group, groups, table, override):
+    block_d, block_t, num_warps, unroll = override or table[_layout(u)]
+    length = u.shape[-1]
+    block_t = max(16, next_pow2(state_size), min(block_t, next_pow2(length)))
+    if unroll is None:
+        unroll = state_size <= 32
+    same_group = True
+    if groups > 1 and dim_per_group % block_d != 0:
+        fitting = largest_pow2_divisor(dim_per_group, block_d)
+        if fitting >= max(1, block_d // 4):
+            block_d = fitting
+        else:
+            same_group = False
+    return block_d, block_t, num_warps, unroll, same_group
+
+
+def _as_grouped(mat):
+    return mat[:, None] if mat.dim() == 3 else mat
+
+
+def selective_scan_fwd(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
+    save_states=False, config=None, save_every=None,
+):
+    """Launch the forward kernel. Returns (out, final_state, states, meta) where ``states`` (batch, dim,
+    n_chunks + 1, N) are the chunk-start states and the final one (None unless ``save_states``) and ``meta`` the
+    launch parameters the backward needs. ``config``: an optional (block_d, block_t, num_warps, unroll_n)."""
+    batch, dim, length = u.shape
+    state_size = A.shape[1]
+    Bg, Cg = _as_grouped(B), _as_grouped(C)
+    groups = Bg.shape[1]
+    dim_per_group = dim // groups
+    block_d, block_t, num_warps, unroll, same_group = _pick_blocks(
+        u, state_size, dim_per_group, groups, FWD_CONFIGS, config
+    )
+    if save_every is None:  # save a state at least every backward chunk
+        save_every = block_t
+        if save_states:
+            save_every = min(block_t, _pick_blocks(u, state_size, dim_per_group, groups, BWD_CONFIGS, None)[1])
+    save_every = min(int(save_every), block_t)
+    n_chunks = triton.cdiv(length, block_t)
+    out = empty_like_layout(u)
+    # state slots: one every save_every steps plus the final state when saving for the backward, else two in turn
+    n_slots = n_chunks * (block_t // save_every) + 1 if save_states else 2
+    states = torch.empty(batch, dim, n_slots, state_size, device=u.device, dtype=torch.float32)
+    h0 = initial_state.float().contiguous() if initial_state is not None else states
+    zz = z if z is not None else u
+    grid = (triton.cdiv(dim, block_d), batch)
+    _selective_scan_fwd_kernel[grid](
+        u, delta, A, Bg, Cg, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, h0,
+        out, states,
+        dim, length, dim_per_group, n_chunks, n_slots,
+        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zz.stride(), *out.stride(),
+        N=state_size, BLOCK_D=block_d, BLOCK_T=block_t,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_H0=initial_state is not None, SAVE_STATES=bool(save_states), SAME_GROUP=same_group,
+        UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), SAVE_EVERY=save_every, num_warps=num_warps,
+    )
+    final = states[:, :, n_slots - 1 if save_states else n_chunks % 2]
+    meta = dict(block_t=save_every)  # the backward's view: a saved state every save_every steps
+    return out, final, (states if save_states else None), meta
+
+
+def selective_scan_bwd(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, block_t, dout, dfinal=None, config=None,
+    partials=None, bc_mode=None,
+):
+    """Launch the backward kernel. ``states``: the forward's saved states (chunks of ``block_t`` steps); the
+    backward walks chunks of its own block size if that is a multiple of ``block_t``, else of ``block_t``.
+    Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); entries for absent inputs are None.
+    ``partials``: how many float32 copies of dB / dC the programs of a group spread over (default: one per
+    program, if that fits ``PARTIALS_MAX_BYTES``, else atomics into fewer)."""
+    batch, dim, length = u.shape
+    state_size = A.shape[1]
+    Bg, Cg = _as_grouped(B), _as_grouped(C)
+    groups = Bg.shape[1]
+    dim_per_group = dim // groups
+    block_d, bwd_t, num_warps, unroll, same_group = _pick_blocks(
+        u, state_size, dim_per_group, groups, BWD_CONFIGS, config
+    )
+    n_saved = states.shape[2]
+    state_step = bwd_t // block_t if bwd_t >= block_t and bwd_t % block_t == 0 else 1
+    block_t = block_t * state_step
+    n_chunks = triton.cdiv(length, block_t)
+    if dout is None:
+        dout = torch.zeros_like(u)
+    blocks_per_group = triton.cdiv(dim_per_group, block_d)
+    if same_group:
+        per_copy = batch * groups * state_size * length * 4 * 2
+        if partials is None:
+            partials = max(1, min(blocks_per_group, PARTIALS_MAX_BYTES // max(per_copy, 1)))
+        partials = max(1, min(int(partials), blocks_per_group))
+    else:
+        partials = 1
+    atomic = (not same_group) or partials < blocks_per_group
+    if bc_mode is None:
+        bc_mode = BWD_BC_MODE if atomic else 0
+    alloc = torch.zeros if atomic else torch.empty
+    dB_part = alloc(partials, batch, groups, state_size, length, device=u.device, dtype=torch.float32)
+    dC_part = alloc(partials, batch, groups, state_size, length, device=u.device, dtype=torch.float32)
+    du = empty_like_layout(u)
+    ddelta = empty_like_layout(delta)
+    dz = empty_like_layout(z) if z is not None else None
+    dA_part = torch.empty(batch, dim, state_size, device=u.device, dtype=torch.float32)
+    dD_part = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
+    dbias_part = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
+    dh0 = torch.empty(batch, dim, state_size, device=u.device, dtype=torch.float32)
+    zz = z if z is not None else u
+    dzz = dz if dz is not None else du
+    dfinal_arg = dfinal.float().contiguous() if dfinal is not None else dh0
+    gbuf = torch.empty(batch, dim, 2, state_size, device=u.device, dtype=torch.float32)
+    grid = (triton.cdiv(dim, block_d), batch)
+    _selective_scan_bwd_kernel[grid](
+        u, delta, A, Bg, Cg, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, states,
+        dout, dfinal_arg, gbuf,
+        du, ddelta, dzz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0,
+        dim, length, dim_per_group, n_chunks, blocks_per_group, n_saved, state_step,
+        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zz.stride(), *dout.stride(),
+        *du.stride(), *ddelta.stride(), *dzz.stride(),
+        dB_part.stride(0), dB_part.stride(1), dB_part.stride(2), dB_part.stride(3), dB_part.stride(4),
+        N=state_size, BLOCK_D=block_d, BLOCK_T=block_t,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_DFINAL=dfinal is not None, SAME_GROUP=same_group, N_PARTIALS=partials, BC_MODE=bc_mode,
+        UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), num_warps=num_warps,
+    )
+    dB = dB_part.sum(0) if partials > 1 else dB_part[0]
+    dC = dC_part.sum(0) if partials > 1 else dC_part[0]
+    if B.dim() == 3:
+        dB, dC = dB[:, 0], dC[:, 0]
+    return (
+        du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+        dD_part.sum(0).to(D.dtype) if D is not None else None,
+        dz,
+        dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+        dh0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd wrapper (as mamba-ssm's SelectiveScanFn)
+# ----------------------------------------------------------------------------------------------------------------
+class SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state,
+                grad_mode):
+        needs_grad = grad_mode and any(ctx.needs_input_grad)  # (forward itself runs without grad mode)
+        if COPY_TIME_MAJOR:
+            u, delta, z, B, C = _lmajor(u), _lmajor(delta), _lmajor(z), _lmajor(B), _lmajor(C)
+        out, final, states, meta = selective_scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_states=needs_grad
+        )
+        ctx.delta_softplus = delta_softplus
+        ctx.return_final_state = return_final_state
+        ctx.has_initial_state = initial_state is not None
+        ctx.block_t = meta["block_t"]
+        if needs_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.set_materialize_grads(False)
+        if return_final_state:
+            return out, final
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *rest):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        dfinal = rest[0] if ctx.return_final_state and rest else None
+        if COPY_TIME_MAJOR:
+            dout = _lmajor(dout)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, states, ctx.block_t, dout, dfinal
+        )
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, (dh0 if ctx.has_initial_state else None), None, None
+
+
+def selective_scan_triton(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
+    return_final_state=False,
+):
+    """The selective scan on the Triton kernels (backend "triton"); same contract as ``selective_scan``."""
+    return SelectiveScanFn.apply(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, bool(return_final_state),
+        torch.is_grad_enabled(),
+    )

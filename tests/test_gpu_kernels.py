@@ -1,0 +1,658 @@
+"""The fused backends (this package's Triton kernels, mamba-ssm / causal-conv1d) against the sequential references.
+
+GPU tests (marked ``gpu``; skipped without CUDA): every registered backend of every op against the reference, in
+float32 and bfloat16, forward and gradients, on fixed edge-case shapes (L = 1, L not a multiple of any block,
+large N, groups, time-major and contiguous layouts) and on random shapes; whole-model parity (VL-Mamba's LM,
+VL-Mamba, Coupled Mamba) across backends; LoRA on all four mixer projections receiving gradients on the fused
+path; greedy generation equal across backends.
+
+CPU tests (no CUDA, Triton importable): the same Triton kernels through Triton's interpreter
+(``TRITON_INTERPRET=1``) on small shapes. Skipped when Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+from multimodal_mamba import available_backends, last_backend, ssm_backend
+from multimodal_mamba.modeling import ops_mamba_ssm  # noqa: F401  (registers the "mamba_ssm" and "triton" backends)
+from multimodal_mamba.modeling.ops_coupled_scan import coupled_selective_scan, coupled_selective_scan_ref
+from multimodal_mamba.modeling.ops_selective_scan import (
+    causal_conv1d,
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    causal_conv1d_update_ref,
+    selective_scan,
+    selective_scan_ref,
+    selective_state_update,
+    selective_state_update_ref,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+FUSED = ("triton", "mamba_ssm", "torch")
+TOL = {torch.float32: 2e-4, torch.bfloat16: 1.5e-2}
+GRAD_TOL = {torch.float32: 5e-4, torch.bfloat16: 3e-2}
+
+
+def _seed(shape):
+    return zlib.crc32(repr(shape).encode()) % 10000
+
+
+def rel(a, b):
+    """||a - b|| / ||b||, with ||b|| floored at 1e-4 * sqrt(numel): a gradient that is zero in exact arithmetic
+    (e.g. dA at L = 1 without an initial state, or an attention key bias) compares by its absolute error."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-4 * max(b.numel(), 1) ** 0.5)).item()
+
+
+def clone_leaves(tensors):
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input builders (shared by GPU and interpreter tests)
+# ----------------------------------------------------------------------------------------------------------------
+def scan_inputs(batch, dim, length, state, groups=None, dtype=torch.float32, time_major=False, with_z=True,
+                with_d=True, with_bias=True, with_h0=True, device="cuda", seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    def act(scale=1.0, shift=0.0):
+        if time_major:
+            return (rand(batch, length, dim, scale=scale) + shift).to(dtype).transpose(1, 2)
+        return (rand(batch, dim, length, scale=scale) + shift).to(dtype)
+
+    bc_shape = (batch, state, length) if groups is None else (batch, groups, state, length)
+    return dict(
+        u=act(), delta=act(0.5, -1.0), A=-torch.exp(rand(dim, state, scale=0.5)),
+        B=rand(*bc_shape).to(dtype), C=rand(*bc_shape).to(dtype),
+        D=rand(dim) if with_d else None, z=act() if with_z else None,
+        delta_bias=rand(dim, scale=0.3) if with_bias else None,
+        initial_state=rand(batch, dim, state) if with_h0 else None,
+    )
+
+
+SCAN_KEYS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def run_scan(fn, inputs, return_final_state=True):
+    args = [inputs[k] for k in SCAN_KEYS]
+    return fn(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True, initial_state=args[8],
+              return_final_state=return_final_state)
+
+
+def check_scan(fn, inputs, dtype, with_final_grad=True):
+    """fn vs the sequential reference: output, final state, and the gradient of every input."""
+    ours = dict(zip(SCAN_KEYS, clone_leaves([inputs[k] for k in SCAN_KEYS])))
+    ref = dict(zip(SCAN_KEYS, clone_leaves([inputs[k] for k in SCAN_KEYS])))
+    y, h = run_scan(fn, ours)
+    y_ref, h_ref = run_scan(selective_scan_ref, ref)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape and h.dtype == torch.float32
+    assert torch.isfinite(y).all()
+    assert rel(y, y_ref) <= TOL[dtype], rel(y, y_ref)
+    assert rel(h, h_ref) <= TOL[torch.float32] * 10, rel(h, h_ref)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    gy = torch.randn(y_ref.shape, generator=gen).to(y_ref.device)
+    gh = torch.randn(h_ref.shape, generator=gen).to(h_ref.device) if with_final_grad else None
+    loss = (y.float() * gy).sum() + ((h * gh).sum() if gh is not None else 0)
+    loss_ref = (y_ref.float() * gy).sum() + ((h_ref * gh).sum() if gh is not None else 0)
+    loss.backward()
+    loss_ref.backward()
+    for key in SCAN_KEYS:
+        if ours[key] is None:
+            continue
+        err = rel(ours[key].grad, ref[key].grad)
+        assert err <= GRAD_TOL[dtype], (key, err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: selective scan
+# ----------------------------------------------------------------------------------------------------------------
+# (batch, dim, L, N, groups, time_major, z, D, bias, h0)
+SCAN_SHAPES = [
+    (2, 64, 1, 16, None, False, True, True, True, True),  # L = 1
+    (2, 64, 37, 16, None, True, True, True, True, True),  # L not a multiple of any block, mixer layout
+    (1, 96, 300, 16, None, False, False, True, False, False),  # no z, no bias, no initial state
+    (2, 40, 513, 4, None, True, True, False, True, True),
+    (1, 32, 130, 64, None, False, True, True, True, True),  # large N
+    (1, 16, 70, 128, None, True, True, True, True, False),  # larger N
+    (2, 128, 200, 16, 4, True, True, True, True, False),  # groups (4-direction cross scan)
+    (2, 64, 99, 8, 2, False, True, True, True, True),  # groups (bidirectional)
+    (1, 36, 50, 8, 4, True, True, True, True, True),  # 9 channels per group: no block divides it
+    (3, 24, 1000, 16, None, True, True, True, True, True),  # several chunks
+    (1, 5, 17, 3, None, False, True, True, True, True),  # odd everything
+]
+
+
+def _random_shapes(count, seed=123):
+    rng = random.Random(seed)
+    shapes = []
+    for _ in range(count):
+        groups = rng.choice([None, None, 2, 4])
+        per_group = rng.choice([1, 3, 8, 16, 24])
+        dim = per_group * (groups or rng.choice([1, 2, 4]))
+        shapes.append((rng.randint(1, 3), dim, rng.choice([1, 2, 15, 64, 65, 127, 257, 600]),
+                       rng.choice([1, 2, 5, 16, 32]), groups, rng.random() < 0.5, rng.random() < 0.7,
+                       rng.random() < 0.7, rng.random() < 0.7, rng.random() < 0.5))
+    return shapes
+
+
+def _scan_backend_fn(backend):
+    def fn(*args, **kwargs):
+        with ssm_backend(backend):
+            return selective_scan(*args, **kwargs)
+    return fn
+
+
+def _backend_or_skip(op, backend):
+    if backend not in available_backends(op):
+        pytest.skip(f"backend {backend!r} is not available for {op} here")
+
+
+@pytest.mark.gpu
+def test_gpu_backends_registered():
+    for op in ("selective_scan", "coupled_selective_scan", "causal_conv1d", "causal_conv1d_update",
+               "selective_state_update"):
+        assert "triton" in available_backends(op), op
+    from multimodal_mamba.modeling import ops_mamba_ssm
+
+    if ops_mamba_ssm.HAS_MAMBA_SSM:
+        assert "mamba_ssm" in available_backends("selective_scan")
+    if ops_mamba_ssm.HAS_CAUSAL_CONV1D:
+        assert "mamba_ssm" in available_backends("causal_conv1d")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SCAN_SHAPES + _random_shapes(12), ids=str)
+def test_gpu_selective_scan_matches_reference(backend, dtype, shape):
+    _backend_or_skip("selective_scan", backend)
+    batch, dim, length, state, groups, time_major, with_z, with_d, with_bias, with_h0 = shape
+    if backend == "mamba_ssm":
+        with_h0 = False  # it has no initial state (its accepts declines those calls: tested below)
+        if length < 2:
+            pytest.skip("the mamba_ssm backend declines L = 1 (mamba-ssm's bf16 backward gives NaN there)")
+    inputs = scan_inputs(batch, dim, length, state, groups, dtype, time_major, with_z, with_d, with_bias, with_h0,
+                         seed=_seed(shape))
+    if backend == "mamba_ssm":
+        def fn(*args, **kwargs):  # it drops the final state's gradient: that state is compared without one
+            with ssm_backend(backend):
+                y = selective_scan(*args, **{**kwargs, "return_final_state": False})
+                with torch.no_grad():
+                    _, h = selective_scan(*args, **kwargs)
+            return y, h
+
+        check_scan(fn, inputs, dtype, with_final_grad=False)
+    else:
+        check_scan(_scan_backend_fn(backend), inputs, dtype)
+    assert last_backend("selective_scan") == backend
+
+
+@pytest.mark.gpu
+def test_gpu_mamba_ssm_declines_what_it_cannot_do():
+    _backend_or_skip("selective_scan", "mamba_ssm")
+    inputs = scan_inputs(1, 32, 40, 8, with_h0=True)
+    with torch.no_grad():
+        run_scan(selective_scan, inputs)  # auto: triton first
+    assert last_backend("selective_scan") == "triton"
+    with ssm_backend("mamba_ssm"), pytest.raises(ValueError, match="cannot run"):
+        run_scan(selective_scan, inputs)
+    no_h0 = dict(inputs, initial_state=None)
+    with torch.no_grad(), ssm_backend("mamba_ssm"):
+        y, h = run_scan(selective_scan, no_h0)
+    y_ref, h_ref = run_scan(selective_scan_ref, no_h0)
+    assert rel(y, y_ref) <= 2e-4 and rel(h, h_ref) <= 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_auto_dispatch_order_and_cpu_fallback():
+    inputs = scan_inputs(1, 16, 20, 4)
+    with torch.no_grad():
+        run_scan(selective_scan, inputs)
+        assert last_backend("selective_scan") == "triton"
+        run_scan(selective_scan, {k: (v.cpu() if v is not None else None) for k, v in inputs.items()})
+        assert last_backend("selective_scan") == "torch"
+        double = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+        run_scan(selective_scan, double)  # float64: no fused kernel takes it
+        assert last_backend("selective_scan") == "torch"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: coupled scan
+# ----------------------------------------------------------------------------------------------------------------
+def coupled_inputs(batch, chains, dim, length, state, dtype=torch.float32, time_major=False, with_z=True,
+                   with_h0=True, device="cuda", seed=0, dt_shift=-1.0, decay_shift=0.0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    def act(scale=1.0, shift=0.0):
+        if time_major:
+            return (rand(batch, chains, length, dim, scale=scale) + shift).to(dtype).transpose(-1, -2)
+        return (rand(batch, chains, dim, length, scale=scale) + shift).to(dtype)
+
+    return dict(
+        u=act(), delta=act(0.5, dt_shift), A=-torch.exp(rand(chains, dim, state, scale=0.5)) - decay_shift,
+        B=rand(batch, chains, state, length).to(dtype), C=rand(batch, chains, state, length).to(dtype),
+        D=rand(chains, dim), z=act() if with_z else None, delta_bias=rand(chains, dim, scale=0.3),
+        initial_state=rand(batch, dim, state) if with_h0 else None,
+    )
+
+
+def check_coupled(fn, inputs, dtype, coupling):
+    ours = dict(zip(SCAN_KEYS, clone_leaves([inputs[k] for k in SCAN_KEYS])))
+    ref = dict(zip(SCAN_KEYS, clone_leaves([inputs[k] for k in SCAN_KEYS])))
+
+    def call(f, t):
+        a = [t[k] for k in SCAN_KEYS]
+        return f(*a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True, coupling=coupling,
+                 initial_state=a[8], return_final_state=True)
+
+    y, h = call(fn, ours)
+    y_ref, h_ref = call(coupled_selective_scan_ref, ref)
+    assert y.dtype == y_ref.dtype and torch.isfinite(y).all()
+    assert rel(y, y_ref) <= TOL[dtype], rel(y, y_ref)
+    assert rel(h, h_ref) <= 2e-3, rel(h, h_ref)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    gy = torch.randn(y_ref.shape, generator=gen).to(y.device)
+    gh = torch.randn(h_ref.shape, generator=gen).to(y.device)
+    ((y.float() * gy).sum() + (h * gh).sum()).backward()
+    ((y_ref.float() * gy).sum() + (h_ref * gh).sum()).backward()
+    for key in SCAN_KEYS:
+        if ours[key] is not None:
+            err = rel(ours[key].grad, ref[key].grad)
+            assert err <= GRAD_TOL[dtype], (key, err)
+
+
+# (batch, M, dim, L, N, time_major, z, h0)
+COUPLED_SHAPES = [
+    (2, 3, 32, 1, 16, False, True, True),
+    (2, 3, 48, 77, 16, True, True, True),
+    (1, 2, 16, 300, 8, False, False, False),
+    (3, 3, 24, 129, 4, True, True, False),
+    (1, 4, 8, 40, 32, False, True, True),
+    (1, 1, 16, 33, 16, True, True, True),
+    (2, 4, 12, 64, 3, False, True, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("coupling", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", COUPLED_SHAPES, ids=str)
+def test_gpu_coupled_scan_matches_reference(backend, coupling, dtype, shape):
+    _backend_or_skip("coupled_selective_scan", backend)
+    batch, chains, dim, length, state, time_major, with_z, with_h0 = shape
+    # "sum" grows like M^t where the decays are near 1: keep them small there (the contract's stability note)
+    inputs = coupled_inputs(batch, chains, dim, length, state, dtype, time_major, with_z, with_h0,
+                            seed=_seed(shape), dt_shift=2.0 if coupling == "sum" else -1.0,
+                            decay_shift=1.0 if coupling == "sum" else 0.0)
+
+    def fn(*args, **kwargs):
+        with ssm_backend(backend):
+            return coupled_selective_scan(*args, **kwargs)
+
+    check_coupled(fn, inputs, dtype, coupling)
+    assert last_backend("coupled_selective_scan") == backend
+
+
+@pytest.mark.gpu
+def test_gpu_coupled_scan_more_chains_than_the_kernel_falls_back():
+    inputs = coupled_inputs(1, 5, 8, 30, 4)
+    args = [inputs[k] for k in SCAN_KEYS]
+    with torch.no_grad():
+        y = coupled_selective_scan(*args[:5], D=args[5], z=args[6], delta_bias=args[7], initial_state=args[8])
+    assert last_backend("coupled_selective_scan") == "torch"
+    y_ref = coupled_selective_scan_ref(*args[:5], D=args[5], z=args[6], delta_bias=args[7], initial_state=args[8])
+    assert rel(y, y_ref) <= TOL[torch.float32]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: causal conv and the decode steps
+# ----------------------------------------------------------------------------------------------------------------
+# (batch, dim, L, W, initial_state, activation, time_major)
+CONV_SHAPES = [
+    (2, 64, 1, 4, False, "silu", True),
+    (2, 64, 37, 4, True, "silu", True),
+    (1, 48, 300, 3, False, None, False),
+    (3, 32, 129, 2, True, "silu", False),
+    (1, 24, 1000, 4, True, "silu", True),
+    (2, 13, 50, 5, True, None, False),  # width 5, odd dim: triton and torch only
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
+def test_gpu_causal_conv1d_matches_reference(backend, dtype, shape):
+    _backend_or_skip("causal_conv1d", backend)
+    batch, dim, length, width, with_init, activation, time_major = shape
+    gen = torch.Generator(device="cpu").manual_seed(_seed(shape))
+    x = torch.randn(batch, length, dim, generator=gen).transpose(1, 2) if time_major else torch.randn(
+        batch, dim, length, generator=gen)
+    tensors = [x.to(dtype), torch.randn(dim, width, generator=gen).to(dtype), torch.randn(dim, generator=gen).to(dtype),
+               torch.randn(batch, dim, width - 1, generator=gen).to(dtype) if with_init else None]
+    tensors = [t.cuda() if t is not None else None for t in tensors]
+    ours, ref = clone_leaves(tensors), clone_leaves(tensors)
+    if backend == "mamba_ssm" and not ops_mamba_ssm.accepts_causal_conv1d(*ours[:3], initial_state=ours[3],
+                                                                          activation=activation):
+        pytest.skip("outside what causal-conv1d supports (its accepts declines it)")
+    with ssm_backend(backend):
+        y = causal_conv1d(ours[0], ours[1], ours[2], initial_state=ours[3], activation=activation)
+    y_ref = causal_conv1d_ref(ref[0], ref[1], ref[2], initial_state=ref[3], activation=activation)
+    assert last_backend("causal_conv1d") == backend
+    assert rel(y, y_ref) <= TOL[dtype]
+    g = torch.randn(y_ref.shape, generator=gen).to(y.device)
+    (y.float() * g).sum().backward()
+    (y_ref.float() * g).sum().backward()
+    for a, b in zip(ours, ref):
+        if a is not None:
+            assert rel(a.grad, b.grad) <= GRAD_TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 64, 16, None), (4, 96, 16, 3), (3, 40, 5, None), (2, 512, 64, 2)], ids=str)
+def test_gpu_selective_state_update_matches_reference(backend, dtype, shape):
+    _backend_or_skip("selective_state_update", backend)
+    batch, dim, state, groups = shape
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    rand = lambda *s: torch.randn(*s, generator=gen).cuda()  # noqa: E731
+    bc = (batch, state) if groups is None else (batch, groups, state)
+    h = rand(batch, dim, state)
+    args = [rand(batch, dim).to(dtype), (rand(batch, dim) - 1).to(dtype), -torch.exp(rand(dim, state) * 0.5),
+            rand(*bc).to(dtype), rand(*bc).to(dtype)]
+    kwargs = dict(D=rand(dim), z=rand(batch, dim).to(dtype), dt_bias=rand(dim) * 0.3, dt_softplus=True)
+    if backend == "mamba_ssm" and not ops_mamba_ssm.accepts_selective_state_update(h, *args, **kwargs):
+        pytest.skip("outside what mamba-ssm's decode step supports (its accepts declines it)")
+    h_ours, h_ref = h.clone(), h.clone()
+    with torch.no_grad():
+        with ssm_backend(backend):
+            y = selective_state_update(h_ours, *args, **kwargs)
+        y_ref = selective_state_update_ref(h_ref, *args, **kwargs)
+    assert last_backend("selective_state_update") == backend
+    assert rel(y, y_ref) <= TOL[dtype] and rel(h_ours, h_ref) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 64, 4), (4, 96, 3), (2, 40, 2), (3, 512, 4)], ids=str)
+def test_gpu_causal_conv1d_update_matches_reference(backend, dtype, shape):
+    _backend_or_skip("causal_conv1d_update", backend)
+    batch, dim, width = shape
+    gen = torch.Generator(device="cpu").manual_seed(4)
+    rand = lambda *s: torch.randn(*s, generator=gen).cuda().to(dtype)  # noqa: E731
+    x, state, weight, bias = rand(batch, dim), rand(batch, dim, width), rand(dim, width), rand(dim)
+    s_ours, s_ref = state.clone(), state.clone()
+    with torch.no_grad():
+        with ssm_backend(backend):
+            y = causal_conv1d_update(x, s_ours, weight, bias, activation="silu")
+        y_ref = causal_conv1d_update_ref(x, s_ref, weight, bias, activation="silu")
+    assert last_backend("causal_conv1d_update") == backend
+    assert rel(y, y_ref) <= TOL[dtype] and torch.equal(s_ours, s_ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: whole models across backends, LoRA on the fused path, generation
+# ----------------------------------------------------------------------------------------------------------------
+def _lm(dtype=torch.float32, seed=0, **overrides):
+    from transformers import MambaConfig
+
+    from multimodal_mamba import MambaCausalLM
+
+    config = MambaConfig(**{**dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, state_size=16), **overrides})
+    torch.manual_seed(seed)
+    return MambaCausalLM(config).to(device="cuda", dtype=dtype)
+
+
+def _grads(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _run_backend(model, backend, fn):
+    model.zero_grad(set_to_none=True)
+    with ssm_backend(backend):
+        out = fn(model)
+    out.backward()
+    return out.detach(), _grads(model)
+
+
+def _compare_backends(model, fn, backends, tol, grad_tol):
+    ref_out, ref_grads = _run_backend(model, "reference", fn)
+    for backend in backends:
+        out, grads = _run_backend(model, backend, fn)
+        assert rel(out, ref_out) <= tol, (backend, rel(out, ref_out))
+        assert grads.keys() == ref_grads.keys()
+        for name in ref_grads:
+            assert rel(grads[name], ref_grads[name]) <= grad_tol, (backend, name, rel(grads[name], ref_grads[name]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_mamba_lm_forward_backward_equal_across_backends(dtype):
+    model = _lm(dtype)
+    ids = torch.randint(0, 97, (2, 150), device="cuda")
+    backends = [b for b in FUSED if b in available_backends("selective_scan")]
+
+    def fn(m):
+        return m(ids, labels=ids, use_cache=False).loss
+
+    _compare_backends(model, fn, backends, 1e-4 if dtype == torch.float32 else 2e-2,
+                      1e-3 if dtype == torch.float32 else 8e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_vl_mamba_forward_backward_equal_across_backends():
+    from multimodal_mamba.tiny import build_tiny_vl_mamba, random_image
+
+    for scan_type in ("bidirectional", "cross"):
+        model, processor = build_tiny_vl_mamba(["what", "color"], projector_type="vss_l2", scan_type=scan_type)
+        model = model.cuda().train()
+        inputs = processor(text=["<image> what color ?"], images=[random_image(0)], return_tensors="pt")
+        inputs = {k: v.cuda() for k, v in inputs.items()}
+
+        def fn(m):
+            return m(**inputs, labels=inputs["input_ids"]).loss
+
+        backends = [b for b in FUSED if b in available_backends("selective_scan")]
+        _compare_backends(model, fn, backends, 1e-4, 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("coupling", ["mean", "none"])
+def test_gpu_coupled_mamba_forward_backward_equal_across_backends(coupling):
+    from multimodal_mamba import CoupledMambaConfig, CoupledMambaForSequenceClassification
+
+    config = CoupledMambaConfig(modality_dims={"text": 12, "audio": 6, "vision": 9}, hidden_size=32,
+                                num_hidden_layers=2, state_size=8, coupling=coupling)
+    torch.manual_seed(0)
+    model = CoupledMambaForSequenceClassification(config).cuda().train()
+    feats = {name: torch.randn(2, 60, d, device="cuda") for name, d in config.modality_dims.items()}
+    labels = torch.randn(2, device="cuda")
+
+    def fn(m):
+        return m(input_features=feats, labels=labels).loss
+
+    _compare_backends(model, fn, ["triton", "torch"], 1e-4, 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "mamba_ssm"])
+def test_gpu_lora_on_all_mixer_projections_gets_gradients_on_fused_path(backend):
+    """LoRA on in_proj, x_proj, dt_proj and out_proj of VL-Mamba's LM: every adapter trains on the fused path
+    (transformers' own fused Mamba path passes raw weights, and LoRA on x_proj / dt_proj / out_proj trains nothing)."""
+    _backend_or_skip("selective_scan", backend)
+    from peft import get_peft_model
+
+    from multimodal_mamba.tiny import build_tiny_vl_mamba, random_image
+    from multimodal_mamba.training import vl_mamba_lora_config
+
+    model, processor = build_tiny_vl_mamba(["what", "color"], projector_type="vss_l2")
+    peft_model = get_peft_model(model.cuda().train(), vl_mamba_lora_config(r=4, init_lora_weights=False))
+    inputs = processor(text=["<image> what color ?"], images=[random_image(0)], return_tensors="pt")
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    with ssm_backend(backend):
+        loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+    assert last_backend("selective_scan") == backend
+    loss.backward()
+    seen = {}
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name and "language_model" in name:
+            proj = next(p for p in ("in_proj", "x_proj", "dt_proj", "out_proj") if f".{p}." in name)
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+            seen[proj] = seen.get(proj, 0) + 1
+    assert set(seen) == {"in_proj", "x_proj", "dt_proj", "out_proj"}
+
+
+@pytest.mark.gpu
+def test_gpu_greedy_generation_equal_across_backends():
+    model = _lm(torch.float32, seed=3).eval()
+    ids = torch.randint(0, 97, (2, 12), device="cuda")
+    outputs = {}
+    for backend in [b for b in FUSED if b in available_backends("selective_scan")]:
+        with ssm_backend(backend):
+            outputs[backend] = model.generate(ids, max_new_tokens=12, do_sample=False)
+        assert last_backend("selective_state_update") == backend
+    first = next(iter(outputs.values()))
+    for backend, out in outputs.items():
+        assert torch.equal(out, first), backend
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU: the Triton kernels through Triton's interpreter (small shapes)
+# ----------------------------------------------------------------------------------------------------------------
+# The interpreter must be switched on before Triton is first imported, so these tests run in a child pytest process
+# started with TRITON_INTERPRET=1 (``test_interpreter_kernels``); in this process they only run inside that child.
+_CHILD = os.environ.get("MULTIMODAL_MAMBA_INTERPRETER_CHILD") == "1"
+interpreter = pytest.mark.skipif(not _CHILD, reason="runs inside test_interpreter_kernels' child process")
+
+
+@pytest.mark.skipif(HAS_CUDA or not HAS_TRITON or _CHILD, reason="needs Triton and no CUDA device")
+def test_interpreter_kernels():
+    """Every ``test_interpreter_*`` test below, in a child process with TRITON_INTERPRET=1 (about 30 s)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", MULTIMODAL_MAMBA_INTERPRETER_CHILD="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreter_"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """The kernel modules (imported in the child process, where TRITON_INTERPRET=1 from the start)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    return {
+        "selective_scan": importlib.import_module("multimodal_mamba.kernels.selective_scan.fused"),
+        "coupled_scan": importlib.import_module("multimodal_mamba.kernels.coupled_scan.fused"),
+        "causal_conv1d": importlib.import_module("multimodal_mamba.kernels.causal_conv1d.fused"),
+        "state_update": importlib.import_module("multimodal_mamba.kernels.state_update.fused"),
+    }
+
+
+@interpreter
+@pytest.mark.parametrize("shape", [
+    (2, 8, 20, 4, None, False, True, True, True, True),
+    (1, 8, 37, 3, 2, True, True, True, True, True),
+    (2, 6, 9, 4, 2, False, False, False, True, False),  # 3 channels per group: per-row groups
+    (1, 4, 1, 4, None, True, True, True, False, True),
+], ids=str)
+def test_interpreter_selective_scan(interpreted, shape):
+    batch, dim, length, state, groups, time_major, with_z, with_d, with_bias, with_h0 = shape
+    fused = interpreted["selective_scan"]
+    inputs = scan_inputs(batch, dim, length, state, groups, torch.float32, time_major, with_z, with_d, with_bias,
+                         with_h0, device="cpu")
+    check_scan(fused.selective_scan_triton, inputs, torch.float32)
+
+
+@interpreter
+def test_interpreter_selective_scan_several_chunks_and_partials(interpreted, monkeypatch):
+    fused = interpreted["selective_scan"]
+    monkeypatch.setattr(fused, "FWD_CONFIGS", {"lmajor": (4, 16, 4, True), "tmajor": (4, 16, 4, False)})
+    monkeypatch.setattr(fused, "BWD_CONFIGS", {"lmajor": (4, 32, 4, False), "tmajor": (4, 16, 4, False)})
+    check_scan(fused.selective_scan_triton, scan_inputs(2, 8, 50, 4, device="cpu"), torch.float32)
+    # forward chunks longer than the backward's: it saves states mid-chunk
+    monkeypatch.setattr(fused, "FWD_CONFIGS", {"lmajor": (4, 32, 4, False), "tmajor": (8, 32, 4, False)})
+    monkeypatch.setattr(fused, "BWD_CONFIGS", {"lmajor": (4, 16, 4, False), "tmajor": (8, 16, 4, False)})
+    check_scan(fused.selective_scan_triton, scan_inputs(1, 8, 70, 3, 2, time_major=True, device="cpu", seed=3),
+               torch.float32)
+    monkeypatch.setattr(fused, "PARTIALS_MAX_BYTES", 1)  # atomics into one partial
+    check_scan(fused.selective_scan_triton, scan_inputs(1, 12, 33, 2, time_major=True, device="cpu", seed=5),
+               torch.float32)
+
+
+@interpreter
+@pytest.mark.parametrize("coupling", ["mean", "sum"])
+def test_interpreter_coupled_scan(interpreted, coupling, monkeypatch):
+    fused = interpreted["coupled_scan"]
+    monkeypatch.setattr(fused, "FWD_CONFIGS", {"lmajor": (4, 16, 4), "tmajor": (4, 16, 4)})
+    monkeypatch.setattr(fused, "BWD_CONFIGS", {"lmajor": (4, 16, 4), "tmajor": (4, 16, 4)})
+    check_coupled(fused.coupled_selective_scan_triton,
+                  coupled_inputs(2, 3, 8, 21, 4, device="cpu", dt_shift=0.5 if coupling == "sum" else -1.0),
+                  torch.float32, coupling)
+    check_coupled(fused.coupled_selective_scan_triton,
+                  coupled_inputs(1, 2, 4, 5, 3, time_major=True, with_h0=False, device="cpu", seed=1),
+                  torch.float32, coupling)
+
+
+@interpreter
+def test_interpreter_causal_conv1d_and_decode_steps(interpreted):
+    conv = interpreted["causal_conv1d"]
+    step = interpreted["state_update"]
+    gen = torch.Generator().manual_seed(0)
+    for batch, dim, length, width, with_init, activation, time_major in [
+        (2, 8, 20, 4, True, "silu", False), (1, 5, 3, 2, False, None, True), (2, 7, 1, 3, True, "silu", True),
+    ]:
+        x = torch.randn(batch, length, dim, generator=gen).transpose(1, 2) if time_major else torch.randn(
+            batch, dim, length, generator=gen)
+        tensors = [x, torch.randn(dim, width, generator=gen), torch.randn(dim, generator=gen),
+                   torch.randn(batch, dim, width - 1, generator=gen) if with_init else None]
+        ours, ref = clone_leaves(tensors), clone_leaves(tensors)
+        y = conv.causal_conv1d_triton(*ours[:3], initial_state=ours[3], activation=activation)
+        y_ref = causal_conv1d_ref(*ref[:3], initial_state=ref[3], activation=activation)
+        assert rel(y, y_ref) <= 1e-5
+        g = torch.randn(y_ref.shape, generator=gen)
+        (y * g).sum().backward()
+        (y_ref * g).sum().backward()
+        for a, b in zip(ours, ref):
+            if a is not None:
+                assert rel(a.grad, b.grad) <= 1e-5
+    x, state, weight, bias = (torch.randn(3, 6, generator=gen), torch.randn(3, 6, 4, generator=gen),
+                              torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen))
+    s_ours, s_ref = state.clone(), state.clone()
+    y = conv.causal_conv1d_update_triton(x, s_ours, weight, bias, "silu")
+    assert rel(y, causal_conv1d_update_ref(x, s_ref, weight, bias, "silu")) <= 1e-5 and torch.equal(s_ours, s_ref)
+    h = torch.randn(2, 6, 5, generator=gen)
+    args = [torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen), -torch.rand(6, 5, generator=gen),
+            torch.randn(2, 3, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)]
+    kwargs = dict(D=torch.randn(6, generator=gen), z=torch.randn(2, 6, generator=gen),
+                  dt_bias=torch.randn(6, generator=gen), dt_softplus=True)
+    h_ours, h_ref = h.clone(), h.clone()
+    y = step.selective_state_update_triton(h_ours, *args, **kwargs)
+    y_ref = selective_state_update_ref(h_ref, *args, **kwargs)
+    assert rel(y, y_ref) <= 1e-5 and rel(h_ours, h_ref) <= 1e-5
