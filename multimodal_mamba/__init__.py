@@ -50,3 +50,4 @@ def _register_auto_classes() -> None:
 _register_auto_classes()
 
 # >>> coupled mamba exports (issue 3) are appended below this line
+from .coupled_api import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+"""Synthetic data generators used by the tests, examples and the demo."""

@@ -1,0 +1,478 @@
+"""Coupled Mamba (Li et al., NeurIPS 2024): M modality chains whose Mamba states are coupled at every step.
+
+Architecture (the paper's Fig. 1 and Algorithm 1, with the coupled transition of its Eq. 6, which the authors'
+released code does not implement):
+
+- per modality m, an input projection (Linear-LayerNorm-ReLU-Linear-LayerNorm, as the authors' code) maps the
+  features (batch, L, dim_m) to the common width (batch, L, hidden);
+- ``num_hidden_layers`` layers; each holds one Coupled Mamba block per modality (LayerNorm + the shared
+  ``MambaMixer``, with its own parameters). A layer runs every block's input stage (in_proj, causal conv,
+  x_proj, dt_proj), then ONE coupled selective scan over the M chains (every chain's next state is computed
+  from the sum, or mean, of all chains' previous states), then every block's gate and out_proj, plus the residual;
+- a final LayerNorm per modality, pooling over each modality's valid steps ("mean", "max", "last"), fusion of the
+  M pooled vectors ("weighted", "mean", "concat"), and for classification / regression a two-layer head
+  (as the authors' RegressionHead).
+
+With ``coupling="none"`` the same model runs M independent chains (one grouped selective scan): the ablation.
+All modalities share one time axis L; bring unaligned sequences to one with ``CoupledMambaFeatureExtractor``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_coupled_mamba import CoupledMambaConfig
+from .modeling_mamba_lm import KEEP_IN_FP32, MambaMixer, init_mamba_module_weights
+from .ops_coupled_scan import coupled_selective_scan
+from .ops_selective_scan import selective_scan
+from .ssm_backends import config_backend
+
+
+@dataclass
+class CoupledMambaModelOutput(ModelOutput):
+    """Outputs of ``CoupledMambaModel``.
+
+    last_hidden_state: (batch, M, L, hidden), every modality's stream after the final norm.
+    pooler_output: (batch, fused_size), the fused representation (fused_size = hidden, or M * hidden for "concat").
+    modality_embeds: (batch, M, hidden), each modality pooled over its valid steps (zeros for an absent one).
+    modality_mask: (batch, M) bool, whether each modality has at least one valid step.
+    hidden_states: optional tuple of (batch, M, L, hidden), the input of every layer and the final output.
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    pooler_output: Optional[torch.FloatTensor] = None
+    modality_embeds: Optional[torch.FloatTensor] = None
+    modality_mask: Optional[torch.BoolTensor] = None
+    hidden_states: Optional[tuple] = None
+
+
+class CoupledMambaInputProjection(nn.Module):
+    """(batch, L, input_dim) -> (batch, L, hidden): Linear, LayerNorm, ReLU, Dropout, Linear, LayerNorm."""
+
+    def __init__(self, input_dim: int, config: CoupledMambaConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(input_dim, config.projection_hidden_size)
+        self.norm1 = nn.LayerNorm(config.projection_hidden_size, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.projection_dropout)
+        self.fc2 = nn.Linear(config.projection_hidden_size, config.hidden_size)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, features):
+        hidden = self.dropout(F.relu(self.norm1(self.fc1(features))))
+        return self.norm2(self.fc2(hidden))
+
+
+class CoupledMambaBlock(nn.Module):
+    """One modality's Coupled Mamba block: pre-norm and the shared ``MambaMixer`` (its scan runs in the layer)."""
+
+    def __init__(self, config: CoupledMambaConfig, layer_idx: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = MambaMixer(
+            config.hidden_size,
+            state_size=config.state_size,
+            expand=config.expand,
+            conv_kernel=config.conv_kernel,
+            time_step_rank=config.time_step_rank,
+            use_bias=config.use_bias,
+            use_conv_bias=config.use_conv_bias,
+            time_step_min=config.time_step_min,
+            time_step_max=config.time_step_max,
+            time_step_floor=config.time_step_floor,
+            time_step_scale=config.time_step_scale,
+            time_step_init_scheme=config.time_step_init_scheme,
+            layer_idx=layer_idx,
+            intermediate_size=config.intermediate_size,
+        )
+
+
+class CoupledMambaLayer(GradientCheckpointingLayer):
+    """One layer: a ``CoupledMambaBlock`` per modality, joined by one coupled selective scan.
+
+    forward: hidden_states (batch, M, L, hidden), attention_mask (batch, M, L) or None -> (batch, M, L, hidden).
+    """
+
+    def __init__(self, config: CoupledMambaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.coupling = config.coupling
+        self.blocks = nn.ModuleDict({name: CoupledMambaBlock(config, layer_idx) for name in config.modality_names})
+
+    def forward(self, hidden_states, attention_mask=None):
+        xs, zs, deltas, Bs, Cs = [], [], [], [], []
+        for index, block in enumerate(self.blocks.values()):
+            mask = attention_mask[:, index] if attention_mask is not None else None
+            normed = block.norm(hidden_states[:, index])
+            x, z = block.mixer.input_stage(normed, mask)  # (batch, dim, L) each
+            delta, B, C = block.mixer.ssm_parameters(x)  # (batch, dim, L), (batch, N, L), (batch, N, L)
+            xs.append(x)
+            zs.append(z)
+            deltas.append(delta)
+            Bs.append(B)
+            Cs.append(C)
+        mixers = [block.mixer for block in self.blocks.values()]
+        chains = len(mixers)
+        if self.coupling == "none":
+            # Independent chains: one grouped selective scan, group m = modality m's channels with its B, C.
+            y = selective_scan(
+                torch.cat(xs, dim=1),
+                torch.cat(deltas, dim=1),
+                torch.cat([mixer.ssm_A() for mixer in mixers], dim=0),
+                torch.stack(Bs, dim=1),
+                torch.stack(Cs, dim=1),
+                torch.cat([mixer.D for mixer in mixers], dim=0),
+                z=torch.cat(zs, dim=1),
+                delta_softplus=True,
+            ).unflatten(1, (chains, -1))
+        else:
+            y = coupled_selective_scan(
+                torch.stack(xs, dim=1),
+                torch.stack(deltas, dim=1),
+                torch.stack([mixer.ssm_A() for mixer in mixers], dim=0),
+                torch.stack(Bs, dim=1),
+                torch.stack(Cs, dim=1),
+                torch.stack([mixer.D for mixer in mixers], dim=0),
+                z=torch.stack(zs, dim=1),
+                delta_softplus=True,
+                coupling=self.coupling,
+            )  # (batch, M, dim, L)
+        outputs = [
+            hidden_states[:, index] + mixer.output_stage(y[:, index].to(hidden_states.dtype))
+            for index, mixer in enumerate(mixers)
+        ]
+        return torch.stack(outputs, dim=1)
+
+
+class CoupledMambaPreTrainedModel(PreTrainedModel):
+    config_class = CoupledMambaConfig
+    base_model_prefix = "model"
+    main_input_name = "input_features"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CoupledMambaLayer"]
+    _keep_in_fp32_modules_strict = KEEP_IN_FP32
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """PyTorch's default init for the linear layers, as the authors' code (mamba-ssm modules and plain
+        ``nn.Linear``s), not transformers' normal(0, 0.02), under which the SSM path starts about 1e-6 of the
+        residual and its gradients fall below Adam's epsilon. Then the Mamba mixers' own init (dt, A, D, conv,
+        out_proj), and ``config.ssm_bc_init_scale`` on the B / C rows of ``x_proj``."""
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1.0 / math.sqrt(module.in_features) if module.in_features > 0 else 0.0
+                init.uniform_(module.bias, -bound, bound)
+        else:
+            super()._init_weights(module)
+        init_mamba_module_weights(module, self.config)
+        scale = getattr(self.config, "ssm_bc_init_scale", 1.0)
+        if isinstance(module, MambaMixer) and scale != 1.0:
+            weight = module.x_proj.weight.detach().clone()
+            weight[module.time_step_rank :] *= scale
+            init.copy_(module.x_proj.weight, weight)  # a no-op on weights loaded from a checkpoint
+        if isinstance(module, CoupledMambaModel):
+            init.zeros_(module.fusion_logits)  # equal modality weights at the start
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As ``PreTrainedModel.save_pretrained``; when the classes are registered for remote code, ``auto_map``
+        gets every Auto class of the family (transformers records only the saved class)."""
+        if getattr(type(self), "_auto_class", None) is not None:
+            module = type(self).__module__.split(".")[-1]
+            config_module = type(self.config).__module__.split(".")[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoConfig", f"{config_module}.CoupledMambaConfig")
+            auto_map.setdefault("AutoModel", f"{module}.CoupledMambaModel")
+            auto_map.setdefault("AutoModelForSequenceClassification", f"{module}.CoupledMambaForSequenceClassification")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _describe(value):
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+class CoupledMambaModel(CoupledMambaPreTrainedModel):
+    """The Coupled Mamba encoder: input projections, coupled layers, per-modality pooling and fusion.
+
+    forward inputs:
+        input_features: the modalities' features on one time axis, either packed as one tensor
+            (batch, L, sum_m dim_m) with the modalities concatenated in ``config.modality_names`` order (what
+            ``CoupledMambaFeatureExtractor`` returns), or per modality as a dict {name: (batch, L, dim_m)} or a
+            list in config order; a modality that is None or missing from the dict is absent.
+        attention_mask: 1 on valid steps, 0 on padding: (batch, M, L), (batch, L) shared by all modalities,
+            or a dict / list of (batch, L) per modality. A modality whose mask is all zeros is absent.
+    """
+
+    def __init__(self, config: CoupledMambaConfig):
+        super().__init__(config)
+        self.projections = nn.ModuleDict(
+            {name: CoupledMambaInputProjection(dim, config) for name, dim in config.modality_dims.items()}
+        )
+        self.layers = nn.ModuleList([CoupledMambaLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm_f = nn.ModuleDict(
+            {name: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon) for name in config.modality_names}
+        )
+        self.fusion_logits = nn.Parameter(torch.zeros(config.num_modalities))
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def fused_size(self) -> int:
+        return self.config.hidden_size * (self.config.num_modalities if self.config.fusion == "concat" else 1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Input checks: a ValueError naming the problem instead of a shape error deep inside.
+    # ------------------------------------------------------------------------------------------------------------
+    def _split_features(self, input_features):
+        names = self.config.modality_names
+        dims = self.config.modality_dims
+        if input_features is None:
+            raise ValueError("CoupledMambaModel: input_features is required")
+        if isinstance(input_features, torch.Tensor):
+            total = sum(dims.values())
+            if input_features.dim() != 3 or input_features.shape[-1] != total:
+                raise ValueError(
+                    f"CoupledMambaModel: packed input_features must be (batch, L, {total}) = the modalities "
+                    f"{dict(dims)} concatenated, got {_describe(input_features)}; pass a dict of per-modality "
+                    f"tensors to use other layouts"
+                )
+            return list(torch.split(input_features, list(dims.values()), dim=-1))
+        if isinstance(input_features, Mapping):
+            unknown = [key for key in input_features if key not in dims]
+            if unknown:
+                raise ValueError(f"CoupledMambaModel: unknown modalities {unknown}; this model has {names}")
+            return [input_features.get(name) for name in names]
+        if isinstance(input_features, (list, tuple)):
+            if len(input_features) != len(names):
+                raise ValueError(
+                    f"CoupledMambaModel: got {len(input_features)} modalities but this model has "
+                    f"{len(names)} ({names})"
+                )
+            return list(input_features)
+        raise ValueError(
+            f"CoupledMambaModel: input_features must be a tensor, a dict or a list of tensors, got "
+            f"{type(input_features).__name__}"
+        )
+
+    def _prepare_inputs(self, input_features, attention_mask):
+        """-> features: list of M (batch, L, dim_m) tensors (zeros for absent ones), mask (batch, M, L) float."""
+        names = self.config.modality_names
+        dims = self.config.modality_dims
+        features = self._split_features(input_features)
+        present = [f for f in features if f is not None]
+        if not present:
+            raise ValueError(f"CoupledMambaModel: every modality is missing; give at least one of {names}")
+        for name, feat in zip(names, features):
+            if feat is None:
+                continue
+            if not isinstance(feat, torch.Tensor) or feat.dim() != 3:
+                raise ValueError(f"CoupledMambaModel: features of {name!r} must be (batch, L, {dims[name]}), got {_describe(feat)}")
+            if feat.shape[-1] != dims[name]:
+                raise ValueError(
+                    f"CoupledMambaModel: features of {name!r} have dim {feat.shape[-1]}, expected {dims[name]}"
+                )
+            if not feat.is_floating_point():
+                raise ValueError(f"CoupledMambaModel: features of {name!r} must be floating point, got {feat.dtype}")
+        batches = {name: f.shape[0] for name, f in zip(names, features) if f is not None}
+        if len(set(batches.values())) > 1:
+            raise ValueError(f"CoupledMambaModel: the modalities have different batch sizes {batches}")
+        lengths = {name: f.shape[1] for name, f in zip(names, features) if f is not None}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"CoupledMambaModel: the modalities have different lengths {lengths}; the coupled scan needs one time "
+                f"axis: align them with CoupledMambaFeatureExtractor (segment averaging or padding)"
+            )
+        for name, feat in zip(names, features):
+            if feat is not None and not bool(torch.isfinite(feat).all()):
+                raise ValueError(f"CoupledMambaModel: features of {name!r} contain NaN or inf")
+        batch, length = present[0].shape[:2]
+        dtype = self.projections[names[0]].fc1.weight.dtype
+        device = present[0].device
+        features = [
+            f.to(dtype) if f is not None else torch.zeros(batch, length, dims[name], device=device, dtype=dtype)
+            for name, f in zip(names, features)
+        ]
+        mask = self._prepare_mask(attention_mask, batch, length, device)
+        absent = torch.tensor([f is None for f in self._split_features(input_features)], device=device)
+        if bool(absent.any()):
+            mask = mask.masked_fill(absent[None, :, None], 0.0)
+        return features, mask
+
+    def _prepare_mask(self, attention_mask, batch, length, device):
+        names = self.config.modality_names
+        chains = len(names)
+        expected = f"(batch, M, L) = {(batch, chains, length)} or (batch, L) = {(batch, length)}"
+        if attention_mask is None:
+            return torch.ones(batch, chains, length, device=device)
+        if isinstance(attention_mask, Mapping):
+            unknown = [key for key in attention_mask if key not in names]
+            if unknown:
+                raise ValueError(f"CoupledMambaModel: attention_mask has unknown modalities {unknown}; this model has {names}")
+            attention_mask = [attention_mask.get(name) for name in names]
+        if isinstance(attention_mask, (list, tuple)):
+            if len(attention_mask) != chains:
+                raise ValueError(
+                    f"CoupledMambaModel: attention_mask lists {len(attention_mask)} modalities, expected {chains}"
+                )
+            rows = []
+            for name, m in zip(names, attention_mask):
+                if m is None:
+                    rows.append(torch.ones(batch, length, device=device))
+                    continue
+                if not isinstance(m, torch.Tensor) or tuple(m.shape) != (batch, length):
+                    raise ValueError(
+                        f"CoupledMambaModel: attention_mask of {name!r} must be (batch, L) = {(batch, length)}, got "
+                        f"{_describe(m)}"
+                    )
+                rows.append(m.to(device=device, dtype=torch.float32))
+            return torch.stack(rows, dim=1)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"CoupledMambaModel: attention_mask must be a tensor, dict or list, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) == (batch, length):
+            attention_mask = attention_mask[:, None, :].expand(batch, chains, length)
+        elif tuple(attention_mask.shape) != (batch, chains, length):
+            raise ValueError(f"CoupledMambaModel: attention_mask must be {expected}, got shape {tuple(attention_mask.shape)}")
+        if attention_mask.dtype.is_floating_point and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("CoupledMambaModel: attention_mask must hold 0 (padding) and 1 (valid) only")
+        return attention_mask.to(device=device, dtype=torch.float32)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _pool(self, hidden_states, mask):
+        """hidden_states (batch, M, L, hidden), mask (batch, M, L) float -> (batch, M, hidden); zeros where absent."""
+        present = mask.sum(-1) > 0  # (batch, M)
+        weights = mask[..., None].to(hidden_states.dtype)
+        if self.config.pooling == "mean":
+            pooled = (hidden_states * weights).sum(2) / mask.sum(-1, keepdim=True).clamp_min(1.0).to(hidden_states.dtype)
+        elif self.config.pooling == "max":
+            filled = hidden_states.masked_fill(mask[..., None] == 0, torch.finfo(hidden_states.dtype).min)
+            pooled = filled.amax(dim=2)
+        else:  # last valid step
+            positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=mask.dtype)
+            last = (mask * positions).argmax(dim=-1)  # (batch, M)
+            index = last[..., None, None].expand(-1, -1, 1, hidden_states.shape[-1])
+            pooled = torch.gather(hidden_states, 2, index).squeeze(2)
+        return torch.where(present[..., None], pooled, torch.zeros_like(pooled)), present
+
+    def _fuse(self, pooled, present):
+        """pooled (batch, M, hidden), present (batch, M) -> (batch, fused_size); absent modalities are left out."""
+        fusion = self.config.fusion
+        if fusion == "concat":
+            return pooled.flatten(1)
+        if fusion == "mean":
+            weights = present.to(pooled.dtype)
+        else:  # softmax over the learned logits, renormalized over the modalities present
+            weights = torch.softmax(self.fusion_logits.float(), dim=0)[None, :] * present.float()
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        return (pooled * weights[..., None].to(pooled.dtype)).sum(1)
+
+    def forward(self, input_features=None, attention_mask=None, output_hidden_states=None, return_dict=None, **kwargs):
+        """See the class docstring for the inputs. Returns ``CoupledMambaModelOutput``."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        features, mask = self._prepare_inputs(input_features, attention_mask)
+        names = self.config.modality_names
+        hidden_states = torch.stack([self.projections[name](feat) for name, feat in zip(names, features)], dim=1)
+        layer_mask = None if bool(mask.all()) else mask
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        with config_backend(self.config):
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, layer_mask)
+                if output_hidden_states:
+                    all_hidden_states = all_hidden_states + (hidden_states,)
+        hidden_states = torch.stack([self.norm_f[name](hidden_states[:, i]) for i, name in enumerate(names)], dim=1)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        pooled, present = self._pool(hidden_states, mask)
+        fused = self._fuse(pooled, present)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, fused, pooled, present, all_hidden_states) if v is not None)
+        return CoupledMambaModelOutput(
+            last_hidden_state=hidden_states, pooler_output=fused, modality_embeds=pooled, modality_mask=present,
+            hidden_states=all_hidden_states,
+        )
+
+
+class CoupledMambaClassificationHead(nn.Module):
+    """(batch, fused_size) -> (batch, num_labels): Dropout, Linear, ReLU, Dropout, Linear (the authors' head)."""
+
+    def __init__(self, input_size: int, config: CoupledMambaConfig):
+        super().__init__()
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.dense = nn.Linear(input_size, config.head_hidden_size)
+        self.out_proj = nn.Linear(config.head_hidden_size, config.num_labels)
+
+    def forward(self, pooled):
+        hidden = self.dropout(F.relu(self.dense(self.dropout(pooled))))
+        return self.out_proj(hidden)
+
+
+class CoupledMambaForSequenceClassification(CoupledMambaPreTrainedModel):
+    """Coupled Mamba with a task head: regression when ``num_labels == 1`` (MSE, or the paper's L1 with
+    ``config.regression_loss="l1"``), single- or multi-label classification otherwise, following transformers'
+    ``problem_type`` conventions.
+
+    forward: the inputs of ``CoupledMambaModel`` and labels: (batch,) floats for regression, (batch,) class ids
+    for single-label classification, (batch, num_labels) 0/1 for multi-label. Returns ``SequenceClassifierOutput``
+    with logits (batch, num_labels).
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CoupledMambaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = CoupledMambaModel(config)
+        self.classifier = CoupledMambaClassificationHead(self.model.fused_size, config)
+        self.post_init()
+
+    def forward(
+        self, input_features=None, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None,
+        **kwargs,
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_features, attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+    def compute_loss(self, logits, labels):
+        """The loss of ``logits`` (batch, num_labels) against ``labels`` under ``config.problem_type`` (inferred
+        as transformers does when unset: regression for one label, single-label for integer labels, else
+        multi-label)."""
+        labels = labels.to(logits.device)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        logits = logits.float()
+        if self.config.problem_type == "regression":
+            loss_fn = F.l1_loss if self.config.regression_loss == "l1" else F.mse_loss
+            if self.num_labels == 1:
+                return loss_fn(logits.squeeze(-1), labels.float().reshape(-1))
+            return loss_fn(logits, labels.float())
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).long())
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
