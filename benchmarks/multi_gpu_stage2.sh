@@ -10,9 +10,18 @@ WORK=$(mktemp -d)
 python3 examples/make_demo_checkpoint.py --output-dir "$WORK/demo" --num-images 512
 COMMON=(examples/train_vl_mamba.py --model "$WORK/demo/checkpoint" --data "$WORK/demo/data/data.json" --stage 2
         --learning-rate 1e-3 --per-device-batch-size 8 --global-batch-size 16 --max-steps 40 --logging-steps 1 --seed 0)
-accelerate launch --num_processes 1 "${COMMON[@]}" --output-dir "$WORK/one" --loss-log "$OUT/loss_1gpu.json" 2>&1 | tail -3
-accelerate launch --multi_gpu --num_processes 2 "${COMMON[@]}" --output-dir "$WORK/ddp" --loss-log "$OUT/loss_ddp.json" 2>&1 | tail -3
-accelerate launch --config_file examples/accelerate_fsdp.yaml "${COMMON[@]}" --output-dir "$WORK/fsdp" --loss-log "$OUT/loss_fsdp.json" 2>&1 | tail -3
+run() {  # run NAME LAUNCH_ARGS...: one training run, its log in $OUT/log_NAME.txt
+  local name=$1; shift
+  echo "== $name: accelerate launch $* ${COMMON[*]}"
+  if ! python3 -m accelerate.commands.launch "$@" "${COMMON[@]}" --output-dir "$WORK/$name" \
+      --loss-log "$OUT/loss_$name.json" > "$OUT/log_$name.txt" 2>&1; then
+    tail -40 "$OUT/log_$name.txt"; exit 1
+  fi
+  grep -E "train_runtime" "$OUT/log_$name.txt" | tail -1
+}
+run 1gpu --num_processes 1
+run ddp --multi_gpu --num_processes 2
+run fsdp --config_file examples/accelerate_fsdp.yaml
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
