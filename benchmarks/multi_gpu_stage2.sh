@@ -12,6 +12,7 @@ COMMON=(examples/train_vl_mamba.py --model "$WORK/demo/checkpoint" --data "$WORK
         --learning-rate 1e-3 --per-device-batch-size 8 --global-batch-size 16 --max-steps 40 --logging-steps 1 --seed 0)
 run() {  # run NAME LAUNCH_ARGS...: one training run, its log in $OUT/log_NAME.txt
   local name=$1; shift
+  if [ "$name" = 1gpu ]; then export CUDA_VISIBLE_DEVICES=0; else unset CUDA_VISIBLE_DEVICES; fi
   echo "== $name: accelerate launch $* ${COMMON[*]}"
   if ! python3 -m accelerate.commands.launch "$@" "${COMMON[@]}" --output-dir "$WORK/$name" \
       --loss-log "$OUT/loss_$name.json" > "$OUT/log_$name.txt" 2>&1; then

@@ -83,15 +83,18 @@ def conversations_to_messages(conversations: Sequence[Dict[str, str]]) -> List[D
 
 def load_llava_dataset(data_files, image_folder: Optional[str] = None, split: str = "train"):
     """A ``datasets.Dataset`` of LLaVA records from JSON/JSONL file(s); image paths are made absolute against
-    ``image_folder`` (default: the folder of the first data file)."""
-    from datasets import load_dataset
-
+    ``image_folder`` (default: the folder of the first data file). Where the ``datasets`` library is not
+    installed (a bare GPU image), a list-backed ``torch.utils.data.Dataset`` of the same records."""
     files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(files[0]))
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        return _JsonRecords(files, folder)
     dataset = load_dataset("json", data_files=[str(f) for f in files], split=split)
     for column in ("conversations",):
         if column not in dataset.column_names:
             raise ValueError(f"LLaVA records need a {column!r} field; found {dataset.column_names}")
-    folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(files[0]))
 
     def absolute(record):
         image = record.get("image")
@@ -100,6 +103,31 @@ def load_llava_dataset(data_files, image_folder: Optional[str] = None, split: st
         return record
 
     return dataset.map(absolute) if "image" in dataset.column_names else dataset
+
+
+class _JsonRecords(torch.utils.data.Dataset):
+    """LLaVA records read with the json module (JSON list or JSONL), image paths made absolute."""
+
+    def __init__(self, files, folder):
+        import json
+
+        self.records = []
+        for path in files:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read().strip()
+            rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines() if line]
+            self.records.extend(rows)
+        for record in self.records:
+            if "conversations" not in record:
+                raise ValueError(f"LLaVA records need a 'conversations' field; found {sorted(record)}")
+            if record.get("image") and not os.path.isabs(record["image"]):
+                record["image"] = os.path.join(folder, record["image"])
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
 
 
 class LlavaConversationCollator:

@@ -31,6 +31,16 @@ from .modeling_mamba_lm import (
 from .ssm_backends import config_backend
 
 
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    """dtype of a module's first floating weight. Unlike ``PreTrainedModel.dtype`` this also works on the
+    replicas ``nn.DataParallel`` makes, which hold their weights as plain tensors, not parameters."""
+    for sub in module.modules():
+        weight = getattr(sub, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            return weight.dtype
+    return torch.get_default_dtype()
+
+
 def vision_scan_orders(scan_type: str, rows: int, cols: int, device=None) -> torch.LongTensor:
     """The K orderings of a (rows x cols) patch grid that the VSS scans, as (K, rows * cols) patch indices.
 
@@ -179,7 +189,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         self.config.validate_vision_feature_layer(layer)
         layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
-        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        outputs = self.vision_tower(pixel_values.to(_weight_dtype(self.vision_tower)), output_hidden_states=True)
         features = torch.cat([outputs.hidden_states[i] for i in layers], dim=-1)
         if strategy == "default" and self.config.vision_tower_has_cls_token:
             features = features[:, 1:]
