@@ -217,3 +217,21 @@ def test_training_example_runs_both_stages(tiny, tmp_path, stage, lora):
     assert "processor_config.json" in saved
     with pytest.raises(SystemExit, match="not empty"):
         example.main(argv)
+
+
+def test_llava_json_and_jsonl_load_without_the_datasets_library(tmp_path, monkeypatch):
+    import sys
+
+    data = make_shapes_vqa(2, seed=4)
+    path = write_llava_json(data, str(tmp_path / "data"))
+    rows = json.load(open(path))
+    jsonl = tmp_path / "data" / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on a bare GPU image
+    for source in (path, str(jsonl)):
+        records = load_llava_dataset(source)
+        assert not hasattr(records, "column_names") and len(records) == len(data)
+        assert records[0]["image"] == str(tmp_path / "data" / rows[0]["image"])
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "x.png"}]))
+    with pytest.raises(ValueError, match="conversations"):
+        load_llava_dataset(str(tmp_path / "bad.json"))
