@@ -13,11 +13,13 @@ Three implementations live here:
 
 - ``selective_scan_ref``: the sequential loop over time, in float32. It is the definition of correct and the
   reference every other backend is tested against; it is never chosen automatically.
-- ``selective_scan_chunked`` (backend ``"torch"``): the time axis is cut into chunks; inside a chunk all steps
-  are computed at once (a log-space cumulative sum, or a doubling scan where the decay range of a chunk would
-  overflow float32), and the state is carried between chunks. There is no Python loop over tokens, and its
-  memory is O(batch * dim * N * chunk) plus the inputs: backward recomputes each chunk from the state saved at
-  the chunk's start (as mamba-ssm's kernel does) instead of keeping an autograd graph over the whole sequence.
+- ``selective_scan_chunked`` (backend ``"torch"``): the time axis is cut into chunks of blocks of 8 steps; inside
+  a block all steps are computed at once (log space with an exponent centered on the block, the prefix sum and the
+  contraction with C as one small batched matrix product; a doubling scan for the rare blocks whose decay range
+  is too wide for float32), and the state is carried between blocks and chunks. There is no Python loop over
+  tokens, and its memory is O(batch * dim * N * chunk) plus the inputs: backward recomputes each chunk from the
+  state saved at the chunk's start (as mamba-ssm's kernel does) instead of keeping an autograd graph over the
+  whole sequence. Details and the exactness argument: the notes above ``_BLOCK_SIZE``.
 - fused GPU kernels, registered by ``multimodal_mamba.kernels`` when it can be imported.
 
 Decode steps: ``selective_state_update`` (one token, state updated in place) and ``causal_conv1d_update``
@@ -35,10 +37,7 @@ import torch.nn.functional as F
 from .ssm_backends import dispatch, register_backend
 
 LOG2_E = 1.0 / math.log(2.0)
-DEFAULT_CHUNK_SIZE = 32
-# The log-space chunk multiplies by 2**(-E) with E the cumulative log2-decay inside the chunk; beyond this
-# range a chunk is scanned by doubling instead (decays stay <= 1 there, nothing can overflow).
-_MAX_LOG2_RANGE = 110.0
+DEFAULT_CHUNK_SIZE = 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,6 +133,41 @@ def selective_scan_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Chunked PyTorch path.
 # ----------------------------------------------------------------------------------------------------------------
+#
+# The time axis is cut into blocks of ``block`` (8) steps. Inside a block the states are written in log space with an
+# exponent centered on the block:
+#
+#     h_t = 2**E_t (g + sum_{s<=t} B_s w_s),  w_s = 2**(-E_s) x_s,  E_t = A2 (cum_t - tot / 2),  g = 2**(-E_{-1}) h_{-1}
+#
+# with A2 = A log2(e), x = dt u, cum_t the cumulative dt inside the block and tot its total (so |E| <= |A2| tot / 2
+# when dt >= 0), and h_{-1} the state before the block. For each state n this is one small matrix product
+# M @ [g; w] with M[t, 0] = C_t, M[t, 1 + s] = C_t B_s [s <= t] for t < b (the prefix sum, C and the carried state
+# at once) and a last row [1, B_0 .. B_b-1] that gives the block's end state; then y_t = sum_n 2**E_t (M @ [g; w])_t.
+#
+# No-grad forward (``_scan_inference``), per chunk of ``chunk_size`` steps: the exponent, exp2 and times x for all its
+# blocks at once; then block after block the batched ((b + 1) x (b + 1)) @ ((b + 1) x Dg) product, whose last row,
+# times one small factor, is the next block's carried state; then divide by 2**(-E) and sum over N for all blocks at
+# once. What is per block (centering, 2**(A2 tot / 2), the matrices) is computed for a group of chunks in a few ops.
+# Training: the forward also keeps the state at each chunk start; backward recomputes one chunk at a time
+# (``_chunk_forward``: the same block form with all blocks of the chunk in each op, through autograd).
+#
+# Exactness: float32 holds 2**(+-E) while |E| stays well inside its exponent range; |E| <= _MAX_LOG2_EXPONENT, which
+# also bounds the rounding of the exponent itself (a relative error of about |E| 2**-24 per term). The errors against
+# float64 come out at the level of the sequential float32 reference's own. A (block, channel) whose decay is wider
+# than that (dt |A| above ~5.5 per step on average over the block, for its fastest state) is scanned by doubling on
+# its own, with products of decays as the reference forms them, and a result that is not finite (a drive beyond
+# ~1e28) is recomputed by doubling.
+
+_BLOCK_SIZE = 8
+# Bound on |E| in the block form: 2**32 leaves room for any drive below ~1e28 and keeps the rounding of the
+# exponent at a few float32 ulps; a block may then span a decay of 2**-64 for its fastest state. 8-step blocks:
+# the (9 x 9) products cost less than 16-step ones and the exponent range per step is twice as wide.
+_MAX_LOG2_EXPONENT = 32.0
+# Cap (elements) on chunk * batch * dim * N: keeps each per-chunk work tensor (forward, and backward's recompute)
+# within a few MB whatever the batch and width; beyond that the passes over them fall out of the caches.
+_WORK_ELEMENTS = 1 << 20
+
+
 def linear_recurrence_logspace(drive, log2_cum, h0, log2_start=None):
     """All states of ``h_t = 2**(E_t - E_{t-1}) h_{t-1} + drive_t`` at once, with E_{-1} = ``log2_start`` (0).
 
@@ -146,204 +180,307 @@ def linear_recurrence_logspace(drive, log2_cum, h0, log2_start=None):
     return torch.cumsum(weighted, dim=-1) * torch.exp2(log2_cum)
 
 
+def _doubling_scan(decay, drive):
+    """Hillis-Steele scan over the last dim: (prod_{s<=t} decay_s, the states from a zero state), each (..., T)."""
+    length = decay.shape[-1]
+    step = 1
+    while step < length:
+        shifted = torch.addcmul(drive[..., step:], decay[..., step:], drive[..., :-step])
+        drive = torch.cat([drive[..., :step], shifted], dim=-1)
+        decay = torch.cat([decay[..., :step], decay[..., step:] * decay[..., :-step]], dim=-1)
+        step *= 2
+    return decay, drive
+
+
 def linear_recurrence_doubling(decay, drive, h0):
     """All states of ``h_t = decay_t h_{t-1} + drive_t`` by log2(T) doubling steps (Hillis-Steele).
 
     decay, drive: (..., T); h0: (...). Returns (..., T). Only products of decays are formed, so nothing
     overflows when the decays are <= 1, whatever their range.
     """
-    length = decay.shape[-1]
-    step = 1
-    while step < length:
-        drive = torch.cat([drive[..., :step], drive[..., step:] + decay[..., step:] * drive[..., :-step]], dim=-1)
-        decay = torch.cat([decay[..., :step], decay[..., step:] * decay[..., :-step]], dim=-1)
-        step *= 2
-    return drive + decay * h0[..., None]
+    cum_decay, states = _doubling_scan(decay, drive)
+    return torch.addcmul(states, cum_decay, h0[..., None])
 
 
-def _centered_log2_cumsum(dt, A2):
-    """Cumulative log2-decay inside a chunk, shifted by half its final value.
+def _centering_matrix(block, device):
+    """V (block + 1, block): V @ dt gives, per block, rows t < block: tot/2 - cum_t (= -E_t / A2), row block: tot/2."""
+    matrix = torch.full((block + 1, block), 0.5, device=device)
+    matrix[:block] -= torch.ones(block, block, device=device).tril()
+    return matrix
 
-    dt: (batch, G, Dg, T); A2: (G, Dg, N). Returns (E', E'_{-1}): E'_t = A2 * (cum_t - cum_T / 2) of shape
-    (batch, G, Dg, N, T) and the start value E'_{-1} = -A2 * cum_T / 2 of shape (batch, G, Dg, N). The shift is
-    a per-(d, n) constant, so it cancels between 2**E'_t and 2**(-E'_s) in the log-space scan, but it halves the
-    largest exponent either side has to hold: a chunk may span twice the decay range.
+
+def _block_mask(block, device):
+    """(block, block + 1): [t, 0] = 1 (the carried state reaches every step), [t, 1 + s] = [s <= t]."""
+    return torch.ones(block, block + 1, device=device).tril(diagonal=1)
+
+
+def _wide_blocks(centered, A2_max, block, nonneg_dt):
+    """Bool mask of the (block, channel) pairs whose exponent |E| would exceed _MAX_LOG2_EXPONENT for some state.
+
+    centered: (..., b + 1, Dg) from the centering matrix; A2_max: max_n |A2|, broadcastable to (..., Dg).
+    max_t |cum_t - tot/2| is tot/2 when dt >= 0.
     """
-    cum = torch.cumsum(dt, dim=-1)
-    half = 0.5 * cum[..., -1:]
-    return (cum - half)[:, :, :, None, :] * A2[None, :, :, :, None], -half * A2[None]
+    span = centered[..., block, :].abs() if nonneg_dt else centered[..., :block, :].abs().amax(dim=-2)
+    return span * A2_max > _MAX_LOG2_EXPONENT
 
 
-def _log2_range_ok(dt, A2):
-    """Whether the log-space scan of a chunk stays inside float32 (|E'| <= _MAX_LOG2_RANGE everywhere).
+def _chunk_doubling(x, dt, A2, B, C, h0):
+    """One chunk by a doubling scan over all its steps (the robust path; differentiable).
 
-    Valid for monotone decays (dt >= 0, A <= 0), where |E'| peaks at the chunk ends at half the total decay.
+    x, dt: (batch, G, T, Dg); A2: (G, N, Dg); B, C: (batch, G, N, T); h0: (batch, G, N, Dg). Returns y (batch, G, T, Dg)
+    and the last state (batch, G, N, Dg).
     """
-    total = dt.sum(dim=-1)  # (batch, G, Dg)
-    return bool((total[..., None] * A2[None]).min() >= -2 * _MAX_LOG2_RANGE)
+    decay = torch.exp2(A2[None, :, :, None, :] * dt[:, :, None])  # (batch, G, N, T, Dg)
+    drive = x[:, :, None] * B[..., None]
+    states = linear_recurrence_doubling(decay.transpose(-1, -2), drive.transpose(-1, -2), h0)  # (batch, G, N, Dg, T)
+    y = (states * C[:, :, :, None, :]).sum(dim=2).transpose(-1, -2)
+    return y, states[..., -1]
 
 
-def _selective_scan_chunk(u, dt, A2, B, C, h0, decay_monotone):
-    """One chunk of the grouped scan, all steps at once (differentiable; used to recompute in backward).
-
-    u, dt: (batch, G, Dg, T) float32; A2 = A * log2(e): (G, Dg, N); B, C: (batch, G, N, T); h0: (batch, G, Dg, N).
-    Returns y (batch, G, Dg, T) = <C_t, h_t> and the last state (batch, G, Dg, N).
-    """
-    drive = (dt * u)[:, :, :, None, :] * B[:, :, None, :, :]  # (batch, G, Dg, N, T)
-    states = None
-    if decay_monotone and _log2_range_ok(dt, A2):
-        log2_cum, log2_start = _centered_log2_cumsum(dt, A2)
-        states = linear_recurrence_logspace(drive, log2_cum, h0, log2_start)
-    if states is None or not bool(torch.isfinite(states[..., -1].sum())):
-        decay = torch.exp2(dt[:, :, :, None, :] * A2[None, :, :, :, None])
-        states = linear_recurrence_doubling(decay, drive, h0)
-    y = (states * C[:, :, None, :, :]).sum(dim=3)
-    # A copy, not a view: a view would keep the whole chunk's states alive (memory would grow with L).
-    return y, states[..., -1].contiguous()
-
-
-class _ChunkWorkspace:
-    """Buffers of shape (batch, G, Dg, N, T) reused by every chunk of a no-grad forward.
-
-    Reusing them (and working in place) avoids a fresh megabyte-sized allocation, with its page faults, for
-    every intermediate of every chunk.
-    """
-
-    def __init__(self, shape, device):
-        self.shape = shape
-        self.buffers = tuple(torch.empty(shape, device=device) for _ in range(3))
-
-    def get(self, length):
-        if length == self.shape[-1]:
-            return self.buffers
-        return tuple(torch.empty(self.shape[:-1] + (length,), device=b.device) for b in self.buffers)
-
-
-def _doubling_rows(u, dt, A2, B, C, h0, rows):
-    """The chunk scan by doubling for the channels ``rows`` (a (batch, G, Dg) bool mask) only.
-
-    Returns y (R, T) and last states (R, N) for the R selected channels, in ``rows.nonzero()`` order.
-    """
-    b_idx, g_idx, d_idx = rows.nonzero(as_tuple=True)
-    dt_r, u_r = dt[b_idx, g_idx, d_idx], u[b_idx, g_idx, d_idx]  # (R, T)
-    decay = torch.exp2(dt_r[:, None, :] * A2[g_idx, d_idx][:, :, None])  # (R, N, T)
-    drive = (dt_r * u_r)[:, None, :] * B[b_idx, g_idx]
-    states = linear_recurrence_doubling(decay, drive, h0[b_idx, g_idx, d_idx])
-    return (states * C[b_idx, g_idx]).sum(dim=1), states[..., -1]
-
-
-def _selective_scan_chunk_inference(u, dt, A2, B, C, h0, decay_monotone, workspace):
-    """``_selective_scan_chunk`` without autograd, in place in ``workspace``; same inputs and outputs.
-
-    Channels whose decay over the chunk is too wide for the log-space form are scanned by doubling on their
-    own, so one extreme channel does not send the whole chunk down the slower path.
-    """
-    if not decay_monotone:
-        return _selective_scan_chunk(u, dt, A2, B, C, h0, decay_monotone)
-    drive, expo, scale = workspace.get(u.shape[-1])
-    cum = torch.cumsum(dt, dim=-1)
-    half = 0.5 * cum[..., -1:]  # (batch, G, Dg, 1)
-    wide = (half * A2[None]).amin(dim=-1) < -_MAX_LOG2_RANGE  # (batch, G, Dg): |E'| would leave range
-    any_wide = bool(wide.any())
-    if any_wide:
-        if bool(wide.float().mean() > 0.5):
-            return _selective_scan_chunk(u, dt, A2, B, C, h0, False)
-        half = half.masked_fill(wide[..., None], 0.0)
-        cum = cum.masked_fill(wide[..., None], 0.0)  # a finite stand-in; these channels are redone below
-    torch.mul((dt * u)[:, :, :, None, :], B[:, :, None, :, :], out=drive)
-    torch.mul((half - cum)[:, :, :, None, :], A2[None, :, :, :, None], out=expo)  # -E'
-    torch.exp2(expo, out=scale)  # 2**(-E')
-    drive.mul_(scale)
-    drive[..., 0] += h0 * torch.exp2(half * A2[None])  # h0 * 2**(-E'_{-1})
-    states = torch.cumsum(drive, dim=-1, out=expo)
-    states.div_(scale)  # * 2**E'
-    y = torch.mul(states, C[:, :, None, :, :], out=scale).sum(dim=3)
-    h_last = states[..., -1].clone()
-    if any_wide:
-        y_rows, h_rows = _doubling_rows(u, dt, A2, B, C, h0, wide)
-        y[wide] = y_rows
-        h_last[wide] = h_rows
-    if not bool(torch.isfinite(h_last.sum())):  # drive too large for 2**(-E'): redo the chunk by doubling
-        return _selective_scan_chunk(u, dt, A2, B, C, h0, False)
+def _chunk_forward(x, dt, A2, B, C, h0, block):
+    """One chunk by the block form, differentiable (backward recomputes each chunk with it): the math of
+    ``_scan_inference``, with all blocks of the chunk in each op. Arguments and results as ``_chunk_doubling``; T must
+    be a multiple of ``block``."""
+    batch, groups, length, per_group = x.shape
+    state_size = A2.shape[1]
+    nblocks = length // block
+    centered = torch.matmul(_centering_matrix(block, x.device), dt.reshape(batch, groups, nblocks, block, per_group))
+    A2_max = A2.detach().abs().amax(dim=1)[None, :, None, :]  # (1, G, 1, Dg)
+    if bool(_wide_blocks(centered.detach(), A2_max, block, bool(dt.min() >= 0)).any()):
+        return _chunk_doubling(x, dt, A2, B, C, h0)
+    A2_5 = A2[None, :, :, None, :]  # (1, G, N, 1, Dg)
+    scale = torch.exp2(A2_5[..., None, :] * centered[:, :, None, :, :block])  # 2**(-E): (batch, G, N, K, b, Dg)
+    weighted = scale * x.reshape(batch, groups, 1, nblocks, block, per_group)
+    Bb = B.reshape(batch, groups, state_size, nblocks, block)
+    Cb = C.reshape(batch, groups, state_size, nblocks, block)
+    to_end = torch.exp2(A2_5 * centered[:, :, None, :, block])  # 2**(A2 tot / 2), (batch, G, N, K, Dg)
+    local = torch.matmul(Bb[..., None, :], weighted).squeeze(-2) * to_end  # each block's end state from zero
+    decay = to_end * to_end
+    states = [h0]
+    for k in range(nblocks):
+        states.append(torch.addcmul(local[..., k, :], decay[..., k, :], states[-1]))
+    carried = torch.stack(states[:-1], dim=-2) * to_end  # 2**(-E_{-1}) h_{-1} per block
+    ext = torch.cat([carried[..., None, :], weighted], dim=-2)  # (batch, G, N, K, b + 1, Dg)
+    matrices = (Cb[..., :, None] * _block_mask(block, x.device)) * F.pad(Bb, (1, 0), value=1.0)[..., None, :]
+    y = (torch.matmul(matrices, ext) / scale).sum(dim=2).reshape(batch, groups, length, per_group)
+    h_last = states[-1]
+    if not bool(torch.isfinite(y.detach().sum() + h_last.detach().sum())):
+        return _chunk_doubling(x, dt, A2, B, C, h0)
     return y, h_last
 
 
-def _chunk_slices(tensors, start, end):
-    """Contiguous copies of ``t[..., start:end]``: the chunk's inputs, small enough to copy, laid out for the
-    outer products (a strided slice of a (batch, L, dim) tensor makes those several times slower)."""
-    return [t[..., start:end].contiguous() for t in tensors]
+def _block_matrices(Bb, Cb):
+    """Bb, Cb (..., b) -> M (..., b + 1, b + 1) acting on [carried state; 2**(-E_s) x_s]: rows t < b give
+    C_t (g + sum_{s<=t} B_s w_s), row b the block's end state g + sum_s B_s w_s (both still times 2**E)."""
+    block = Bb.shape[-1]
+    mask = torch.ones(block + 1, block + 1, device=Bb.device).tril(diagonal=1)
+    mask[block] = 1.0
+    c_ext = F.pad(Cb, (0, 1), value=1.0)
+    b_ext = F.pad(Bb, (1, 0), value=1.0)
+    return (c_ext[..., :, None] * mask).mul_(b_ext[..., None, :])
 
 
-def _empty_like_layout(reference, shape):
-    """An empty float32 tensor of ``shape`` (batch, ..., L) laid out as ``reference`` is: time-major when the
-    reference's last dim is not contiguous (the mixers keep activations as (batch, L, dim)), else contiguous."""
-    if reference.stride(-1) != 1:
-        perm = (0, reference.dim() - 1) + tuple(range(1, reference.dim() - 1))
-        inverse = [perm.index(i) for i in range(len(perm))]
-        return torch.empty([shape[i] for i in perm], device=reference.device).permute(*inverse)
-    return torch.empty(shape, device=reference.device)
+class _ChunkWorkspace:
+    """Work tensors of the no-grad scan for a chunk of K blocks, reused by every chunk of that size, with the views
+    the per-block products take. Reusing them (and working in place) avoids fresh megabyte-sized allocations, with
+    their page faults, per chunk. Layout (K, batch, G, N, rows, Dg)."""
+
+    def __init__(self, batch, groups, state_size, block, per_group, device):
+        self.lead = (batch, groups, state_size)
+        self.block, self.per_group, self.device = block, per_group, device
+        self.cache = {}
+
+    def get(self, nblocks):
+        if nblocks not in self.cache:
+            block, per_group = self.block, self.per_group
+            shape = (nblocks,) + self.lead
+            rows = math.prod(self.lead)
+            scale = torch.empty(shape + (block, per_group), device=self.device)  # 2**(-E)
+            ext = torch.empty(shape + (block + 1, per_group), device=self.device)  # [carried state, 2**(-E) x]
+            out = torch.empty(shape + (block + 1, per_group), device=self.device)  # M @ ext
+            self.cache[nblocks] = (
+                scale, ext[..., 1:, :], out[..., :block, :], ext[..., 0, :].unbind(0), out[..., block, :].unbind(0),
+                ext.view(nblocks, rows, block + 1, per_group).unbind(0),
+                out.view(nblocks, rows, block + 1, per_group).unbind(0),
+            )
+        return self.cache[nblocks]
+
+
+def _scan_inference(x, dt, A2, B, C, h0, block, chunk_blocks, y, starts=None, nonneg_dt=None):
+    """The block form over the whole sequence without autograd, in place in reused buffers.
+
+    x, dt: (batch, G, Lp, Dg), Lp a multiple of ``block``; A2: (G, N, Dg); B, C: (batch, G, N, Lp); h0:
+    (batch, G, N, Dg); y: a (batch, G, Lp, Dg) tensor (any strides) that receives the output. Appends the state at
+    each chunk start to ``starts`` when given. Returns the last state.
+
+    Per chunk of K blocks: the exponent, exp2 and times x for all K blocks at once; then block after block one
+    batched ((b + 1) x (b + 1)) @ ((b + 1) x Dg) product per state (the prefix sum, C and the carried state; its
+    last row is the block's end state, which becomes the next block's carried state by one small product); then
+    the division by 2**(-E) and the sum over N for all K blocks at once. What is per block (centering,
+    2**(A2 tot / 2), the matrices) is computed for a group of chunks at once.
+    """
+    batch, groups, length, per_group = x.shape
+    state_size = A2.shape[1]
+    nblocks = length // block
+    if nonneg_dt is None:
+        nonneg_dt = bool(dt.min() >= 0)
+    device = x.device
+    centering = _centering_matrix(block, device)
+    A2_5 = A2[None, None]  # (1, 1, G, N, Dg) for (blocks, batch, G, N, Dg)
+    A2_6 = A2_5[..., None, :]  # for (blocks, batch, G, N, b, Dg)
+    A2_max = A2.abs().amax(dim=1)  # (G, Dg)
+    # Block-major views (Lp / b, batch, G, ...) of the inputs and the output.
+    x_blocks = x.view(batch, groups, nblocks, block, per_group).permute(2, 0, 1, 3, 4)
+    dt_blocks = dt.view(batch, groups, nblocks, block, per_group).permute(2, 0, 1, 3, 4)
+    Bk = B.view(batch, groups, state_size, nblocks, block).permute(3, 0, 1, 2, 4)  # (Lp / b, batch, G, N, b)
+    Ck = C.view(batch, groups, state_size, nblocks, block).permute(3, 0, 1, 2, 4)
+    y_blocks = y.unflatten(2, (nblocks, block)).permute(2, 0, 1, 3, 4)  # (Lp / b, batch, G, b, Dg)
+    rows = batch * groups * state_size
+    workspace = _ChunkWorkspace(batch, groups, state_size, block, per_group, device)
+    group_blocks = 8 * chunk_blocks
+    h = h0
+    for g0 in range(0, nblocks, group_blocks):
+        g1 = min(g0 + group_blocks, nblocks)
+        centered = torch.matmul(centering, dt_blocks[g0:g1])  # (Kg, batch, G, b + 1, Dg)
+        wide = _wide_blocks(centered, A2_max, block, nonneg_dt)  # (Kg, batch, G, Dg)
+        wide_blocks = wide.flatten(1).any(dim=1).tolist()
+        if any(wide_blocks):
+            # Finite stand-ins (E = 0, so 2**(A2 tot / 2) = 1 and the carried state is h itself); those
+            # (block, channel) pairs are redone by doubling.
+            centered.mul_(~wide[..., None, :])
+        to_end = torch.mul(A2_5, centered[..., None, block, :]).exp2_()  # 2**(A2 tot / 2): (Kg, batch, G, N, Dg)
+        matrices = _block_matrices(Bk[g0:g1], Ck[g0:g1]).view(g1 - g0, rows, block + 1, block + 1).unbind(0)
+        exponents = centered[..., None, :block, :]  # (Kg, batch, G, 1, b, Dg)
+        factors = to_end.unbind(0)
+        # From a block's end state, still times 2**(-E_end), to the next block's carried state 2**(-E_{-1}) h.
+        steps = (to_end[:-1] * to_end[1:]).unbind(0)
+        for c0 in range(0, g1 - g0, chunk_blocks):
+            c1 = min(c0 + chunk_blocks, g1 - g0)
+            k0, k1 = g0 + c0, g0 + c1
+            if starts is not None:
+                starts.append(h)
+            scale, weighted, out_y, carried, out_end, ext_flat, out_flat = workspace.get(c1 - c0)
+            torch.mul(A2_6, exponents[c0:c1], out=scale)
+            scale.exp2_()  # 2**(-E)
+            torch.mul(scale, x_blocks[k0:k1, :, :, None], out=weighted)
+            torch.mul(h, factors[c0], out=carried[0])  # 2**(-E_{-1}) h_{-1}, with 2**(-E_{-1}) = 2**(A2 tot / 2)
+            fixes = []
+            for k in range(c1 - c0):  # block after block: the carried state links them
+                fix = None
+                if wide_blocks[c0 + k]:
+                    fix = _wide_rows_scan(
+                        x_blocks[k0 + k], dt_blocks[k0 + k], A2, Bk[k0 + k], Ck[k0 + k], wide[c0 + k], carried[k]
+                    )
+                    fixes.append((k, fix))
+                torch.bmm(matrices[c0 + k], ext_flat[k], out=out_flat[k])
+                if k + 1 < c1 - c0:
+                    torch.mul(out_end[k], steps[c0 + k], out=carried[k + 1])
+                    if fix is not None:
+                        (b_i, g_i, d_i), _, end_rows = fix
+                        carried[k + 1][b_i, g_i, :, d_i] = end_rows * factors[c0 + k + 1][b_i, g_i, :, d_i]
+                else:
+                    h = out_end[k] * factors[c0 + k]  # the state after the chunk: times 2**E_end = 2**(A2 tot / 2)
+                    if fix is not None:
+                        (b_i, g_i, d_i), _, end_rows = fix
+                        h[b_i, g_i, :, d_i] = end_rows
+            out_y.div_(scale)
+            torch.sum(out_y, dim=3, out=y_blocks[k0:k1])
+            for k, ((b_i, g_i, d_i), y_rows, _) in fixes:
+                y_blocks[k0 + k][b_i, g_i, :, d_i] = y_rows
+    if not bool(torch.isfinite(y.sum() + h.sum())):
+        # Something overflowed in the block form (a drive beyond ~1e28): redo every chunk by doubling.
+        if starts is not None:
+            starts.clear()
+        h = h0
+        for k0 in range(0, nblocks, chunk_blocks):
+            start, end = k0 * block, min(k0 + chunk_blocks, nblocks) * block
+            if starts is not None:
+                starts.append(h)
+            y[:, :, start:end], h = _chunk_doubling(
+                x[:, :, start:end], dt[:, :, start:end], A2, B[..., start:end], C[..., start:end], h
+            )
+    return h
+
+
+def _wide_rows_scan(x_block, dt_block, A2, Bb, Cb, wide, h):
+    """The channels of one block marked ``wide`` (batch, G, Dg), by doubling (R of them, each (N, b)).
+
+    x_block, dt_block: (batch, G, b, Dg); Bb, Cb: (batch, G, N, b); h: (batch, G, N, Dg), the state before the block
+    (in those channels). Returns their (b, g, d) indices, y (R, b) and the state after the block (R, N).
+    """
+    b_i, g_i, d_i = wide.nonzero(as_tuple=True)
+    dt_rows, x_rows = dt_block[b_i, g_i, :, d_i], x_block[b_i, g_i, :, d_i]  # (R, b)
+    cum_decay, local = _doubling_scan(
+        torch.exp2(A2[g_i, :, d_i][:, :, None] * dt_rows[:, None, :]), x_rows[:, None, :] * Bb[b_i, g_i]
+    )  # (R, N, b)
+    states = torch.addcmul(local, cum_decay, h[b_i, g_i, :, d_i][..., None])
+    return (b_i, g_i, d_i), (Cb[b_i, g_i] * states).sum(1), states[..., -1]
 
 
 class _ChunkedSelectiveScan(torch.autograd.Function):
     """Core recurrence y_t = <C_t, h_t> in float32, chunk by chunk, with recompute-per-chunk backward.
 
-    u, dt: (batch, G, Dg, L); A: (G, Dg, N); B, C: (batch, G, N, L); h0: (batch, G, Dg, N). Any strides.
-    Saves only its inputs and the state at each chunk start, so training memory does not grow with L beyond
-    the inputs themselves. y comes back in u's memory layout.
+    x (= dt u), dt: (batch, G, Lp, Dg) with Lp a multiple of ``block`` (zero-padded steps leave the state alone);
+    A2 = A log2(e): (G, N, Dg); B, C: (batch, G, N, Lp); h0: (batch, G, N, Dg). Returns y (batch, Lp, G, Dg), i.e.
+    time-major, and the last state (batch, G, N, Dg). Saves only its inputs and the state at each chunk start, so
+    training memory does not grow with L beyond the inputs themselves.
     """
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, h0, chunk_size):
-        length = u.shape[-1]
-        A2 = A * LOG2_E
-        decay_monotone = bool(dt.min() >= 0) and bool(A.max() <= 0) if length else True
-        y = _empty_like_layout(u, u.shape)
+    def forward(ctx, x, dt, A2, B, C, h0, chunk_blocks, block):
+        batch, groups, length, per_group = x.shape
+        y = x.new_empty(batch, length, groups, per_group)
         starts = []
-        h = h0.contiguous()
-        batch, groups, per_group, _ = u.shape
-        workspace = _ChunkWorkspace((batch, groups, per_group, A.shape[-1], min(chunk_size, length)), u.device)
-        with torch.no_grad():
-            for start in range(0, length, chunk_size):
-                end = min(start + chunk_size, length)
-                starts.append(h)
-                u_c, dt_c, B_c, C_c = _chunk_slices((u, dt, B, C), start, end)
-                y[..., start:end], h = _selective_scan_chunk_inference(
-                    u_c, dt_c, A2, B_c, C_c, h, decay_monotone, workspace
-                )
-        ctx.chunk_size = chunk_size
-        ctx.decay_monotone = decay_monotone
-        ctx.save_for_backward(u, dt, A, B, C, *starts)
+        h = _scan_inference(x, dt, A2, B, C, h0.contiguous(), block, chunk_blocks, y.permute(0, 2, 1, 3), starts)
+        ctx.block, ctx.chunk_blocks = block, chunk_blocks
+        ctx.save_for_backward(x, dt, A2, B, C, *starts)
         return y, h
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):
-        u, dt, A, B, C, *starts = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        length = u.shape[-1]
-        grad_u, grad_dt = _empty_like_layout(u, u.shape), _empty_like_layout(dt, dt.shape)
-        grad_B, grad_C = torch.empty_like(B, dtype=torch.float32), torch.empty_like(C, dtype=torch.float32)
-        grad_A = torch.zeros_like(A)
-        grad_h = grad_h_last if grad_h_last is not None else torch.zeros_like(starts[0] if starts else A)
+        x, dt, A2, B, C, *starts = ctx.saved_tensors
+        block, chunk_blocks = ctx.block, ctx.chunk_blocks
+        length = x.shape[2]
+        grad_x, grad_dt = torch.empty_like(x), torch.empty_like(dt)
+        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
+        grad_A2 = torch.zeros_like(A2)
+        grad_h = grad_h_last if grad_h_last is not None else torch.zeros_like(starts[0])
+        grad_y = grad_y.permute(0, 2, 1, 3) if grad_y is not None else None
         for index in reversed(range(len(starts))):
-            start = index * chunk_size
-            end = min(start + chunk_size, length)
+            start = index * chunk_blocks * block
+            end = min(start + chunk_blocks * block, length)
             with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in _chunk_slices((u, dt, B, C), start, end)]
-                A_leaf = A.detach().requires_grad_()
-                h_leaf = starts[index].detach().requires_grad_()
-                u_c, dt_c, B_c, C_c = leaves
-                y_c, h_out = _selective_scan_chunk(u_c, dt_c, A_leaf * LOG2_E, B_c, C_c, h_leaf, ctx.decay_monotone)
-                grad_y_c = grad_y[..., start:end] if grad_y is not None else torch.zeros_like(y_c)
-                inputs = leaves + [A_leaf, h_leaf]
+                chunk = (x[:, :, start:end], dt[:, :, start:end], A2, B[..., start:end], C[..., start:end])
+                inputs = [t.detach().requires_grad_() for t in chunk + (starts[index],)]
+                y_c, h_out = _chunk_forward(*inputs, block)
+                grad_y_c = grad_y[:, :, start:end] if grad_y is not None else torch.zeros_like(y_c)
                 grads = torch.autograd.grad((y_c, h_out), inputs, (grad_y_c, grad_h), allow_unused=True)
-            g_u, g_dt, g_B, g_C, g_A, g_h = (g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs))
-            grad_u[..., start:end] = g_u
-            grad_dt[..., start:end] = g_dt
+            g_x, g_dt, g_A2, g_B, g_C, g_h = (torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))
+            grad_x[:, :, start:end] = g_x
+            grad_dt[:, :, start:end] = g_dt
             grad_B[..., start:end] = g_B
             grad_C[..., start:end] = g_C
-            grad_A += g_A
+            grad_A2 += g_A2
             grad_h = g_h
-        return grad_u, grad_dt, grad_A, grad_B, grad_C, grad_h, None
+        return grad_x, grad_dt, grad_A2, grad_B, grad_C, grad_h, None, None
+
+
+def _time_blocks(t, groups, padded_length):
+    """(batch, dim, L) -> (batch, G, Lp, Dg) contiguous float32, zero-padded at the end of time (a view when the
+    input is time-major, G = 1 and L = Lp)."""
+    batch, dim, length = t.shape
+    t = t.float().transpose(1, 2).reshape(batch, length, groups, dim // groups).transpose(1, 2)
+    if padded_length != length:
+        t = F.pad(t, (0, 0, 0, padded_length - length))
+    return t.contiguous()
+
+
+def _grouped_bc(mat, padded_length):
+    """B or C, (batch, N, L) or (batch, G, N, L) -> (batch, G, N, Lp) contiguous float32, zero-padded."""
+    mat = (mat if mat.dim() == 4 else mat[:, None]).float()
+    if padded_length != mat.shape[-1]:
+        mat = F.pad(mat, (0, padded_length - mat.shape[-1]))
+    return mat.contiguous()
 
 
 def selective_scan_chunked(
@@ -352,8 +489,10 @@ def selective_scan_chunked(
 ):
     """The chunked PyTorch selective scan (backend "torch"); same contract as ``selective_scan``.
 
-    Works on any memory layout; for a time-major input (a transposed (batch, L, dim) tensor, as the mixers
-    pass it) every elementwise op runs on dense time-major memory and y comes back time-major too.
+    Blocks of 8 steps computed at once, the state carried between them (see the notes above ``_BLOCK_SIZE``);
+    ``chunk_size`` steps are recomputed at a time in backward. Memory beyond the inputs is
+    O(batch * dim * N * chunk_size) in forward and backward. Works on any memory layout; y comes back in u's layout
+    (time-major for a transposed (batch, L, dim) input, as the mixers pass it).
     """
     groups = _check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if chunk_size < 1:
@@ -361,25 +500,50 @@ def selective_scan_chunked(
     batch, dim, length = u.shape
     state_size = A.shape[1]
     per_group = dim // groups
-    dt = _discretize_delta(delta, delta_bias, delta_softplus)
-    Bg = (B if B.dim() == 4 else B[:, None]).float()
-    Cg = (C if C.dim() == 4 else C[:, None]).float()
     h0 = (
-        initial_state.float().reshape(batch, groups, per_group, state_size)
+        initial_state.float().reshape(batch, groups, per_group, state_size).transpose(-1, -2)
         if initial_state is not None
-        else u.new_zeros(batch, groups, per_group, state_size, dtype=torch.float32)
+        else u.new_zeros(batch, groups, state_size, per_group, dtype=torch.float32)
     )
-    y, h_last = _ChunkedSelectiveScan.apply(
-        u.float().unflatten(1, (groups, per_group)),
-        dt.unflatten(1, (groups, per_group)),
-        A.float().reshape(groups, per_group, state_size),
-        Bg,
-        Cg,
-        h0,
-        int(chunk_size),
+    if length == 0:
+        y = u.new_zeros(batch, dim, 0)
+        h_last = h0.transpose(-1, -2).reshape(batch, dim, state_size).clone()
+        return (y, h_last) if return_final_state else y
+    block = min(_BLOCK_SIZE, chunk_size, length)
+    # Blocks per chunk: chunk_size steps, fewer when batch * dim * N is large (see _WORK_ELEMENTS).
+    chunk_blocks = max(1, min(chunk_size // block, _WORK_ELEMENTS // (batch * dim * state_size * block)))
+    padded = -(-length // block) * block
+    grad_enabled = torch.is_grad_enabled()
+    core_needs_grad = grad_enabled and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
     )
-    y = _gate_and_skip(y.flatten(1, 2), u, D, z).to(u.dtype)
-    return (y, h_last.reshape(batch, dim, state_size)) if return_final_state else y
+    with torch.set_grad_enabled(core_needs_grad):
+        dt = _discretize_delta(delta, delta_bias, delta_softplus)
+        x = dt * u.float()
+        A2 = (A.float() * LOG2_E).reshape(groups, per_group, state_size).transpose(1, 2).contiguous()
+        blocks = (_time_blocks(x, groups, padded), _time_blocks(dt, groups, padded), A2, _grouped_bc(B, padded),
+                  _grouped_bc(C, padded))
+        if core_needs_grad:
+            y, h_last = _ChunkedSelectiveScan.apply(*blocks, h0, chunk_blocks, block)
+        else:
+            y = x.new_empty(batch, padded, groups, per_group)
+            nonneg_dt = True if delta_softplus else None  # softplus >= 0; otherwise _scan_inference checks
+            h_last = _scan_inference(
+                *blocks, h0.contiguous(), block, chunk_blocks, y.permute(0, 2, 1, 3), nonneg_dt=nonneg_dt
+            )
+    y = y[:, :length].reshape(batch, length, dim).transpose(1, 2)  # (batch, dim, L), time-major
+    if grad_enabled and (core_needs_grad or any(t is not None and t.requires_grad for t in (D, z))):
+        y = _gate_and_skip(y, u, D, z)
+    else:  # y is ours and nothing needs its graph: gate in place
+        if D is not None:
+            y.addcmul_(u.float(), D.float()[:, None])
+        if z is not None:
+            y.mul_(F.silu(z.float()))
+    if u.stride(-1) == 1 and length > 1 and dim > 1:
+        y = y.contiguous()  # u's layout
+    y = y.to(u.dtype)
+    h_last = h_last.transpose(-1, -2).reshape(batch, dim, state_size)
+    return (y, h_last) if return_final_state else y
 
 
 def selective_scan(
@@ -491,25 +655,34 @@ def causal_conv1d_ref(x, weight, bias=None, initial_state=None, activation=None)
 def causal_conv1d_shifted(x, weight, bias=None, initial_state=None, activation=None):
     """``causal_conv1d_ref`` as W shifted multiply-adds over time-major memory (backend "torch").
 
-    A depthwise conv is W multiply-adds per element; done on (batch, L, dim) memory each is one dense
-    vectorized pass, several times faster on CPU than a depthwise ``F.conv1d``. Returns a (batch, dim, L) view
-    of time-major memory.
+    A depthwise conv is W multiply-adds per element; done on (batch, L, dim) memory each is one dense vectorized
+    pass (with the taps as contiguous (dim,) rows), several times faster on CPU than a depthwise ``F.conv1d``.
+    Returns a (batch, dim, L) view of time-major memory.
     """
     _check_conv_inputs(x, weight, initial_state)
     dim, width = weight.shape
     length = x.shape[-1]
-    time_major = x.transpose(1, 2).to(weight.dtype)  # (batch, L, dim)
-    if initial_state is not None:
-        prefix = initial_state.transpose(1, 2).to(weight.dtype)
-    else:
-        prefix = time_major.new_zeros(x.shape[0], width - 1, dim)
-    padded = torch.cat([prefix, time_major], dim=1)  # (batch, W-1+L, dim)
-    out = padded[:, width - 1 :] * weight[:, width - 1]
+    time_major = x.transpose(1, 2)  # (batch, L, dim)
+    if time_major.stride(-1) != 1:
+        time_major = time_major.contiguous()
+    time_major = time_major.to(weight.dtype)
+    taps = weight.t().contiguous()  # (W, dim): tap k multiplies the input k - (W - 1) steps back
     if bias is not None:
-        out += bias
+        out = torch.addcmul(bias.to(weight.dtype), time_major, taps[width - 1])
+    else:
+        out = time_major * taps[width - 1]
     for k in range(width - 1):
-        out.addcmul_(padded[:, k : k + length], weight[:, k])
-    return _activate(out, activation).to(x.dtype).transpose(1, 2)
+        shift = width - 1 - k
+        if shift < length:
+            out[:, shift:].addcmul_(time_major[:, : length - shift], taps[k])
+    if initial_state is not None:  # the W - 1 inputs before x reach the first W - 1 outputs
+        prefix = initial_state.transpose(1, 2).to(weight.dtype)  # (batch, W - 1, dim)
+        for k in range(width - 1):
+            count = min(width - 1 - k, length)
+            out[:, :count].addcmul_(prefix[:, k : k + count], taps[k])
+    if activation is not None:
+        out = _activate(out, activation)
+    return out.to(x.dtype).transpose(1, 2)
 
 
 def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None):
