@@ -110,11 +110,12 @@ def test_diagonal_recurrence_growing_and_shrinking():
 # ---------------------------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("coupling", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradients_match_reference(coupling, dtype):
-    inputs = make_inputs(2, 3, 4, 37, 6, dtype=dtype, dt_shift=1.0 if coupling == "sum" else 0.0, seed=5)
+@pytest.mark.parametrize("chains,length", [(3, 37), (2, 1), (4, 20)])
+def test_gradients_match_reference(coupling, dtype, chains, length):
+    inputs = make_inputs(2, chains, 4, length, 6, dtype=dtype, dt_shift=1.0 if coupling == "sum" else 0.0, seed=5)
     names = list(inputs)
     g = torch.Generator().manual_seed(1)
-    w_y = torch.randn(2, 3, 4, 37, generator=g)
+    w_y = torch.randn(2, chains, 4, length, generator=g)
     w_h = torch.randn(2, 4, 6, generator=g)
 
     def grads(fn, **kwargs):

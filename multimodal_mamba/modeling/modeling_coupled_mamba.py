@@ -127,28 +127,20 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         chains = len(mixers)
         if self.coupling == "none":
             # Independent chains: one grouped selective scan, group m = modality m's channels with its B, C.
-            y = selective_scan(
-                torch.cat(xs, dim=1),
-                torch.cat(deltas, dim=1),
-                torch.cat([mixer.ssm_A() for mixer in mixers], dim=0),
-                torch.stack(Bs, dim=1),
-                torch.stack(Cs, dim=1),
-                torch.cat([mixer.D for mixer in mixers], dim=0),
-                z=torch.cat(zs, dim=1),
-                delta_softplus=True,
-            ).unflatten(1, (chains, -1))
+            u, delta, z = torch.cat(xs, dim=1), torch.cat(deltas, dim=1), torch.cat(zs, dim=1)
+            A = torch.cat([mixer.ssm_A() for mixer in mixers], dim=0)
+            D = torch.cat([mixer.D for mixer in mixers], dim=0)
         else:
-            y = coupled_selective_scan(
-                torch.stack(xs, dim=1),
-                torch.stack(deltas, dim=1),
-                torch.stack([mixer.ssm_A() for mixer in mixers], dim=0),
-                torch.stack(Bs, dim=1),
-                torch.stack(Cs, dim=1),
-                torch.stack([mixer.D for mixer in mixers], dim=0),
-                z=torch.stack(zs, dim=1),
-                delta_softplus=True,
-                coupling=self.coupling,
-            )  # (batch, M, dim, L)
+            u, delta, z = torch.stack(xs, dim=1), torch.stack(deltas, dim=1), torch.stack(zs, dim=1)
+            A = torch.stack([mixer.ssm_A() for mixer in mixers], dim=0)
+            D = torch.stack([mixer.D for mixer in mixers], dim=0)
+        B, C = torch.stack(Bs, dim=1), torch.stack(Cs, dim=1)
+        del xs, zs, deltas, Bs, Cs  # the per-modality activations are no longer needed once stacked
+        if self.coupling == "none":
+            y = selective_scan(u, delta, A, B, C, D, z=z, delta_softplus=True).unflatten(1, (chains, -1))
+        else:
+            y = coupled_selective_scan(u, delta, A, B, C, D, z=z, delta_softplus=True, coupling=self.coupling)
+        del u, delta, z, B, C  # (batch, M, dim, L) each: free them before the output projections
         outputs = [
             hidden_states[:, index] + mixer.output_stage(y[:, index].to(hidden_states.dtype))
             for index, mixer in enumerate(mixers)

@@ -111,11 +111,15 @@ def _discretize(delta, delta_bias, delta_softplus):
 
 
 def _gate_and_skip(y, u, D, z):
-    """y (batch, M, dim, L) float32 -> y + D u, gated by silu(z)."""
+    """y (batch, M, dim, L) float32 -> y + D u, gated by silu(z) (in place on y when no gradient is needed)."""
+    in_place = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, u, D, z)))
     if D is not None:
-        y = y + u.float() * D.float()[None, :, :, None]
+        skip = u.float() * D.float()[None, :, :, None]
+        y = y.add_(skip) if in_place else y + skip
+        del skip
     if z is not None:
-        y = y * F.silu(z.float())
+        gate = F.silu(z.float())
+        y = y.mul_(gate) if in_place else y * gate
     return y
 
 
@@ -199,20 +203,31 @@ def _coupled_chunk(u, dt, A2, B, C, H0, scale):
 
     u, dt: (batch, M, dim, T) float32; A2 = A * log2(e): (M, dim, N); B, C: (batch, M, N, T); H0: (batch, dim, N).
     Returns y (batch, M, dim, T) = <C^m_t, h^m_t> and the last coupled state H_{T-1} (batch, dim, N).
+    The M chains are looped over (M is small) so that every op is a dense broadcast over (batch, dim, N, T).
     """
     in_place = not torch.is_grad_enabled()
     du = dt * u  # (batch, M, dim, T)
-    decay = torch.exp2(dt[:, :, :, None, :] * A2[None, :, :, :, None])  # a^m_t: (batch, M, dim, N, T)
-    S = decay.sum(dim=1)  # (batch, dim, N, T)
-    U = torch.einsum("bmdt,bmnt->bdnt", du, B)  # sum_m b^m_t
+    decays, S, U = [], None, None
+    for m in range(u.shape[1]):
+        decay = torch.exp2(dt[:, m, :, None, :] * A2[m][None, :, :, None])  # a^m_t: (batch, dim, N, T)
+        drive = du[:, m, :, None, :] * B[:, m, None, :, :]  # b^m_t
+        if S is None:
+            S, U = decay.clone(), drive
+        else:
+            S = S.add_(decay) if in_place else S + decay
+            U = U.add_(drive) if in_place else U + drive
+        decays.append(decay)
     if scale != 1.0:
         S = S.mul_(scale) if in_place else S * scale
         U = U.mul_(scale) if in_place else U * scale
     H = diagonal_recurrence(S, U, H0)  # H_t: (batch, dim, N, T)
     H_prev = torch.cat([H0[..., None], H[..., :-1]], dim=-1)  # H_{t-1}
-    weighted = decay.mul_(H_prev[:, None]) if in_place else decay * H_prev[:, None]  # a^m_t * H_{t-1}
-    y = torch.einsum("bmdnt,bmnt->bmdt", weighted, C)
-    y = y + du * (B * C).sum(dim=2)[:, :, None, :]  # <C^m_t, b^m_t> = dt u <C^m_t, B^m_t>
+    ys = []
+    for m, decay in enumerate(decays):
+        weighted = decay.mul_(H_prev) if in_place else decay * H_prev  # a^m_t * H_{t-1}
+        weighted = weighted.mul_(C[:, m, None]) if in_place else weighted * C[:, m, None]
+        ys.append(weighted.sum(dim=2))
+    y = torch.stack(ys, dim=1) + du * (B * C).sum(dim=2)[:, :, None, :]  # <C^m_t, b^m_t> = dt u <C^m_t, B^m_t>
     # A copy, not a view: a view would keep the chunk's states alive.
     return y, H[..., -1].contiguous()
 
@@ -227,30 +242,46 @@ def _coupled_chunk_backward(u, dt, A, B, C, H0, scale, grad_y, grad_H_last):
     Q_t = S_t Q_{t+1} + sum_m (grad_y^m_t outer C^m_t) a^m_t, Q_T = grad_H_last (so G_t = Q_{t+1}), and every
     chain's b^m_t gets P^m_t = grad_y^m_t outer C^m_t + c G_t, its decay a^m_t gets P^m_t H_{t-1}.
     """
+    chains = u.shape[1]
     du = dt * u
-    decay = torch.exp2(dt[:, :, :, None, :] * (A * LOG2_E)[None, :, :, :, None])  # a^m_t: (batch, M, dim, N, T)
-    S = decay.sum(dim=1).mul_(scale)
-    U = torch.einsum("bmdt,bmnt->bdnt", du, B).mul_(scale)
+    A2 = A * LOG2_E
+    decays, S, U = [], None, None
+    for m in range(chains):  # a^m_t, S_t and U_t as in the forward chunk
+        decay = torch.exp2(dt[:, m, :, None, :] * A2[m][None, :, :, None])  # (batch, dim, N, T)
+        drive = du[:, m, :, None, :] * B[:, m, None, :, :]
+        S = decay.clone() if S is None else S.add_(decay)
+        U = drive if U is None else U.add_(drive)
+        decays.append(decay)
+    S.mul_(scale)
+    U.mul_(scale)
     H = diagonal_recurrence(S, U, H0)
     H_prev = torch.cat([H0[..., None], H[..., :-1]], dim=-1)
     del H, U
-    work = decay * C[:, :, None]  # a^m_t C^m_t
-    R = torch.einsum("bmdnt,bmdt->bdnt", work, grad_y)  # readout gradient of H_{t-1}
+    R = None  # readout gradient of H_{t-1}: sum_m (grad_y^m outer C^m) a^m
+    for m, decay in enumerate(decays):
+        term = decay * C[:, m, None] * grad_y[:, m, :, None, :]
+        R = term if R is None else R.add_(term)
     Q = diagonal_recurrence(S.flip(-1), R.flip(-1), grad_H_last).flip(-1)  # Q_t = dL/dH_{t-1}
     del R, S
     G = torch.cat([Q[..., 1:], grad_H_last[..., None]], dim=-1)  # dL/dH_t
     grad_H0 = Q[..., 0].contiguous()
     del Q
-    W = decay.mul_(H_prev[:, None])  # a^m_t H_{t-1}
     gy_du = (grad_y * du).sum(dim=2)  # (batch, M, T)
-    grad_C = torch.einsum("bmdnt,bmdt->bmnt", W, grad_y) + B * gy_du[:, :, None]
-    grad_du = grad_y * (B * C).sum(dim=2)[:, :, None] + scale * torch.einsum("bdnt,bmnt->bmdt", G, B)
-    grad_B = C * gy_du[:, :, None] + scale * torch.einsum("bdnt,bmdt->bmnt", G, du)
-    # dL/d(dt A) per chain: E = P * W = (grad_y outer C + c G) * W
-    E = torch.mul(grad_y[:, :, :, None, :], C[:, :, None, :, :], out=work)
-    E.add_(G[:, None], alpha=scale).mul_(W)
-    grad_dt = grad_du * u + torch.einsum("bmdnt,mdn->bmdt", E, A)
-    grad_A = torch.einsum("bmdnt,bmdt->mdn", E, dt)
+    grad_du = grad_y * (B * C).sum(dim=2)[:, :, None]
+    grad_B = C * gy_du[:, :, None]
+    grad_C = B * gy_du[:, :, None]
+    grad_dt = torch.empty_like(dt)
+    grad_A = torch.empty_like(A)
+    for m, decay in enumerate(decays):
+        W = decay.mul_(H_prev)  # a^m_t H_{t-1}
+        gy = grad_y[:, m, :, None, :]  # (batch, dim, 1, T)
+        grad_C[:, m] += (W * gy).sum(dim=1)
+        grad_du[:, m] += scale * (G * B[:, m, None]).sum(dim=2)
+        grad_B[:, m] += scale * (G * du[:, m, :, None, :]).sum(dim=1)
+        E = (gy * C[:, m, None]).add_(G, alpha=scale).mul_(W)  # dL/d(dt A): (grad_y outer C + c G) * W
+        grad_dt[:, m] = (E * A[m][None, :, :, None]).sum(dim=2)
+        grad_A[m] = (E * dt[:, m, :, None, :]).sum(dim=(0, 3))
+    grad_dt.add_(grad_du * u)
     return grad_du * dt, grad_dt, grad_A, grad_B, grad_C, grad_H0
 
 
