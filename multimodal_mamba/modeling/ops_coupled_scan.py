@@ -44,7 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ops_selective_scan import linear_recurrence_doubling, linear_recurrence_logspace
+from .ops_selective_scan import discretize_delta, gate_and_skip, linear_recurrence_doubling, linear_recurrence_logspace
 from .ssm_backends import dispatch, register_backend
 
 COUPLINGS = ("mean", "sum")
@@ -102,27 +102,6 @@ def _check_coupled_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, co
     return batch, chains, dim, length, state_size
 
 
-def _discretize(delta, delta_bias, delta_softplus):
-    """delta (batch, M, dim, L), delta_bias (M, dim) -> dt (batch, M, dim, L) float32."""
-    dt = delta.float()
-    if delta_bias is not None:
-        dt = dt + delta_bias.float()[None, :, :, None]
-    return F.softplus(dt) if delta_softplus else dt
-
-
-def _gate_and_skip(y, u, D, z):
-    """y (batch, M, dim, L) float32 -> y + D u, gated by silu(z) (in place on y when no gradient is needed)."""
-    in_place = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, u, D, z)))
-    if D is not None:
-        skip = u.float() * D.float()[None, :, :, None]
-        y = y.add_(skip) if in_place else y + skip
-        del skip
-    if z is not None:
-        gate = F.silu(z.float())
-        y = y.mul_(gate) if in_place else y * gate
-    return y
-
-
 def _coupling_scale(coupling, chains):
     return 1.0 / chains if coupling == "mean" else 1.0
 
@@ -143,7 +122,7 @@ def coupled_selective_scan_ref(
         u, delta, A, B, C, D, z, delta_bias, initial_state, coupling
     )
     scale = _coupling_scale(coupling, chains)
-    dt = _discretize(delta, delta_bias, delta_softplus)
+    dt = discretize_delta(delta, delta_bias, delta_softplus)
     decay = torch.exp(dt[..., None] * A.float()[None, :, :, None, :])  # (batch, M, dim, L, N)
     drive = (dt * u.float())[..., None] * B.float().transpose(2, 3)[:, :, None]  # (batch, M, dim, L, N)
     Cf = C.float()
@@ -158,7 +137,7 @@ def coupled_selective_scan_ref(
         ys.append((h * Cf[:, :, None, :, t]).sum(-1))
         H = scale * h.sum(dim=1)
     y = torch.stack(ys, dim=-1) if ys else torch.zeros(batch, chains, dim, 0, device=u.device)
-    y = _gate_and_skip(y, u, D, z).to(u.dtype)
+    y = gate_and_skip(y, u, D, z).to(u.dtype)
     return (y, H) if return_final_state else y
 
 
@@ -358,7 +337,7 @@ def coupled_selective_scan_chunked(
         chunk_size = _default_chunk_size(batch, chains, dim, state_size)
     if int(chunk_size) < 1:
         raise ValueError(f"coupled_selective_scan: chunk_size must be >= 1, got {chunk_size}")
-    dt = _discretize(delta, delta_bias, delta_softplus)
+    dt = discretize_delta(delta, delta_bias, delta_softplus)
     H0 = (
         initial_state.float()
         if initial_state is not None
@@ -370,7 +349,7 @@ def coupled_selective_scan_chunked(
     y, H_last = _ChunkedCoupledScan.apply(
         u.float(), dt, A.float(), B.float(), C.float(), H0, _coupling_scale(coupling, chains), int(chunk_size)
     )
-    y = _gate_and_skip(y, u, D, z).to(u.dtype)
+    y = gate_and_skip(y, u, D, z).to(u.dtype)
     return (y, H_last) if return_final_state else y
 
 

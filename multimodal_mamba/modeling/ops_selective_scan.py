@@ -80,21 +80,29 @@ def _check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_st
     return groups
 
 
-def _discretize_delta(delta, delta_bias, delta_softplus):
+def discretize_delta(delta, delta_bias, delta_softplus):
+    """dt = softplus(delta + delta_bias) in float32. delta (batch, ..., dim, L); delta_bias (..., dim), i.e. delta's
+    shape without batch and L (the selective scan's (dim,), the coupled scan's (M, dim))."""
     dt = delta.float()
     if delta_bias is not None:
-        dt = dt + delta_bias.float()[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    return dt
+        dt = dt + delta_bias.float()[..., None]
+    return F.softplus(dt) if delta_softplus else dt
 
 
-def _gate_and_skip(y, u, D, z):
-    """y (batch, dim, L) float32 -> y + D u, gated by silu(z)."""
+def gate_and_skip(y, u, D, z):
+    """y (batch, ..., dim, L) float32 -> y + D u, gated by silu(z); D of delta_bias's shape (see above).
+
+    Works in place on y when nothing needs a gradient (y is then the caller's own fresh tensor).
+    """
+    in_place = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, u, D, z)))
     if D is not None:
-        y = y + u.float() * D.float()[:, None]
+        if in_place:
+            y.addcmul_(u.float(), D.float()[..., None])
+        else:
+            y = y + u.float() * D.float()[..., None]
     if z is not None:
-        y = y * F.silu(z.float())
+        gate = F.silu(z.float())
+        y = y.mul_(gate) if in_place else y * gate
     return y
 
 
@@ -108,7 +116,7 @@ def selective_scan_ref(
     """Sequential float32 selective scan; the test reference for every backend. Memory O(batch*dim*L*N)."""
     groups = _check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, dim, length = u.shape
-    dt = _discretize_delta(delta, delta_bias, delta_softplus)
+    dt = discretize_delta(delta, delta_bias, delta_softplus)
     Bf, Cf = B.float(), C.float()
     if Bf.dim() == 3:
         Bf, Cf = Bf[:, None], Cf[:, None]
@@ -126,7 +134,7 @@ def selective_scan_ref(
         h = decay[:, :, t] * h + drive[:, :, t]
         ys.append((h * Cf[..., t]).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0, dtype=torch.float32)
-    y = _gate_and_skip(y, u, D, z).to(u.dtype)
+    y = gate_and_skip(y, u, D, z).to(u.dtype)
     return (y, h) if return_final_state else y
 
 
@@ -518,7 +526,7 @@ def selective_scan_chunked(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
     )
     with torch.set_grad_enabled(core_needs_grad):
-        dt = _discretize_delta(delta, delta_bias, delta_softplus)
+        dt = discretize_delta(delta, delta_bias, delta_softplus)
         x = dt * u.float()
         A2 = (A.float() * LOG2_E).reshape(groups, per_group, state_size).transpose(1, 2).contiguous()
         blocks = (_time_blocks(x, groups, padded), _time_blocks(dt, groups, padded), A2, _grouped_bc(B, padded),
@@ -532,13 +540,7 @@ def selective_scan_chunked(
                 *blocks, h0.contiguous(), block, chunk_blocks, y.permute(0, 2, 1, 3), nonneg_dt=nonneg_dt
             )
     y = y[:, :length].reshape(batch, length, dim).transpose(1, 2)  # (batch, dim, L), time-major
-    if grad_enabled and (core_needs_grad or any(t is not None and t.requires_grad for t in (D, z))):
-        y = _gate_and_skip(y, u, D, z)
-    else:  # y is ours and nothing needs its graph: gate in place
-        if D is not None:
-            y.addcmul_(u.float(), D.float()[:, None])
-        if z is not None:
-            y.mul_(F.silu(z.float()))
+    y = gate_and_skip(y, u, D, z)  # in place when nothing needs its graph (y is ours)
     if u.stride(-1) == 1 and length > 1 and dim > 1:
         y = y.contiguous()  # u's layout
     y = y.to(u.dtype)
