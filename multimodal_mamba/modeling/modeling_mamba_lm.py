@@ -26,9 +26,10 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .decode_graphs import DecodeGraphs
 from .ops_mamba_ssm import GPU_BACKENDS  # noqa: F401  (registers the "mamba_ssm" and "triton" backends on CUDA)
 from .ops_selective_scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
-from .ssm_backends import config_backend
+from .ssm_backends import config_backend, forced_backend
 
 
 class MambaStateCache:
@@ -41,6 +42,9 @@ class MambaStateCache:
     """
 
     is_compileable = False
+    # Set on caches backed by a CUDA-graph bucket (see decode_graphs.py); None for ordinary caches.
+    graph_bucket = None
+    invalid_reason: Optional[str] = None
 
     def __init__(self, num_layers, batch_size, intermediate_size, state_size, conv_kernel, device=None, dtype=None):
         self.conv_states = torch.zeros(num_layers, batch_size, intermediate_size, conv_kernel, device=device, dtype=dtype)
@@ -49,6 +53,19 @@ class MambaStateCache:
         )
         # Number of tokens already folded into the states (0: nothing yet, the next call is a prefill).
         self.seqlen_offset = 0
+
+    def rows(self, batch_size: int) -> "MambaStateCache":
+        """A cache whose states are the first ``batch_size`` rows of this one (views: updates land here)."""
+        view = MambaStateCache.__new__(MambaStateCache)
+        view.conv_states = self.conv_states[:, :batch_size]
+        view.ssm_states = self.ssm_states[:, :batch_size]
+        view.seqlen_offset = 0
+        view.reset()
+        return view
+
+    def invalidate(self, reason: str) -> None:
+        """Mark this cache unusable (its memory now serves another generate call); using it raises."""
+        self.invalid_reason = reason
 
     @classmethod
     def for_config(cls, config: MambaConfig, batch_size: int, device=None, dtype=None) -> "MambaStateCache":
@@ -76,15 +93,76 @@ class MambaStateCache:
         self.ssm_states.copy_(self.ssm_states.index_select(1, beam_idx))
 
 
+_FUSED_RMS_NORM = []
+
+
+def _fused_rms_norm():
+    """This package's Triton RMSNorm when it can run here (CUDA, Triton), else None. Imported on first use."""
+    if not _FUSED_RMS_NORM:
+        fn = None
+        if torch.cuda.is_available():
+            try:  # absent from remote-code copies and machines without Triton: the PyTorch path runs instead
+                from multimodal_mamba.kernels.rms_norm import rms_norm_triton as fn
+            except Exception:
+                fn = None
+        _FUSED_RMS_NORM.append(fn)
+    return _FUSED_RMS_NORM[0]
+
+
+_FUSED_TRANSPOSE = []
+
+
+def _fused_transpose():
+    """This package's Triton (batch, L, C) -> (batch, C, L) transpose when it can run here, else None."""
+    if not _FUSED_TRANSPOSE:
+        fn = None
+        if torch.cuda.is_available():
+            try:  # absent from remote-code copies and machines without Triton: the scan wrappers copy instead
+                from multimodal_mamba.kernels.transpose import channel_major_triton as fn
+            except Exception:
+                fn = None
+        _FUSED_TRANSPOSE.append(fn)
+    return _FUSED_TRANSPOSE[0]
+
+
+def _time_contiguous(*tensors):
+    """(batch, C, L) views of token-major memory -> the same values with L contiguous, on CUDA (L > 1).
+
+    The projections are module calls and return token-major activations; the fused scan kernels read rows of L.
+    The tiled Triton transpose does this near copy bandwidth (PyTorch's strided copy, which the kernels' wrappers
+    would otherwise run, reaches about a third of it). Elsewhere (CPU: the chunked scan prefers token-major
+    memory) the tensors pass unchanged.
+    """
+    transpose = _fused_transpose()
+    if transpose is None:
+        return tensors
+    return tuple(
+        t if t is None or not t.is_cuda or t.shape[-1] < 2 or t.stride(-1) == 1 else transpose(t.transpose(1, 2))
+        for t in tensors
+    )
+
+
 class MambaRMSNorm(nn.Module):
-    """RMSNorm over the last dim, as transformers' ``MambaRMSNorm`` (normalizes in float32)."""
+    """RMSNorm over the last dim, as transformers' ``MambaRMSNorm`` (normalizes in float32).
+
+    ``forward(x, input_dtype)`` equals ``forward(x.to(input_dtype))``. On CUDA without gradients it runs as one Triton
+    kernel with the same rounding steps (nine PyTorch kernels otherwise: it matters for the decode step).
+    """
 
     def __init__(self, hidden_size, eps=1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, input_dtype=None):
+        if hidden_states.is_cuda and not (
+            torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad)
+        ):
+            fused = _fused_rms_norm()
+            if fused is not None:
+                return fused(hidden_states, self.weight, self.variance_epsilon, input_dtype)
+        if input_dtype is not None:
+            hidden_states = hidden_states.to(input_dtype)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -195,7 +273,8 @@ class MambaMixer(nn.Module):
         else:
             if conv_state is not None:
                 prefix = conv_initial if conv_initial is not None else x.new_zeros(x.shape[0], x.shape[1], self.conv_kernel - 1)
-                history = torch.cat([prefix.to(x.dtype), x], dim=-1)[..., -self.conv_kernel:]
+                # only the last conv_kernel inputs: concatenating all of x would copy the whole prompt
+                history = torch.cat([prefix.to(x.dtype), x[..., -self.conv_kernel:]], dim=-1)[..., -self.conv_kernel:]
                 conv_state.copy_(history.to(conv_state.dtype))
             x = causal_conv1d(x, weight, self.conv1d.bias, initial_state=conv_initial, activation="silu")
         if attention_mask is not None:
@@ -214,7 +293,17 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def ssm_A(self):
-        return -torch.exp(self.A_log.float())
+        """A = -exp(A_log) (intermediate, state_size) float32. Without gradients it is computed once per value of
+        ``A_log`` (its storage and version counter), not at every call: two kernels less per layer and decode step."""
+        A_log = self.A_log
+        if torch.is_grad_enabled() and A_log.requires_grad:
+            return -torch.exp(A_log.float())
+        key = (A_log.data_ptr(), A_log._version, A_log.dtype, A_log.device)
+        cached = self.__dict__.get("_ssm_A_cache")
+        if cached is None or cached[0] != key or (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
+            cached = (key, -torch.exp(A_log.detach().float()))
+            self.__dict__["_ssm_A_cache"] = cached
+        return cached[1]
 
     def forward(self, hidden_states, cache_params: Optional[MambaStateCache] = None, attention_mask=None, scan_orders=None):
         """hidden_states (batch, L, hidden) -> (batch, L, hidden).
@@ -242,6 +331,7 @@ class MambaMixer(nn.Module):
                 ssm_state, x[..., 0], delta[..., 0], self.ssm_A(), B[..., 0], C[..., 0], self.D, z=z[..., 0]
             )[..., None]
         else:
+            x, delta, z, B, C = _time_contiguous(x, delta, z, B, C)
             result = selective_scan(
                 x, delta, self.ssm_A(), B, C, self.D, z=z, delta_softplus=True, initial_state=initial_state,
                 return_final_state=ssm_state is not None,
@@ -296,7 +386,7 @@ class MambaBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None):
         residual = hidden_states
-        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        hidden_states = self.norm(hidden_states, input_dtype=self.norm.weight.dtype)
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
         return residual + self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
@@ -408,6 +498,8 @@ class MambaBackbone(MambaLMPreTrainedModel):
             raise ValueError(
                 f"cache_params must be a MambaStateCache (see allocate_cache), got {type(cache_params).__name__}"
             )
+        if cache_params is not None and cache_params.invalid_reason:
+            raise ValueError(f"cache_params can no longer be used: {cache_params.invalid_reason}")
         if use_cache and cache_params is None:
             cache_params = self.allocate_cache(batch)
         if not use_cache:
@@ -448,15 +540,47 @@ class MambaGenerationMixin(GenerationMixin):
     ``outputs.cache_params``, and feed only the newest token once the cache holds the prompt.
     """
 
+    # On a CUDA device, generate() decodes through CUDA graphs of the LM's one-token step (decode_graphs.py).
+    # Set ``model.decode_cuda_graph = False`` (or pass ``decode_cuda_graph=False`` to generate) to decode eagerly.
+    decode_cuda_graph = True
+
+    def _decode_language_model(self) -> "MambaCausalLM":
+        """The ``MambaCausalLM`` whose state the generation cache holds."""
+        return self
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("cache_params")
         if cache is not None and not isinstance(cache, MambaStateCache):
             raise ValueError(f"cache_params must be a MambaStateCache, got {type(cache).__name__}")
 
+    def _graph_generation_cache(self, batch_size: int, device) -> Optional[MambaStateCache]:
+        """A cache backed by a CUDA-graph bucket for a generate call, or None (eager decode)."""
+        language_model = self._decode_language_model()
+        if self.training or torch.is_grad_enabled():
+            return None
+        return language_model.decode_graphs.make_cache(batch_size, device, language_model.backbone.embeddings.weight.dtype)
+
+    def _graph_decode_step(self, cache_params, input_ids, inputs_embeds=None, **blockers) -> Optional[torch.Tensor]:
+        """Logits (batch, 1, vocab) of a decode step replayed from the CUDA graph, or None (run it eagerly)."""
+        if getattr(cache_params, "graph_bucket", None) is None or cache_params.seqlen_offset == 0:
+            return None
+        if inputs_embeds is not None or input_ids is None or input_ids.shape[1] != 1 or torch.is_grad_enabled():
+            return None
+        if any(value is not None and value is not False for value in blockers.values()):
+            return None
+        if cache_params.invalid_reason:
+            raise ValueError(f"cache_params can no longer be used: {cache_params.invalid_reason}")
+        return self._decode_language_model().decode_graphs.step(input_ids, cache_params)
+
     def prepare_inputs_for_generation(
         self, input_ids, attention_mask=None, inputs_embeds=None, cache_params=None, use_cache=None,
-        is_first_iteration=False, **kwargs,
+        is_first_iteration=False, decode_cuda_graph=None, **kwargs,
     ):
+        use_graph = self.decode_cuda_graph if decode_cuda_graph is None else bool(decode_cuda_graph)
+        if cache_params is None and use_cache is not False and use_graph:
+            first = input_ids if input_ids is not None and input_ids.shape[1] > 0 else inputs_embeds
+            if first is not None:
+                cache_params = self._graph_generation_cache(first.shape[0], first.device)
         decoding = cache_params is not None and cache_params.seqlen_offset > 0
         model_inputs = {"cache_params": cache_params, "use_cache": use_cache}
         if decoding:
@@ -507,6 +631,30 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaStateCache:
         return self.backbone.allocate_cache(batch_size, device=device, dtype=dtype)
 
+    @property
+    def decode_graphs(self) -> DecodeGraphs:
+        """The CUDA graphs of this model's decode step, per batch-size bucket (``.clear()`` frees them)."""
+        graphs = self.__dict__.get("_decode_graphs")
+        if graphs is None:
+            graphs = DecodeGraphs(self._decode_step_logits, self._allocate_static_cache, self._decode_graph_signature)
+            self.__dict__["_decode_graphs"] = graphs
+        return graphs
+
+    def _allocate_static_cache(self, batch_size, device, dtype):
+        return MambaStateCache.for_config(self.config, batch_size, device=device, dtype=dtype)
+
+    def _decode_step_logits(self, input_ids, cache_params):
+        """The eager one-token step that decode graphs capture: input_ids (B, 1) -> logits (B, 1, vocab) float32."""
+        hidden_states = self.backbone(input_ids, cache_params=cache_params, use_cache=True, return_dict=True)
+        hidden_states = hidden_states.last_hidden_state
+        return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+
+    def _decode_graph_signature(self):
+        """Changes whenever a captured decode graph would be stale: parameter storage, dtype, op backend."""
+        # the version counter too: values cached outside the graph (ssm_A) follow in-place updates of A_log
+        tensors = tuple((t.data_ptr(), t.dtype, t._version) for t in (*self.parameters(), *self.buffers()))
+        return tensors, forced_backend(), getattr(self.config, "ssm_backend", None)
+
     def forward(
         self, input_ids=None, attention_mask=None, inputs_embeds=None, cache_params=None, labels=None,
         output_hidden_states=None, return_dict=None, use_cache=None, logits_to_keep=0, **kwargs,
@@ -514,6 +662,11 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
         """Returns ``MambaCausalLMOutput``: logits (batch, L or logits_to_keep, vocab) float32, loss when
         ``labels`` (batch, L) are given (-100 ignored, shifted inside)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        logits = self._graph_decode_step(cache_params, input_ids, inputs_embeds, labels=labels,
+                                         output_hidden_states=output_hidden_states)
+        if logits is not None:
+            result = MambaCausalLMOutput(logits=logits, cache_params=cache_params)
+            return result if return_dict else result.to_tuple()
         outputs = self.backbone(
             input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, use_cache=use_cache,
             output_hidden_states=output_hidden_states, return_dict=True, attention_mask=attention_mask,

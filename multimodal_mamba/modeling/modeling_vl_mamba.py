@@ -299,6 +299,9 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, MambaGenerationMix
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaStateCache:
         return self.model.language_model.allocate_cache(batch_size, device=device, dtype=dtype)
 
+    def _decode_language_model(self) -> MambaCausalLM:
+        return self.model.language_model
+
     def forward(
         self, input_ids=None, pixel_values=None, attention_mask=None, inputs_embeds=None, cache_params=None,
         labels=None, use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
@@ -307,6 +310,12 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, MambaGenerationMix
         """Returns ``VLMambaCausalLMOutput``. ``labels`` (batch, L): -100 is ignored, and so are the positions
         of ``<image>`` tokens whatever their label; the loss is next-token cross-entropy (shifted inside)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        # A decode step (one text token, the image already in the state) replays the LM's CUDA graph.
+        logits = self._graph_decode_step(cache_params, input_ids, inputs_embeds, labels=labels,
+                                         pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+        if logits is not None:
+            result = VLMambaCausalLMOutput(logits=logits, cache_params=cache_params)
+            return result if return_dict else result.to_tuple()
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, cache_params=cache_params, use_cache=use_cache,

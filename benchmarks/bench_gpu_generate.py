@@ -1,0 +1,292 @@
+"""generate() on the GPU: this package (CUDA-graph decode) vs transformers' MambaForCausalLM vs mamba-ssm, one run.
+
+Model: a Mamba-1 LM of mamba-2.8b's shape (d_model 2560, 64 layers, d_state 16, expand 2, vocab 50280), random
+weights in bf16 (../shared/anchors/README.md). The same weights go into all three systems:
+
+- ours: ``MambaCausalLM`` + ``model.generate()`` (prefill on the fused path, decode replayed from a CUDA graph per
+  batch-size bucket), and the same with ``decode_cuda_graph=False`` (eager decode);
+- transformers: ``MambaForCausalLM`` + ``generate()`` (its fused kernels when mamba-ssm / causal-conv1d import);
+- mamba-ssm: ``MambaLMHeadModel.generate(cg=True)`` (its CUDA-graph decode) when mamba-ssm imports.
+
+Decode = ``generate`` of 128 new tokens (greedy, no early stop) after a 16-token prompt, divided by 128 (the anchors'
+definition; it includes the prompt's prefill). Prefill = one forward over L tokens at batch 1 (full logits, as the
+anchors) and, for ours, what generate runs on a prompt (``use_cache=True, logits_to_keep=1``). Goals (issue 7):
+decode <= 2.5 ms/token at batch 1, <= 3.0 ms/step at batch 16, prefill L 2048 <= 45 ms.
+
+``--vl`` adds the end-to-end VL-Mamba: a SigLIP-SO400M-shaped tower (384 px, patch 14: 729 image tokens), the
+VSS-L2 connector and the same LM; image + question -> 128 new tokens; latency and tokens/s at batch 1 and 16.
+``--profile`` prints the top CUDA kernels of our prefill and of one eager decode step.
+
+    python benchmarks/bench_gpu_generate.py [--out DIR] [--vl] [--profile] [--skip-transformers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import MambaConfig  # noqa: E402
+
+from multimodal_mamba import MambaCausalLM, last_backend  # noqa: E402
+
+SHAPE = dict(vocab_size=50280, hidden_size=2560, num_hidden_layers=64, state_size=16, expand=2, conv_kernel=4)
+PROMPT, NEW = 16, 128
+RESULTS = {}
+
+
+def median_time(fn, repeats=3, warmup=1):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def record(key, value, out):
+    RESULTS[key] = value
+    print(json.dumps({key: value}), flush=True)
+    (out / "generate_results.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def ours_generate(model, ids, graph=True, new=NEW):
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, decode_cuda_graph=graph)
+
+
+def profile_top(fn, label, out, rows=25):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    print(f"--- profile: {label}\n{table}", flush=True)
+    (out / f"profile_{label}.txt").write_text(table)
+
+
+def build_models(args):
+    config = MambaConfig(**SHAPE)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ours = MambaCausalLM(config).to(torch.bfloat16).eval()
+    ours.generation_config.pad_token_id = 0
+    ours.generation_config.eos_token_id = None
+    systems = {"ours": ours}
+    if not args.skip_transformers:
+        from transformers import MambaForCausalLM
+
+        with torch.device("cuda"):
+            theirs = MambaForCausalLM(config).to(torch.bfloat16).eval()
+        theirs.load_state_dict(ours.state_dict(), strict=False)
+        theirs.generation_config.pad_token_id = 0
+        theirs.generation_config.eos_token_id = None
+        systems["transformers"] = theirs
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig as SSMConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+        ssm_config = SSMConfig(d_model=2560, n_layer=64, vocab_size=50280, ssm_cfg={"layer": "Mamba1"}, rms_norm=True,
+                               residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+        ssm = MambaLMHeadModel(ssm_config, device="cuda", dtype=torch.bfloat16).eval()
+        state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in ours.state_dict().items()}
+        missing, unexpected = ssm.load_state_dict(state, strict=False)
+        print("mamba-ssm weights: missing", missing, "unexpected", unexpected, flush=True)
+        systems["mamba_ssm"] = ssm
+    except Exception as error:  # pragma: no cover - depends on the machine
+        print("mamba-ssm unavailable:", repr(error)[:200], flush=True)
+    return config, systems
+
+
+def bench_lm(args, out):
+    config, systems = build_models(args)
+    ours = systems["ours"]
+    with torch.no_grad():
+        # correctness first: greedy tokens, graph vs eager (identical) and vs the others (bf16: agree for a while)
+        ids = torch.randint(0, 50000, (1, PROMPT), device="cuda")
+        graphed, eager = ours_generate(ours, ids, True, 32), ours_generate(ours, ids, False, 32)
+        record("ours_graph_equals_eager_32_tokens", bool(torch.equal(graphed, eager)), out)
+        if "transformers" in systems:
+            theirs = systems["transformers"].generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            record("tokens_agreeing_with_transformers", int((theirs[0] == graphed[0]).cumprod(0).sum()) - PROMPT, out)
+        if "mamba_ssm" in systems:
+            ssm_out = systems["mamba_ssm"].generate(input_ids=ids, max_length=PROMPT + 32, cg=True, top_k=1)
+            record("tokens_agreeing_with_mamba_ssm", int((ssm_out[0] == graphed[0]).cumprod(0).sum()) - PROMPT, out)
+
+        for length in args.lengths:
+            x = torch.randint(0, 50000, (1, length), device="cuda")
+            record(f"prefill_L{length}_ms/ours_full_logits", round(median_time(lambda: ours(x, use_cache=False)) * 1e3, 2), out)
+            record(f"prefill_L{length}_ms/ours_generate_prefill",
+                   round(median_time(lambda: ours(x, use_cache=True, logits_to_keep=1)) * 1e3, 2), out)
+            record(f"prefill_L{length}_backend", last_backend("selective_scan"), out)
+            if "transformers" in systems and length <= 2048:
+                m = systems["transformers"]
+                record(f"prefill_L{length}_ms/transformers", round(median_time(lambda: m(x, use_cache=False)) * 1e3, 2), out)
+            if "mamba_ssm" in systems:
+                m = systems["mamba_ssm"]
+                record(f"prefill_L{length}_ms/mamba_ssm", round(median_time(lambda: m(x)) * 1e3, 2), out)
+
+        for batch in (1, 16):
+            ids = torch.randint(0, 50000, (batch, PROMPT), device="cuda")
+            t = median_time(lambda: ours_generate(ours, ids, True), repeats=3)
+            record(f"decode_b{batch}_ms_per_step/ours_cuda_graph", round(t / NEW * 1e3, 3), out)
+            t = median_time(lambda: ours_generate(ours, ids, False), repeats=1)
+            record(f"decode_b{batch}_ms_per_step/ours_eager", round(t / NEW * 1e3, 3), out)
+            if "mamba_ssm" in systems:
+                m = systems["mamba_ssm"]
+                t = median_time(lambda: m.generate(input_ids=ids, max_length=PROMPT + NEW, cg=True, top_k=1), repeats=3)
+                record(f"decode_b{batch}_ms_per_step/mamba_ssm_cg", round(t / NEW * 1e3, 3), out)
+            if "transformers" in systems:
+                m = systems["transformers"]
+                new = NEW if batch == 1 else 64
+                t = median_time(lambda: m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False),
+                                repeats=1)
+                record(f"decode_b{batch}_ms_per_step/transformers", round(t / new * 1e3, 3), out)
+        record("decode_backend", last_backend("selective_state_update"), out)
+
+        # Where a decode step's time goes: graph replays back to back (GPU time per step), and the same steps with
+        # a host sync after each (what transformers' generate loop does).
+        for batch in (1, 16):
+            ids = torch.randint(0, 50000, (batch, PROMPT), device="cuda")
+            cache = ours._graph_generation_cache(batch, ids.device)
+            ours(ids, cache_params=cache, use_cache=True)
+            step = ids[:, -1:]
+            ours(step, cache_params=cache, use_cache=True)  # captures
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(NEW):
+                ours(step, cache_params=cache, use_cache=True)
+            torch.cuda.synchronize()
+            record(f"decode_b{batch}_ms_per_step/graph_replays_back_to_back", round((time.perf_counter() - start) / NEW * 1e3, 3), out)
+            start = time.perf_counter()
+            for _ in range(NEW):
+                logits = ours(step, cache_params=cache, use_cache=True).logits
+                step = logits[:, -1].argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+            record(f"decode_b{batch}_ms_per_step/graph_replay_argmax_sync", round((time.perf_counter() - start) / NEW * 1e3, 3), out)
+
+        if args.profile:
+            x = torch.randint(0, 50000, (1, 2048), device="cuda")
+            profile_top(lambda: ours(x, use_cache=True, logits_to_keep=1), "ours_prefill_2048", out)
+            import cProfile
+            import io
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(3):
+                ours(x, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+            (out / "cprofile_ours_prefill_2048.txt").write_text(text.getvalue())
+            print(text.getvalue()[:6000], flush=True)
+            ids = torch.randint(0, 50000, (1, PROMPT), device="cuda")
+            cache = ours.allocate_cache(1)
+            ours(ids, cache_params=cache, use_cache=True)
+            step = ids[:, -1:]
+            profile_top(lambda: ours(step, cache_params=cache, use_cache=True), "ours_eager_decode_step", out, rows=30)
+    del systems
+    torch.cuda.empty_cache()
+
+
+def bench_vl(args, out):
+    from transformers import SiglipVisionConfig
+
+    from multimodal_mamba import VLMambaConfig, VLMambaForConditionalGeneration
+
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                image_size=384, patch_size=14)
+    config = VLMambaConfig(vision_config=vision, text_config=MambaConfig(**SHAPE), projector_type="vss_l2",
+                           scan_type="bidirectional", image_token_id=50279)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = VLMambaForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    image_tokens = config.image_seq_length
+    record("vl_image_tokens", image_tokens, out)
+    with torch.no_grad():
+        for batch in (1, 16):
+            question = torch.randint(0, 50000, (batch, 24), device="cuda")
+            ids = torch.cat([torch.full((batch, image_tokens), 50279, device="cuda"), question], dim=1)
+            pixels = torch.randn(batch, 3, 384, 384, device="cuda", dtype=torch.bfloat16)
+
+            def run(graph=True):
+                return model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=NEW, min_new_tokens=NEW,
+                                      do_sample=False, decode_cuda_graph=graph)
+
+            if batch == 1:
+                record("vl_graph_equals_eager", bool(torch.equal(run(True), run(False))), out)
+                t = median_time(lambda: run(False), repeats=1)
+                record("vl_b1_eager_latency_s", round(t, 4), out)
+            t = median_time(run, repeats=3)
+            record(f"vl_b{batch}_latency_s", round(t, 4), out)
+            record(f"vl_b{batch}_new_tokens_per_s", round(batch * NEW / t, 1), out)
+            t_prefill = median_time(lambda: model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1))
+            record(f"vl_b{batch}_prefill_s", round(t_prefill, 4), out)
+
+
+def write_markdown(out):
+    """benchmarks/results-style summary of RESULTS (ratios against the anchors re-run in the same command)."""
+    r = RESULTS
+    lines = ["# generate() on the GPU: CUDA-graph decode vs transformers and mamba-ssm (mamba-2.8b shape, bf16)", "",
+             f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}, transformers {transformers.__version__}."
+             " Same random weights in all three systems. Command: `python benchmarks/bench_gpu_generate.py --vl`.", "",
+             "| measure | ours | transformers | mamba-ssm | ours / transformers | ours / mamba-ssm | goal |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(label, ours_key, theirs_key, ssm_key, goal):
+        ours, theirs, ssm = r.get(ours_key), r.get(theirs_key), r.get(ssm_key)
+        fmt = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
+        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.3f}"  # noqa: E731
+        lines.append(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {fmt(ssm)} | {ratio(ours, theirs)} | "
+                     f"{ratio(ours, ssm)} | {goal} |")
+
+    for batch, goal in ((1, "<= 2.5"), (16, "<= 3.0")):
+        row(f"decode batch {batch}, ms/step (generate, 128 new tokens)", f"decode_b{batch}_ms_per_step/ours_cuda_graph",
+            f"decode_b{batch}_ms_per_step/transformers", f"decode_b{batch}_ms_per_step/mamba_ssm_cg", goal)
+    for length in (512, 2048, 8192):
+        goal = "<= 45" if length == 2048 else ""
+        row(f"prefill L {length}, ms (full logits)", f"prefill_L{length}_ms/ours_full_logits",
+            f"prefill_L{length}_ms/transformers", f"prefill_L{length}_ms/mamba_ssm", goal)
+    lines += ["", "Ours, in more detail (ms unless stated):", ""]
+    lines += [f"- `{k}`: {v}" for k, v in r.items()]
+    (out / "gpu_generate.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--vl", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--only-vl", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(torch.cuda.get_device_name(), torch.__version__, transformers.__version__, flush=True)
+    if not args.only_vl:
+        bench_lm(args, args.out)
+    if args.vl or args.only_vl:
+        bench_vl(args, args.out)
+    write_markdown(args.out)
+
+
+if __name__ == "__main__":
+    main()
