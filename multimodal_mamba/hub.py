@@ -1,18 +1,21 @@
 """Publishing on the Hugging Face Hub: remote code, model cards rendered from ``model_cards/``, ``push_to_hub``.
 
 Remote code. ``register_remote_code(config_class, {auto_class: model_class, ...}, {auto_class: processor_class})``
-(called by ``multimodal_mamba/__init__.py`` for every family) makes a plain
+(called by ``multimodal_mamba/__init__.py`` and ``coupled_api.py`` for every family) makes a plain
 
     model.save_pretrained(folder); processor.save_pretrained(folder)
 
 write a self-contained remote-code folder: transformers copies each saved class's module and every module it
 imports with a single-dot relative import next to the weights, and records the saved class in ``auto_map``;
 transformers records only the class being saved, so the registered model classes also write the family's other
-Auto entries (``AutoConfig``, ``AutoModel``, the task class) into ``config.json``. Such a folder loads with
-``trust_remote_code=True`` where this package is not installed.
+Auto entries (``AutoConfig``, ``AutoModel``, the task class) into ``config.json``, and a processor class registered
+under several Auto classes (Coupled Mamba's feature extractor: ``AutoFeatureExtractor`` and ``AutoProcessor``) writes
+all of them into its own file. Such a folder loads with ``trust_remote_code=True`` where this package is not
+installed.
 
 Model cards. ``render_model_card(model_or_config, ...)`` fills the family's template (``model_cards/<family>.md``,
-a Jinja template; ``model_cards/adapter.md`` for PEFT adapters) from the config: YAML metadata (``library_name``,
+a Jinja template; ``model_cards/adapter.md`` for PEFT adapters) from the config, and from the processor saved with
+it where the family's usage snippet depends on it: YAML metadata (``library_name``,
 ``pipeline_tag``, ``license``, ``base_model``, ``tags``, ``datasets``), a usage snippet, the architecture and its
 options, training details when given, limitations. The result is a ``huggingface_hub.ModelCard``.
 
@@ -25,6 +28,7 @@ registered model classes' own ``model.push_to_hub(repo_id, processor=...)`` goes
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import sys
@@ -58,6 +62,8 @@ def register_remote_code(
             "AutoModelForImageTextToText": VLMambaForConditionalGeneration}``.
         processor_classes: Auto class name -> processor / feature extractor class, e.g.
             ``{"AutoProcessor": VLMambaProcessor}``; transformers writes their ``auto_map`` into the processor files.
+            One class may be listed under several Auto classes (``{"AutoFeatureExtractor": FE, "AutoProcessor": FE}``):
+            the first is the class's own (what transformers records), its ``save_pretrained`` adds the others.
 
     Returns the ``auto_map`` that every registered model class writes into ``config.json`` on ``save_pretrained``
     (``{"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel", ...}``).
@@ -73,8 +79,16 @@ def register_remote_code(
             model_class.save_pretrained = _save_with_family_auto_map(model_class.save_pretrained)
         if not getattr(model_class.__dict__.get("push_to_hub"), "_pushes_model_card", False):
             model_class.push_to_hub = _model_push_to_hub
+    auto_classes_of: Dict[type, List[str]] = {}
     for auto_class, processor_class in (processor_classes or {}).items():
-        processor_class.register_for_auto_class(auto_class)
+        auto_classes_of.setdefault(processor_class, []).append(auto_class)
+    for processor_class, auto_classes in auto_classes_of.items():
+        processor_class.register_for_auto_class(auto_classes[0])
+        if len(auto_classes) > 1:
+            name = auto_map_entry(processor_class)
+            processor_class._family_auto_map = {auto_class: name for auto_class in auto_classes}
+            if not getattr(processor_class.__dict__.get("save_pretrained"), "_writes_family_auto_map", False):
+                processor_class.save_pretrained = _save_processor_with_family_auto_map(processor_class.save_pretrained)
     return entries
 
 
@@ -92,6 +106,22 @@ def _save_with_family_auto_map(save_pretrained: Callable) -> Callable:
 
     save_with_family_auto_map._writes_family_auto_map = True
     return save_with_family_auto_map
+
+
+def _save_processor_with_family_auto_map(save_pretrained: Callable) -> Callable:
+    @functools.wraps(save_pretrained)
+    def save_processor_with_family_auto_map(self, save_directory, *args, **kwargs):
+        # The processor's own ``auto_map`` attribute is what transformers serializes (and extends with the class's
+        # ``_auto_class``); as for models, only the registered class itself gets the family's entries.
+        entries = type(self).__dict__.get("_family_auto_map")
+        if entries and getattr(type(self), "_auto_class", None) is not None:
+            auto_map = dict(getattr(self, "auto_map", None) or {})
+            auto_map.update(entries)
+            self.auto_map = auto_map
+        return save_pretrained(self, save_directory, *args, **kwargs)
+
+    save_processor_with_family_auto_map._writes_family_auto_map = True
+    return save_processor_with_family_auto_map
 
 
 def _model_push_to_hub(
@@ -121,17 +151,26 @@ class CardFamily:
         template: file name of the Jinja template in the model-card folder.
         pipeline_tag: the Hub task.
         tags: tags every card of the family gets.
-        context: ``context(config, model_or_None) -> dict`` of template variables (the architecture, usage).
+        context: ``context(config, model_or_None) -> dict`` of template variables (the architecture, usage); a
+            ``"card_tags"`` entry (list) adds tags that depend on the config.
         language: default ``language`` metadata (``None``: none).
+        usage: optional ``usage(config, processor_or_None, adapter) -> dict`` of the usage snippet's variables when
+            they depend on the processor saved with the card (``adapter``: rendering an adapter's card).
+        check_processor: optional ``check_processor(config, processor)`` raising ValueError when ``processor`` cannot
+            go with a model of ``config`` (checked before anything is written or uploaded).
     """
 
     def __init__(self, template: str, pipeline_tag: str, tags: Sequence[str],
-                 context: Callable[[Any, Any], dict], language: Optional[Sequence[str]] = None):
+                 context: Callable[[Any, Any], dict], language: Optional[Sequence[str]] = None,
+                 usage: Optional[Callable[[Any, Any, bool], dict]] = None,
+                 check_processor: Optional[Callable[[Any, Any], None]] = None):
         self.template = template
         self.pipeline_tag = pipeline_tag
         self.tags = list(tags)
         self.context = context
         self.language = list(language) if language else None
+        self.usage = usage
+        self.check_processor = check_processor
 
 
 CARD_FAMILIES: Dict[str, CardFamily] = {}
@@ -256,11 +295,27 @@ def _is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _config_of(model_or_config):
+    base = model_or_config.get_base_model() if _is_peft_model(model_or_config) else model_or_config
+    return getattr(base, "config", base)
+
+
+def check_processor_fits(model_or_config, processor) -> None:
+    """Raise ValueError when ``processor`` cannot be published with ``model_or_config`` (a model, its config or a PEFT
+    adapter), for the families that define the check (Coupled Mamba: the feature extractor's modalities must be the
+    model's, in the same order). Nothing to check when either is None."""
+    if processor is None or model_or_config is None:
+        return
+    family = CARD_FAMILIES.get(getattr(_config_of(model_or_config), "model_type", None))
+    if family is not None and family.check_processor is not None:
+        family.check_processor(_config_of(model_or_config), processor)
+
+
 def render_model_card(
     model_or_config, *, repo_id: Optional[str] = None, license: str = DEFAULT_LICENSE, base_model=None,
     datasets: Optional[Iterable[str]] = None, tags: Optional[Iterable[str]] = None, language=None,
     training=None, sources: Optional[Mapping[str, str]] = None, model_name: Optional[str] = None,
-    limitations: Optional[Iterable[str]] = None, template_dir=None,
+    limitations: Optional[Iterable[str]] = None, template_dir=None, processor=None,
 ):
     """The model card (``huggingface_hub.ModelCard``) of a model, a config or a PEFT adapter.
 
@@ -278,6 +333,9 @@ def render_model_card(
         model_name: title; default the last part of ``repo_id``.
         limitations: extra limitation bullet points, after the family's.
         template_dir: folder of the templates (default: see ``model_card_dir``).
+        processor: the processor / feature extractor uploaded with the card, if any (families whose usage snippet
+            depends on it, as Coupled Mamba's, describe and load it; a processor that does not fit the config is a
+            ValueError).
     """
     adapter = _is_peft_model(model_or_config)
     base = model_or_config.get_base_model() if adapter else model_or_config
@@ -293,6 +351,10 @@ def render_model_card(
     details = training_details(training)
     all_datasets = _as_list(datasets) + (details["datasets"] if details else [])
     context = dict(family.context(config, model))
+    check_processor_fits(config, processor)
+    if family.usage is not None:
+        context.update(family.usage(config, processor, adapter))
+    config_tags = _as_list(context.pop("card_tags", None))
     repo_id = repo_id or getattr(config, "_name_or_path", None) or None
     if not repo_id:
         raise ValueError("pass repo_id= (the Hub id or folder the card's usage snippet loads from)")
@@ -305,7 +367,7 @@ def render_model_card(
     if not adapter:
         card_data = _card_data(
             pipeline_tag=family.pipeline_tag, license=license, base_model=base_model,
-            tags=family.tags + _as_list(tags) + list(getattr(model, "model_tags", None) or []),
+            tags=family.tags + config_tags + _as_list(tags) + list(getattr(model, "model_tags", None) or []),
             datasets=all_datasets, language=_as_list(language) or family.language, model_name=name,
             library_name="transformers",
         )
@@ -331,7 +393,7 @@ def render_model_card(
     peft_type = str(getattr(getattr(peft_config, "peft_type", None), "value", peft_config.peft_type)).lower()
     card_data = _card_data(
         pipeline_tag=family.pipeline_tag, license=license, base_model=base_model,
-        tags=family.tags + ["peft", peft_type, "adapter"] + _as_list(tags), datasets=all_datasets,
+        tags=family.tags + config_tags + ["peft", peft_type, "adapter"] + _as_list(tags), datasets=all_datasets,
         language=_as_list(language) or family.language, model_name=name, library_name="peft",
     )
     return _render(folder / ADAPTER_TEMPLATE, card_data=card_data.to_yaml(), **context)
@@ -392,6 +454,8 @@ def _vl_mamba_context(config, model) -> dict:
         "family_name": "VL-Mamba",
         "summary": summary,
         "auto_model_class": "AutoModelForImageTextToText",
+        "usage_imports": "from PIL import Image\nfrom transformers import AutoModelForImageTextToText, AutoProcessor",
+        "adapter_load_processor": "processor = AutoProcessor.from_pretrained(base_id, trust_remote_code=True)",
         "example_code": example_code,
         "num_parameters": format_count(parameters),
         "dtype": dtype,
@@ -425,6 +489,179 @@ register_card_family("vl_mamba", CardFamily(
 ))
 
 
+# ----------------------------------------------------------------------------------- Coupled Mamba card context
+_COUPLINGS = {
+    "mean": "one coupled state, the mean of the chains' states, H_t = (1/M) sum_m h^m_t, feeds every chain's next "
+            "step (a convex combination: stable on long sequences)",
+    "sum": "the paper's Eq. 6: the chains' states are summed, H_t = sum_m h^m_t, before every chain's next step (the "
+           "coupled decay can reach M, so long sequences can overflow: the scan then raises CoupledScanOverflowError)",
+    "none": "no coupling: M independent Mamba chains (the paper's ablation)",
+}
+_POOLINGS = {
+    "mean": "mean over each modality's valid (unmasked) steps",
+    "max": "maximum over each modality's valid (unmasked) steps",
+    "last": "each modality's last valid step",
+}
+_FUSIONS = {
+    "weighted": "softmax-weighted sum with one learned weight per modality (renormalized over the modalities present)",
+    "mean": "mean over the modalities present",
+    "concat": "concatenation of the pooled modality vectors",
+}
+# Step counts of the usage snippet's example modalities (cycled): different lengths show the alignment at work.
+_EXAMPLE_STEPS = (12, 40, 25, 33, 18)
+
+
+def _coupled_task(config) -> dict:
+    """The task a Coupled Mamba config describes: name, card tag, output description and how the snippet reads it."""
+    labels = config.num_labels
+    problem = config.problem_type
+    if problem == "regression" or (problem is None and labels == 1):
+        loss = "L1 (the paper's)" if config.regression_loss == "l1" else "MSE"
+        what = "one score" if labels == 1 else f"{labels} scores"
+        return {"name": "regression", "tag": "regression", "description": f"regression: {what}, {loss} loss",
+                "read": "print(logits[0].tolist())  # the predicted score(s)"}
+    names = [str(config.id2label[i]) for i in range(labels)] if config.id2label else []
+    named = [n for i, n in enumerate(names) if n != f"LABEL_{i}"]
+    shown = f" ({', '.join(names)})" if named else ""
+    if problem == "multi_label_classification":
+        return {"name": "multi-label classification", "tag": "multi-label-classification",
+                "description": f"multi-label classification over {labels} labels{shown}, sigmoid / binary "
+                               "cross-entropy",
+                "read": "probabilities = logits.sigmoid()[0]\n"
+                        "print({model.config.id2label[i]: round(p, 3) for i, p in enumerate(probabilities.tolist())})"}
+    return {"name": "classification", "tag": "classification",
+            "description": f"single-label classification over {labels} labels{shown}, softmax / cross-entropy",
+            "read": "probabilities = logits.softmax(-1)[0]\n"
+                    "print(model.config.id2label[int(probabilities.argmax())], float(probabilities.max()))"}
+
+
+def _coupled_mamba_context(config, model) -> dict:
+    parameters = model.num_parameters() if model is not None else None
+    dtype = str(getattr(model, "dtype", None) or getattr(config, "dtype", None) or "float32").replace("torch.", "")
+    names = list(config.modality_names)
+    dims = dict(config.modality_dims)
+    task = _coupled_task(config)
+    fused = config.hidden_size * (len(names) if config.fusion == "concat" else 1)
+    modalities = ", ".join(f"{name} ({dims[name]})" for name in names)
+    summary = (
+        f"{len(names)} modalities ({modalities}), {config.num_hidden_layers} coupled layers of hidden size "
+        f"{config.hidden_size} and state size {config.state_size}, `{config.coupling}` coupling, "
+        f"`{config.pooling}` pooling, `{config.fusion}` fusion, {task['name']}"
+    )
+    return {
+        "default_name": "coupled-mamba",
+        "family_name": "Coupled Mamba",
+        "summary": summary,
+        "auto_model_class": "AutoModelForSequenceClassification",
+        "num_parameters": format_count(parameters),
+        "dtype": dtype,
+        "modality_list": ", ".join(f"`{name}` {dims[name]}" for name in names),
+        "modality_table": ", ".join(f"`{name}` ({dims[name]})" for name in names),
+        "num_modalities": len(names),
+        "total_dim": sum(dims.values()),
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "state_size": config.state_size,
+        "expand": config.expand,
+        "intermediate_size": config.intermediate_size,
+        "conv_kernel": config.conv_kernel,
+        "time_step_rank": config.time_step_rank,
+        "projection_hidden_size": config.projection_hidden_size,
+        "head_hidden_size": config.head_hidden_size,
+        "fused_size": fused,
+        "coupling": config.coupling,
+        "coupling_description": _COUPLINGS[config.coupling],
+        "pooling": config.pooling,
+        "pooling_description": _POOLINGS[config.pooling],
+        "fusion": config.fusion,
+        "fusion_description": _FUSIONS[config.fusion],
+        "task": task["description"],
+        "task_name": task["name"],
+        "num_labels": config.num_labels,
+        "ssm_backend": getattr(config, "ssm_backend", None) or "auto",
+        "card_tags": [task["tag"]],
+    }
+
+
+def _describe_feature_extractor(extractor) -> str:
+    if extractor.alignment == "segment_mean":
+        return (f"`segment_mean`: every modality is averaged over {extractor.sequence_length} equal segments "
+                f"(shorter sequences are stretched), every step valid")
+    target = (f"{extractor.sequence_length} steps (longer sequences are truncated)" if extractor.sequence_length
+              else "the longest sequence of the batch")
+    return f"`pad`: every modality keeps its own steps from t = 0 and is padded to {target}; the mask marks valid steps"
+
+
+def _check_coupled_mamba_processor(config, processor) -> None:
+    names = list(config.modality_names)
+    dims = dict(config.modality_dims)
+    extractor_dims = getattr(processor, "modality_dims", None)
+    if not isinstance(extractor_dims, Mapping) or not hasattr(processor, "alignment"):
+        raise ValueError(
+            f"a Coupled Mamba model goes with a CoupledMambaFeatureExtractor, got {type(processor).__name__}"
+        )
+    extractor_names = list(getattr(processor, "modality_names", None) or extractor_dims)
+    if extractor_names != names or dict(extractor_dims) != dims:
+        raise ValueError(
+            f"the feature extractor's modalities {dict(extractor_dims)} (order {extractor_names}) do not match the "
+            f"model's {dims} (order {names}): build it with CoupledMambaFeatureExtractor.from_model_config(config)"
+        )
+
+
+def _coupled_mamba_usage(config, processor, adapter: bool) -> dict:
+    """The usage snippet: with the feature extractor uploaded alongside, unaligned sequences go through it; without
+    one, the example features are already on one time axis (the model takes a dict of per-modality tensors)."""
+    names = list(config.modality_names)
+    dims = dict(config.modality_dims)
+    task = _coupled_task(config)
+    where = "adapter_id" if adapter else "repo_id"
+    if processor is not None:
+        steps = {name: _EXAMPLE_STEPS[i % len(_EXAMPLE_STEPS)] for i, name in enumerate(names)}
+        sample = ", ".join(f"{json.dumps(name)}: torch.randn({steps[name]}, {dims[name]})" for name in names)
+        example_code = (
+            "# one sample: a (steps, dim) feature sequence per modality (lengths may differ, a modality may be None)\n"
+            f"sample = {{{sample}}}\n"
+            'inputs = feature_extractor([sample], return_tensors="pt")  # input_features; attention_mask (1, M, L)\n'
+            "with torch.no_grad():\n"
+            "    logits = model(**inputs).logits\n"
+            f"{task['read']}"
+        )
+        imports = "import torch\nfrom transformers import AutoFeatureExtractor, AutoModelForSequenceClassification"
+        load = f"feature_extractor = AutoFeatureExtractor.from_pretrained({where}, trust_remote_code=True)"
+        extractor = _describe_feature_extractor(processor)
+    else:
+        features = ", ".join(f"{json.dumps(name)}: torch.randn(1, 30, {dims[name]})" for name in names)
+        example_code = (
+            "# features already on one time axis: (batch, steps, dim) per modality (an absent modality: None)\n"
+            f"features = {{{features}}}\n"
+            "with torch.no_grad():\n"
+            "    logits = model(input_features=features).logits\n"
+            f"{task['read']}"
+        )
+        imports = "import torch\nfrom transformers import AutoModelForSequenceClassification"
+        load = ""
+        extractor = None
+    return {
+        "example_code": example_code,
+        "usage_imports": imports,
+        "load_processor": load,
+        "adapter_load_processor": load if adapter else "",
+        "feature_extractor": extractor,
+    }
+
+
+# Hub pipeline tag: "other". The Hub has no task for classification / regression of multimodal *feature sequences*
+# (text, audio and vision features computed beforehand, e.g. BERT / COVAREP / Facet vectors): "text-classification",
+# "audio-classification" or "video-classification" would promise raw text / audio / video input and a widget that
+# cannot feed this model, and "tabular-*" describes tables, not sequences. The task ("regression", "classification",
+# ...) goes into the tags instead, and the package's own pipeline task is "multimodal-sequence-classification".
+register_card_family("coupled_mamba", CardFamily(
+    template="coupled_mamba.md", pipeline_tag="other",
+    tags=["coupled-mamba", "mamba", "state-space-model", "multimodal", "multimodal-fusion", "custom_code"],
+    context=_coupled_mamba_context, usage=_coupled_mamba_usage, check_processor=_check_coupled_mamba_processor,
+))
+
+
 # ----------------------------------------------------------------------------------------------- save and push
 def _check_empty_or_overwrite(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
@@ -446,12 +683,13 @@ def save_for_hub(
     """
     if model is None and processor is None:
         raise ValueError("nothing to save: pass a model, a processor or both")
+    check_processor_fits(model, processor)
     folder = Path(save_directory)
     _check_empty_or_overwrite(folder, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     if card and model is not None:
         card_kwargs.setdefault("repo_id", str(folder))  # the snippet then loads this very folder
-        rendered = render_model_card(model, **card_kwargs)
+        rendered = render_model_card(model, processor=processor, **card_kwargs)
     else:
         rendered = None
     if model is not None:
@@ -489,6 +727,7 @@ def push_to_hub(
 
     if model is None and processor is None:
         raise ValueError("nothing to push: pass a model, a processor or both")
+    check_processor_fits(model, processor)  # before any Hub call
     api = HfApi(library_name="multimodal-mamba", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     write_card = model is not None
