@@ -51,3 +51,10 @@ _register_auto_classes()
 
 # >>> coupled mamba exports (issue 3) are appended below this line
 from .coupled_api import *  # noqa: F401,F403
+from .training import (  # noqa: E402  Coupled Mamba fine-tuning (issue 4)
+    COUPLED_MAMBA_LORA_TARGET_REGEX,
+    coupled_classification_metrics,
+    coupled_mamba_lora_config,
+    coupled_regression_metrics,
+    load_coupled_mamba_dataset,
+)

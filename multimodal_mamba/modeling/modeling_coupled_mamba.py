@@ -156,6 +156,23 @@ class CoupledMambaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CoupledMambaLayer"]
     _keep_in_fp32_modules_strict = KEEP_IN_FP32
 
+    def enable_input_require_grads(self):
+        """Make the input projections' outputs require grad (transformers hooks the input embeddings, which this model
+        has not). Without it, reentrant gradient checkpointing with frozen projections (e.g. LoRA on the mixers only)
+        gives the checkpointed layers' adapters no gradient. PEFT and transformers' adapter integration call it; the
+        model's forward does the same under gradient checkpointing."""
+
+        def make_output_require_grad(module, inputs, output):
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hooks = [
+            module.register_forward_hook(make_output_require_grad)
+            for module in self.modules()
+            if isinstance(module, CoupledMambaInputProjection)
+        ]
+        self._require_grads_hook = self._require_grads_hooks[0]
+
     @torch.no_grad()
     def _init_weights(self, module):
         """PyTorch's default init for the linear layers, as the authors' code (mamba-ssm modules and plain
@@ -177,19 +194,6 @@ class CoupledMambaPreTrainedModel(PreTrainedModel):
             init.copy_(module.x_proj.weight, weight)  # a no-op on weights loaded from a checkpoint
         if isinstance(module, CoupledMambaModel):
             init.zeros_(module.fusion_logits)  # equal modality weights at the start
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As ``PreTrainedModel.save_pretrained``; when the classes are registered for remote code, ``auto_map``
-        gets every Auto class of the family (transformers records only the saved class)."""
-        if getattr(type(self), "_auto_class", None) is not None:
-            module = type(self).__module__.split(".")[-1]
-            config_module = type(self.config).__module__.split(".")[-1]
-            auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoConfig", f"{config_module}.CoupledMambaConfig")
-            auto_map.setdefault("AutoModel", f"{module}.CoupledMambaModel")
-            auto_map.setdefault("AutoModelForSequenceClassification", f"{module}.CoupledMambaForSequenceClassification")
-            self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 def _describe(value):
@@ -380,6 +384,10 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         names = self.config.modality_names
         hidden_states = torch.stack([self.projections[name](feat) for name, feat in zip(names, features)], dim=1)
         layer_mask = None if bool(mask.all()) else mask
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not hidden_states.requires_grad:
+            # Reentrant checkpointing passes gradients only to layers whose input requires grad (frozen projections,
+            # e.g. LoRA on the mixers only, would leave every checkpointed adapter without a gradient).
+            hidden_states.requires_grad_(True)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         with config_backend(self.config):
             for layer in self.layers:
