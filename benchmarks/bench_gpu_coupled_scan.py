@@ -152,14 +152,18 @@ def sweep(batch, chains, dim, length, state, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-shape", type=int, nargs=5, default=[8, 3, 1024, 4096, 16],
+                        metavar=("BATCH", "M", "DIM", "L", "N"), help="shape of --sweep (default: the benchmark's)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     if args.sweep:
-        t = make_inputs(8, 3, 1024, 4096, 16, torch.bfloat16)
+        shape = tuple(args.sweep_shape)
+        t = make_inputs(*shape, torch.bfloat16)
         with torch.no_grad():
-            print(json.dumps(dict(default_fwd_ms=do_bench(lambda: run_triton(t), return_mode="median"))), flush=True)
-        results = sweep(8, 3, 1024, 4096, 16, torch.bfloat16)
+            print(json.dumps(dict(shape=shape, default_fwd_ms=do_bench(lambda: run_triton(t), return_mode="median"))),
+                  flush=True)
+        results = sweep(*shape, torch.bfloat16)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_coupled_scan_sweep.json").write_text(json.dumps(results, indent=1))
         return

@@ -98,6 +98,27 @@ def measure(model, feats, repeats=5):
     return sorted(times)[len(times) // 2], peak / 2**30
 
 
+def profile(coupled, attention, batch, length):
+    """Where the time of one no-grad forward goes: CUDA time per kernel (top 15) and the number of launches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    feats = {n: torch.randn(batch, length, d, device="cuda", dtype=torch.bfloat16) for n, d in MODALITIES.items()}
+    for name, model in (("coupled", coupled), ("attention", attention)):
+        with torch.no_grad(), ssm_backend("triton"):
+            for _ in range(3):
+                model(feats)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model(feats)
+                torch.cuda.synchronize()
+        events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        total = sum(e.time_range.elapsed_us() for e in events)
+        print(f"== {name}, L {length}: {len(events)} kernels, {total / 1e3:.3f} ms of GPU time", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60),
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -108,6 +129,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[100, 200, 300, 400, 500, 1000, 2000, 4000, 8000, 16000])
     parser.add_argument("--sdpa", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="L",
+                        help="only profile one forward of each model at length L (CUDA time per kernel, launches)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     dtype = torch.bfloat16
@@ -119,6 +142,9 @@ def main():
     attention.eval()
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     print(f"params: coupled {params(coupled):.2f} M, attention {params(attention):.2f} M", flush=True)
+    if args.profile:
+        profile(coupled, attention, args.batch, args.profile)
+        return
     rows = []
     for length in args.lengths:
         feats = {n: torch.randn(args.batch, length, d, device="cuda", dtype=dtype) for n, d in MODALITIES.items()}

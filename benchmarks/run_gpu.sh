@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one command (as run on the H200 machine). Usage:
 #   benchmarks/run_gpu.sh OUT_DIR STAGE [STAGE...]
-# Stages: env, tests, sweep_scan, sweep_coupled, bench_scan, bench_coupled, bench_prefill, bench_fusion.
+# Stages: env, tests, sweep_scan, sweep_coupled, bench_scan, bench_coupled, torch_scan, bench_prefill, parity, exp2,
+# bench_fusion, profile_fusion, sweep_coupled_fusion. bench_prefill uses OUT_DIR/torch_scan_best.json (written by
+# torch_scan) when present, else the blocked scan's defaults.
 # mamba-ssm / causal-conv1d wheels are installed from .gpuwheels/ when present (see ../shared/wheels/README.md).
 set -uo pipefail
 OUT_DIR=${1:?usage: run_gpu.sh OUT_DIR STAGE...}
@@ -44,8 +46,28 @@ for stage in "$@"; do
         bench_coupled)
             timeout 300 python3 benchmarks/bench_gpu_coupled_scan.py --out "$OUT_DIR" 2>&1 | tail -12
             ;;
+        torch_scan)
+            timeout "${TORCH_SCAN_TIMEOUT:-120}" python3 benchmarks/bench_gpu_torch_scan.py --out "$OUT_DIR" 2>&1 \
+                | tee "$OUT_DIR/torch_scan.log" | grep -v '"block"' | tail -12
+            ;;
         bench_prefill)
-            timeout 400 python3 benchmarks/bench_gpu_prefill.py --out "$OUT_DIR" 2>&1 | tail -20
+            timeout "${PREFILL_TIMEOUT:-400}" python3 benchmarks/bench_gpu_prefill.py --out "$OUT_DIR" \
+                --torch-config "$OUT_DIR/torch_scan_best.json" 2>&1 | tail -12
+            ;;
+        parity)
+            timeout "${PARITY_TIMEOUT:-300}" python3 benchmarks/bench_gpu_parity.py --out "$OUT_DIR" 2>&1 \
+                | grep -v '^|' | tail -8
+            ;;
+        exp2)
+            timeout 60 python3 benchmarks/bench_gpu_exp2.py --out "$OUT_DIR" 2>&1 | tail -3
+            ;;
+        profile_fusion)
+            timeout 120 python3 benchmarks/bench_gpu_coupled_vs_attention.py --profile 500 2>&1 \
+                | tee "$OUT_DIR/profile_fusion.log" | grep '^=='
+            ;;
+        sweep_coupled_fusion)
+            timeout "${SWEEP_TIMEOUT:-200}" python3 benchmarks/bench_gpu_coupled_scan.py --sweep \
+                --sweep-shape 32 3 512 500 16 --out "$OUT_DIR" 2>&1 | grep -E 'default|fwd' | tail -20
             ;;
         bench_fusion)
             timeout 300 python3 benchmarks/bench_gpu_coupled_vs_attention.py --out "$OUT_DIR" 2>&1 | tail -20

@@ -714,10 +714,29 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     return dispatch("causal_conv1d_update", x, conv_state, weight, bias, activation=activation)
 
 
-register_backend("selective_scan", "torch", selective_scan_chunked)
+def _selective_scan_torch(u, *args, **kwargs):
+    """Backend "torch": on CUDA tensors the GPU-suited blocked scan (``ops_selective_scan_blocked``), else the
+    chunked scan above."""
+    if u.is_cuda:
+        from .ops_selective_scan_blocked import selective_scan_blocked
+
+        return selective_scan_blocked(u, *args, **kwargs)
+    return selective_scan_chunked(u, *args, **kwargs)
+
+
+def _causal_conv1d_torch(x, *args, **kwargs):
+    """Backend "torch": on CUDA tensors accumulated in float32 (``ops_selective_scan_blocked``), else as above."""
+    if x.is_cuda:
+        from .ops_selective_scan_blocked import causal_conv1d_float32
+
+        return causal_conv1d_float32(x, *args, **kwargs)
+    return causal_conv1d_shifted(x, *args, **kwargs)
+
+
+register_backend("selective_scan", "torch", _selective_scan_torch)
 register_backend("selective_scan", "reference", selective_scan_ref)
 # The decode step and the conv have no sequence to chunk: their references are already vectorized.
-register_backend("causal_conv1d", "torch", causal_conv1d_shifted)
+register_backend("causal_conv1d", "torch", _causal_conv1d_torch)
 register_backend("causal_conv1d", "reference", causal_conv1d_ref)
 for _backend in ("torch", "reference"):
     register_backend("selective_state_update", _backend, selective_state_update_ref)
