@@ -295,3 +295,18 @@ def test_triton_transpose_is_exact_and_differentiable(dtype):
         grad = torch.randn_like(out)
         out.backward(grad)
         assert torch.equal(x.grad, grad.transpose(1, 2))
+
+
+@gpu
+def test_triton_transpose_of_several_tensors_in_one_launch():
+    from multimodal_mamba.kernels.transpose import channel_major_many
+
+    base = torch.randn(2, 300, 3 * 96, device="cuda", dtype=torch.bfloat16)
+    parts = base[..., :96], base[..., 96:192], base[..., 192:]
+    for count in (1, 2, 3):
+        outs = channel_major_many(*parts[:count])
+        assert len(outs) == count
+        for out, part in zip(outs, parts):
+            assert out.is_contiguous() and torch.equal(out, part.transpose(1, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        channel_major_many(parts[0], base[..., :95])

@@ -53,8 +53,11 @@ def _tensors_ok(*tensors) -> bool:
             continue
         if t.dtype not in FLOAT_DTYPES:
             return False
-        # element offsets inside one batch row are computed in 32 bits
-        if t.dim() and max((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0) > _INT32:
+        # element offsets inside one batch row are computed in 32 bits (the product bound first: it is cheap, and
+        # this check runs on every dispatched call)
+        if t.dim() and max(t.shape) * max(map(abs, t.stride())) > _INT32 and max(
+            (s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0
+        ) > _INT32:
             return False
     return True
 

@@ -113,15 +113,18 @@ _FUSED_TRANSPOSE = []
 
 
 def _fused_transpose():
-    """This package's Triton (batch, L, C) -> (batch, C, L) transpose when it can run here, else None."""
+    """This package's Triton (batch, L, C) -> (batch, C, L) transposes (one tensor, differentiable; several
+    same-shaped tensors in one launch) when they can run here, else None."""
     if not _FUSED_TRANSPOSE:
-        fn = None
+        fns = None
         if torch.cuda.is_available():
             try:  # absent from remote-code copies and machines without Triton: the scan wrappers copy instead
-                from multimodal_mamba.kernels.transpose import channel_major_triton as fn
+                from multimodal_mamba.kernels.transpose import channel_major_many, channel_major_triton
+
+                fns = (channel_major_triton, channel_major_many)
             except Exception:
-                fn = None
-        _FUSED_TRANSPOSE.append(fn)
+                fns = None
+        _FUSED_TRANSPOSE.append(fns)
     return _FUSED_TRANSPOSE[0]
 
 
@@ -130,16 +133,28 @@ def _time_contiguous(*tensors):
 
     The projections are module calls and return token-major activations; the fused scan kernels read rows of L.
     The tiled Triton transpose does this near copy bandwidth (PyTorch's strided copy, which the kernels' wrappers
-    would otherwise run, reaches about a third of it). Elsewhere (CPU: the chunked scan prefers token-major
+    would otherwise run, reaches about a third of it); without gradients, same-shaped tensors share one launch
+    (at batch 1 a prefill's host time is mostly launches). Elsewhere (CPU: the chunked scan prefers token-major
     memory) the tensors pass unchanged.
     """
-    transpose = _fused_transpose()
-    if transpose is None:
+    fns = _fused_transpose()
+    todo = [i for i, t in enumerate(tensors)
+            if t is not None and t.is_cuda and t.dim() == 3 and t.shape[-1] > 1 and t.stride(-1) != 1]
+    if fns is None or not todo:
         return tensors
-    return tuple(
-        t if t is None or not t.is_cuda or t.shape[-1] < 2 or t.stride(-1) == 1 else transpose(t.transpose(1, 2))
-        for t in tensors
-    )
+    one, many = fns
+    result = list(tensors)
+    if torch.is_grad_enabled() and any(tensors[i].requires_grad for i in todo):
+        for i in todo:
+            result[i] = one(tensors[i].transpose(1, 2))
+        return tuple(result)
+    groups = {}
+    for i in todo:
+        groups.setdefault((tuple(tensors[i].shape), tensors[i].dtype), []).append(i)
+    for indices in groups.values():
+        for i, out in zip(indices, many(*(tensors[i].transpose(1, 2) for i in indices))):
+            result[i] = out
+    return tuple(result)
 
 
 class MambaRMSNorm(nn.Module):
@@ -272,10 +287,13 @@ class MambaMixer(nn.Module):
             x = causal_conv1d_update(x[..., 0], conv_state, weight, self.conv1d.bias, activation="silu")[..., None]
         else:
             if conv_state is not None:
-                prefix = conv_initial if conv_initial is not None else x.new_zeros(x.shape[0], x.shape[1], self.conv_kernel - 1)
-                # only the last conv_kernel inputs: concatenating all of x would copy the whole prompt
-                history = torch.cat([prefix.to(x.dtype), x[..., -self.conv_kernel:]], dim=-1)[..., -self.conv_kernel:]
-                conv_state.copy_(history.to(conv_state.dtype))
+                if conv_initial is None and x.shape[-1] >= self.conv_kernel:
+                    conv_state.copy_(x[..., -self.conv_kernel:])  # the common prefill: one copy
+                else:
+                    prefix = conv_initial if conv_initial is not None else x.new_zeros(x.shape[0], x.shape[1], self.conv_kernel - 1)
+                    # only the last conv_kernel inputs: concatenating all of x would copy the whole prompt
+                    history = torch.cat([prefix.to(x.dtype), x[..., -self.conv_kernel:]], dim=-1)[..., -self.conv_kernel:]
+                    conv_state.copy_(history.to(conv_state.dtype))
             x = causal_conv1d(x, weight, self.conv1d.bias, initial_state=conv_initial, activation="silu")
         if attention_mask is not None:
             x = x * attention_mask[:, None, :].to(x.dtype)
