@@ -35,6 +35,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
 from .configuration_coupled_mamba import CoupledMambaConfig
+from .peft_adapters import AdapterLoadingMixin
 from .modeling_mamba_lm import KEEP_IN_FP32, MambaMixer, init_mamba_module_weights
 from .ops_coupled_scan import coupled_selective_scan
 from .ops_selective_scan import selective_scan
@@ -148,7 +149,7 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         return torch.stack(outputs, dim=1)
 
 
-class CoupledMambaPreTrainedModel(PreTrainedModel):
+class CoupledMambaPreTrainedModel(AdapterLoadingMixin, PreTrainedModel):
     config_class = CoupledMambaConfig
     base_model_prefix = "model"
     main_input_name = "input_features"

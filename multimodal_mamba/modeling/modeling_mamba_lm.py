@@ -26,6 +26,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .peft_adapters import AdapterLoadingMixin
 from .decode_graphs import DecodeGraphs
 from .ops_mamba_ssm import GPU_BACKENDS  # noqa: F401  (registers the "mamba_ssm" and "triton" backends on CUDA)
 from .ops_selective_scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
@@ -429,7 +430,7 @@ def init_mamba_module_weights(module, config):
 KEEP_IN_FP32 = ["mixer.A_log", "mixer.D"]
 
 
-class MambaLMPreTrainedModel(PreTrainedModel):
+class MambaLMPreTrainedModel(AdapterLoadingMixin, PreTrainedModel):
     config_class = MambaConfig
     base_model_prefix = "backbone"
     _no_split_modules = ["MambaBlock"]

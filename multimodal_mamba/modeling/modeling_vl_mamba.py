@@ -29,6 +29,7 @@ from .modeling_mamba_lm import (
     init_mamba_module_weights,
 )
 from .ssm_backends import config_backend
+from .peft_adapters import AdapterLoadingMixin
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
@@ -116,7 +117,7 @@ class VLMambaMultiModalProjector(nn.Module):
         return self.linear_2(self.norm(scanned + projected))
 
 
-class VLMambaPreTrainedModel(PreTrainedModel):
+class VLMambaPreTrainedModel(AdapterLoadingMixin, PreTrainedModel):
     config_class = VLMambaConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
