@@ -13,6 +13,7 @@ dispatch of ``ops_selective_scan`` (reference, chunked PyTorch, fused GPU kernel
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -312,17 +313,16 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def ssm_A(self):
-        """A = -exp(A_log) (intermediate, state_size) float32. Without gradients it is computed once per value of
-        ``A_log`` (its storage and version counter), not at every call: two kernels less per layer and decode step."""
-        A_log = self.A_log
-        if torch.is_grad_enabled() and A_log.requires_grad:
-            return -torch.exp(A_log.float())
-        key = (A_log.data_ptr(), A_log._version, A_log.dtype, A_log.device)
-        cached = self.__dict__.get("_ssm_A_cache")
-        if cached is None or cached[0] != key or (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
-            cached = (key, -torch.exp(A_log.detach().float()))
-            self.__dict__["_ssm_A_cache"] = cached
-        return cached[1]
+        """A = -exp(A_log) (intermediate, state_size) float32.
+
+        Computed at every call (a cache keyed on A_log's version counter would go stale: fused optimizers update
+        parameters in place without bumping it). Inside a captured decode step the LM computes every layer's A at
+        once (``precomputed_A``) and the mixers read it from ``_A_override``.
+        """
+        override = self.__dict__.get("_A_override")
+        if override is not None:
+            return override
+        return -torch.exp(self.A_log.float())
 
     def forward(self, hidden_states, cache_params: Optional[MambaStateCache] = None, attention_mask=None, scan_orders=None):
         """hidden_states (batch, L, hidden) -> (batch, L, hidden).
@@ -391,6 +391,23 @@ class MambaMixer(nn.Module):
         index = inverse[None, :, None, :].expand(batch, directions, dim, length)
         merged = torch.gather(y, 3, index).sum(dim=1)
         return self.output_stage(merged.to(hidden_states.dtype))
+
+
+@contextlib.contextmanager
+def _precomputed_A(mixers):
+    """Within the block, each of ``mixers`` returns A = -exp(A_log) computed for all of them at once."""
+    if not mixers:
+        yield
+        return
+    values = torch._foreach_exp([mixer.A_log.float() for mixer in mixers])
+    torch._foreach_neg_(values)
+    for mixer, value in zip(mixers, values):
+        mixer.__dict__["_A_override"] = value
+    try:
+        yield
+    finally:
+        for mixer in mixers:
+            mixer.__dict__.pop("_A_override", None)
 
 
 class MambaBlock(GradientCheckpointingLayer):
@@ -535,7 +552,11 @@ class MambaBackbone(MambaLMPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
-        with config_backend(self.config):
+        # A decode step without gradients: every layer's A = -exp(A_log) from two multi-tensor kernels, not two per
+        # layer (the same computation whether the step is replayed from a CUDA graph or not: identical tokens).
+        decode_step = (cache_params is not None and cache_params.seqlen_offset > 0 and length == 1
+                       and not torch.is_grad_enabled())
+        with config_backend(self.config), _precomputed_A([block.mixer for block in self.layers] if decode_step else []):
             for block in self.layers:
                 hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
                 if output_hidden_states:
@@ -663,15 +684,18 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
         return MambaStateCache.for_config(self.config, batch_size, device=device, dtype=dtype)
 
     def _decode_step_logits(self, input_ids, cache_params):
-        """The eager one-token step that decode graphs capture: input_ids (B, 1) -> logits (B, 1, vocab) float32."""
+        """The eager one-token step that decode graphs capture: input_ids (B, 1) -> logits (B, 1, vocab) float32.
+
+        (The backbone computes every layer's A = -exp(A_log) for a decode step with two multi-tensor kernels; inside
+        the graph that is part of the replayed step, so it follows any later change of A_log.)
+        """
         hidden_states = self.backbone(input_ids, cache_params=cache_params, use_cache=True, return_dict=True)
         hidden_states = hidden_states.last_hidden_state
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
 
     def _decode_graph_signature(self):
         """Changes whenever a captured decode graph would be stale: parameter storage, dtype, op backend."""
-        # the version counter too: values cached outside the graph (ssm_A) follow in-place updates of A_log
-        tensors = tuple((t.data_ptr(), t.dtype, t._version) for t in (*self.parameters(), *self.buffers()))
+        tensors = tuple((t.data_ptr(), t.dtype) for t in (*self.parameters(), *self.buffers()))
         return tensors, forced_backend(), getattr(self.config, "ssm_backend", None)
 
     def forward(
