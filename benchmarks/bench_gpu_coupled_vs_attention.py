@@ -98,6 +98,21 @@ def measure(model, feats, repeats=5):
     return sorted(times)[len(times) // 2], peak / 2**30
 
 
+def gpu_time(model, feats):
+    """Seconds of GPU kernel time in one no-grad forward (torch.profiler): the forward's cost without the host's
+    launch overhead, which bounds the wall time from below when the host keeps ahead."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(feats)
+            torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return sum(e.time_range.elapsed_us() for e in events) / 1e6, len(events)
+
+
 def profile(coupled, attention, batch, length):
     """Where the time of one no-grad forward goes: CUDA time per kernel (top 15) and the number of launches."""
     from torch.profiler import ProfilerActivity
@@ -129,6 +144,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[100, 200, 300, 400, 500, 1000, 2000, 4000, 8000, 16000])
     parser.add_argument("--sdpa", action="store_true")
+    parser.add_argument("--gpu-time-max-length", type=int, default=2000,
+                        help="also measure the GPU kernel time (profiler) of one forward up to this length")
     parser.add_argument("--profile", type=int, default=0, metavar="L",
                         help="only profile one forward of each model at length L (CUDA time per kernel, launches)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
@@ -151,20 +168,26 @@ def main():
         row = dict(L=length)
         with ssm_backend("triton"):
             row["coupled_s"], row["coupled_GiB"] = measure(coupled, feats)
+            if length <= args.gpu_time_max_length:
+                row["coupled_gpu_s"], row["coupled_kernels"] = gpu_time(coupled, feats)
         assert last_backend("coupled_selective_scan") == "triton"
         try:
             row["attention_s"], row["attention_GiB"] = measure(attention, feats)
             row["time_ratio"] = row["attention_s"] / row["coupled_s"]
             row["memory_ratio"] = row["attention_GiB"] / max(row["coupled_GiB"], 1e-9)
+            if length <= args.gpu_time_max_length:
+                row["attention_gpu_s"], row["attention_kernels"] = gpu_time(attention, feats)
+                row["gpu_time_ratio"] = row["attention_gpu_s"] / row["coupled_gpu_s"]
         except torch.OutOfMemoryError:
             row["attention_s"] = row["attention_GiB"] = "OOM"
         torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    fields = ["L", "coupled_s", "attention_s", "time_ratio", "coupled_GiB", "attention_GiB", "memory_ratio"]
+    fields = ["L", "coupled_s", "attention_s", "time_ratio", "coupled_GiB", "attention_GiB", "memory_ratio",
+              "coupled_gpu_s", "attention_gpu_s", "gpu_time_ratio", "coupled_kernels", "attention_kernels"]
     with open(args.out / "gpu_coupled_vs_attention.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -174,7 +197,9 @@ def main():
         f"Device: {torch.cuda.get_device_name()}; batch {args.batch}, hidden {args.hidden}, {args.layers} layers, "
         f"3 modalities {MODALITIES}; Coupled Mamba state {args.state}, coupling 'mean', Triton coupled scan; "
         f"attention: {args.heads} heads, {'SDPA' if args.sdpa else 'explicit (materialized) attention, as MulT'}. "
-        f"Time: forward, no grad, median of 5. Memory: peak above weights and inputs. Ratios: attention / coupled.",
+        f"Time: forward, no grad, median of 5 (wall clock, host launches included). Memory: peak above weights and "
+        f"inputs. *_gpu_s: GPU kernel time of one forward (torch.profiler), *_kernels: its kernel count. Ratios: "
+        f"attention / coupled.",
         "",
         "Command: `python benchmarks/bench_gpu_coupled_vs_attention.py`",
         "",

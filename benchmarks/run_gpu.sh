@@ -2,7 +2,7 @@
 # GPU tests and benchmarks in one command (as run on the H200 machine). Usage:
 #   benchmarks/run_gpu.sh OUT_DIR STAGE [STAGE...]
 # Stages: env, tests, sweep_scan, sweep_coupled, bench_scan, bench_coupled, torch_scan, bench_prefill, parity, exp2,
-# bench_fusion, profile_fusion, sweep_coupled_fusion. bench_prefill uses OUT_DIR/torch_scan_best.json (written by
+# bench_fusion, profile_fusion, sweep_coupled_fusion, sweep_seq, sweep_seq_fusion. bench_prefill uses OUT_DIR/torch_scan_best.json (written by
 # torch_scan) when present, else the blocked scan's defaults.
 # mamba-ssm / causal-conv1d wheels are installed from .gpuwheels/ when present (see ../shared/wheels/README.md).
 set -uo pipefail
@@ -29,6 +29,7 @@ for stage in "$@"; do
         tests)
             KARGS=()
             if [ -n "${PYTEST_K:-}" ]; then KARGS=(-k "$PYTEST_K"); fi
+            if [ -n "${PYTEST_XDIST:-}" ]; then KARGS+=(-n "$PYTEST_XDIST"); fi  # parallel workers: Triton builds
             timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_kernels.py \
                 --maxfail=30 "${KARGS[@]}" 2>&1 | tee "$OUT_DIR/pytest_gpu.log" | tail -40
             ;;
@@ -40,11 +41,21 @@ for stage in "$@"; do
             timeout "${SWEEP_TIMEOUT:-200}" python3 benchmarks/bench_gpu_coupled_scan.py --sweep --out "$OUT_DIR" 2>&1 \
                 | tee "$OUT_DIR/sweep_coupled.log" | tail -5
             ;;
+        sweep_seq)
+            timeout "${SWEEP_TIMEOUT:-200}" python3 benchmarks/bench_gpu_coupled_scan.py --sweep --sweep-sequential-only \
+                --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/sweep_seq.log" | tail -3
+            ;;
+        sweep_seq_fusion)
+            timeout "${SWEEP_TIMEOUT:-200}" python3 benchmarks/bench_gpu_coupled_scan.py --sweep --sweep-sequential-only \
+                --sweep-shape 32 3 512 500 16 --sweep-layouts tmajor --out "$OUT_DIR" 2>&1 \
+                | tee "$OUT_DIR/sweep_seq_fusion.log" | tail -3
+            ;;
         bench_scan)
             timeout 300 python3 benchmarks/bench_gpu_selective_scan.py --out "$OUT_DIR" 2>&1 | tail -20
             ;;
         bench_coupled)
-            timeout 300 python3 benchmarks/bench_gpu_coupled_scan.py --out "$OUT_DIR" 2>&1 | tail -12
+            timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu_coupled_scan.py --out "$OUT_DIR" 2>&1 \
+                | tee "$OUT_DIR/bench_coupled.log" | tail -12
             ;;
         torch_scan)
             timeout "${TORCH_SCAN_TIMEOUT:-120}" python3 benchmarks/bench_gpu_torch_scan.py --out "$OUT_DIR" 2>&1 \
@@ -70,7 +81,8 @@ for stage in "$@"; do
                 --sweep-shape 32 3 512 500 16 --out "$OUT_DIR" 2>&1 | grep -E 'default|fwd' | tail -20
             ;;
         bench_fusion)
-            timeout 300 python3 benchmarks/bench_gpu_coupled_vs_attention.py --out "$OUT_DIR" 2>&1 | tail -20
+            timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu_coupled_vs_attention.py --out "$OUT_DIR" 2>&1 \
+                | tee "$OUT_DIR/bench_fusion.log" | tail -20
             ;;
         *)
             echo "unknown stage $stage"

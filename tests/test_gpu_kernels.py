@@ -343,6 +343,154 @@ def test_gpu_coupled_scan_more_chains_than_the_kernel_falls_back():
     assert rel(y, y_ref) <= TOL[torch.float32]
 
 
+def _chain_lists(inputs, chains):
+    """The stacked coupled-scan inputs as per-chain lists (views sharing strides)."""
+    split = lambda t: [t[:, m] for m in range(chains)] if t is not None else None  # noqa: E731
+    return dict(us=split(inputs["u"]), deltas=split(inputs["delta"]), zs=split(inputs["z"]), Bs=split(inputs["B"]),
+                Cs=split(inputs["C"]))
+
+
+def _separate_chain_inputs(batch, chains, dim, length, state, dtype, seed=0, with_z=True, device="cuda"):
+    """Per-chain tensors laid out as a Coupled Mamba layer's activations: u, delta, z time-major views of separate
+    (batch, L, .) tensors (z a half of a wider one, as in_proj's output), B and C N-contiguous column blocks of one
+    (batch, L, R + 2N) tensor per chain (x_proj's output)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rand = lambda *shape, scale=1.0, shift=0.0: (torch.randn(*shape, generator=gen) * scale + shift).to(device)  # noqa
+    us, deltas, zs, Bs, Cs = [], [], [], [], []
+    for _ in range(chains):
+        us.append(rand(batch, length, dim).to(dtype).transpose(1, 2))
+        deltas.append(rand(batch, length, dim, scale=0.5, shift=-1.0).to(dtype).transpose(1, 2))
+        zs.append(rand(batch, length, 2 * dim).to(dtype)[..., dim:].transpose(1, 2))
+        params = rand(batch, length, 5 + 2 * state).to(dtype)
+        Bs.append(params[..., 5:5 + state].transpose(1, 2))
+        Cs.append(params[..., 5 + state:].transpose(1, 2))
+    return dict(us=us, deltas=deltas, zs=zs if with_z else None, Bs=Bs, Cs=Cs,
+                A=-torch.exp(rand(chains, dim, state, scale=0.5)), D=rand(chains, dim),
+                delta_bias=rand(chains, dim, scale=0.3), initial_state=rand(batch, dim, state))
+
+
+def _stacked_reference(lists, coupling, **kwargs):
+    stack = lambda ts: torch.stack(list(ts), dim=1) if ts is not None else None  # noqa: E731
+    return coupled_selective_scan_ref(stack(lists["us"]), stack(lists["deltas"]), lists["A"], stack(lists["Bs"]),
+                                      stack(lists["Cs"]), D=lists.get("D"), z=stack(lists["zs"]),
+                                      delta_bias=lists.get("delta_bias"), coupling=coupling, return_final_state=True,
+                                      **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", COUPLED_SHAPES[:4], ids=str)
+def test_gpu_coupled_scan_chunked_forward_matches_reference(dtype, shape, monkeypatch):
+    """The chunked forward kernel (kept for N > 64 and as the alternative) against the reference."""
+    from multimodal_mamba.kernels.coupled_scan import fused
+
+    monkeypatch.setattr(fused, "FWD_IMPL", "chunked")
+    batch, chains, dim, length, state, time_major, with_z, with_h0 = shape
+    inputs = coupled_inputs(batch, chains, dim, length, state, dtype, time_major, with_z, with_h0, seed=_seed(shape))
+    check_coupled(fused.coupled_selective_scan_triton, inputs, dtype, "mean")
+
+
+# = SEQ_SWEEP of benchmarks/bench_gpu_coupled_scan.py: (block_d, num_warps, K)
+SEQ_CONFIGS = [(16, 1, 4), (16, 1, 1), (16, 1, 2), (16, 1, 8), (8, 1, 4), (8, 1, 1), (8, 1, 2), (32, 1, 1), (32, 1, 2),
+               (32, 1, 4), (64, 2, 1), (64, 2, 2), (4, 1, 2), (4, 1, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("time_major", [False, True], ids=["lmajor", "tmajor"])
+@pytest.mark.parametrize("config", SEQ_CONFIGS, ids=str)
+def test_gpu_coupled_sequential_forward_configs(config, time_major):
+    """Every launch configuration of the sequential forward (those the benchmark sweeps, with the sweep's
+    specialization: bf16, dims multiples of 16) against the reference: output and final state. (Odd shapes, float32,
+    saved states and gradients: the default configuration, in test_gpu_coupled_scan_matches_reference.)"""
+    from multimodal_mamba.kernels.coupled_scan import sequential
+
+    dtype = torch.bfloat16
+    batch, chains, dim, length, state = 2, 3, 64, 160, 16
+    inputs = coupled_inputs(batch, chains, dim, length, state, dtype, time_major, with_h0=False, seed=3)
+    lists = _chain_lists(inputs, chains)
+    with torch.no_grad():
+        y, final, _ = sequential.coupled_scan_fwd_seq(
+            lists["us"], lists["deltas"], lists["zs"], inputs["A"], lists["Bs"], lists["Cs"], inputs["D"],
+            inputs["delta_bias"], True, "mean", None, config=config)
+        args = [inputs[k] for k in SCAN_KEYS]
+        y_ref, h_ref = coupled_selective_scan_ref(*args[:5], D=args[5], z=args[6], delta_bias=args[7],
+                                                  return_final_state=True)
+    assert rel(y, y_ref) <= TOL[dtype], rel(y, y_ref)
+    assert rel(final, h_ref) <= 2e-3, rel(final, h_ref)
+
+
+# (batch, M, dim, L, N, coupling, z)
+CHAIN_SHAPES = [(2, 3, 64, 77, 16, "mean", True), (1, 1, 32, 1, 16, "mean", True), (3, 2, 24, 129, 3, "sum", False),
+                (1, 4, 16, 40, 32, "mean", True), (2, 3, 16, 33, 64, "mean", True), (2, 4, 12, 64, 8, "sum", True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=str)
+def test_gpu_coupled_scan_chains_matches_reference(shape, dtype):
+    """The chain-list entry point (a Coupled Mamba layer's per-modality activations read in place) without
+    gradients: the Triton kernel, its output layout, and the stacking fallback of the other backends."""
+    check_chains(shape, dtype, ("triton", "torch"))
+
+
+def check_chains(shape, dtype, backends, device="cuda"):
+    from multimodal_mamba.modeling.ops_coupled_scan import coupled_selective_scan_chains
+
+    batch, chains, dim, length, state, coupling, with_z = shape
+    lists = _separate_chain_inputs(batch, chains, dim, length, state, dtype, seed=_seed(shape), with_z=with_z,
+                                   device=device)
+    if coupling == "sum":
+        lists["A"] = lists["A"] - 1.0
+        lists["deltas"] = [d + 3.0 for d in lists["deltas"]]
+    kwargs = dict(D=lists["D"], zs=lists["zs"], delta_bias=lists["delta_bias"], coupling=coupling,
+                  initial_state=lists["initial_state"], return_final_state=True)
+    args = (lists["us"], lists["deltas"], lists["A"], lists["Bs"], lists["Cs"])
+    with torch.no_grad():
+        y_ref, h_ref = _stacked_reference(lists, coupling, initial_state=lists["initial_state"])
+        for backend in backends:
+            with ssm_backend(backend):
+                y, h = coupled_selective_scan_chains(*args, **kwargs)
+            assert last_backend("coupled_selective_scan") == backend
+            assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+            assert rel(y, y_ref) <= TOL[dtype], (backend, rel(y, y_ref))
+            assert rel(h, h_ref) <= 2e-3, (backend, rel(h, h_ref))
+            if backend == "triton" and length > 1:  # (M, batch, L, dim) memory: out_proj reads y[:, m] densely
+                assert all(y[:, m].transpose(1, 2).is_contiguous() for m in range(chains))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("coupling", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_coupled_mamba_inference_equal_across_backends(coupling, dtype):
+    """Inference (no gradients, eval): the Triton chain-list path of the Coupled Mamba layer (no stacking copies,
+    residual sums written in place) equals the sequential reference and the PyTorch path, with padding masks."""
+    check_coupled_inference(coupling, dtype, ("reference", "torch", "triton"))
+
+
+def check_coupled_inference(coupling, dtype, backends, device="cuda", length=70, hidden=32, state=16):
+    from multimodal_mamba import CoupledMambaConfig, CoupledMambaModel
+
+    config = CoupledMambaConfig(modality_dims={"text": 12, "audio": 6, "vision": 9}, hidden_size=hidden,
+                                num_hidden_layers=3, state_size=state, coupling=coupling)
+    torch.manual_seed(0)
+    model = CoupledMambaModel(config).to(device, dtype).eval()
+    feats = {name: torch.randn(3, length, d, device=device, dtype=dtype) for name, d in config.modality_dims.items()}
+    mask = {name: torch.ones(3, length, dtype=torch.bool, device=device) for name in config.modality_dims}
+    mask["audio"][1, length - 20:] = False
+    mask["vision"][2] = False
+    outs = {}
+    with torch.no_grad():
+        for backend in backends:
+            with ssm_backend(backend):
+                outs[backend] = model(input_features=feats, attention_mask=mask)
+            if coupling != "none":
+                assert last_backend("coupled_selective_scan") == backend
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    for backend in backends[1:]:
+        for key in ("last_hidden_state", "pooler_output"):
+            assert rel(outs[backend][key].float(), outs[backends[0]][key].float()) <= tol, (backend, key)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: causal conv and the decode steps
 # ----------------------------------------------------------------------------------------------------------------
@@ -689,3 +837,92 @@ def test_interpreter_causal_conv1d_and_decode_steps(interpreted):
     y = step.selective_state_update_triton(h_ours, *args, **kwargs)
     y_ref = selective_state_update_ref(h_ref, *args, **kwargs)
     assert rel(y, y_ref) <= 1e-5 and rel(h_ours, h_ref) <= 1e-5
+
+
+@interpreter
+def test_interpreter_coupled_sequential_forward(interpreted):
+    """The sequential forward kernel on its launch shapes (2 or 4 lanes per channel, chunks of 1..8 steps), every
+    chain count, odd N, both layouts, saved states, against the reference."""
+    from multimodal_mamba.kernels.coupled_scan import sequential
+
+    cases = [  # (batch, M, dim, L, N, time_major, config, coupling, save_every, z, D, bias, h0)
+        (2, 3, 8, 21, 4, False, (8, 1, 4), "mean", 0, True, True, True, True),
+        (2, 3, 8, 21, 4, True, (8, 1, 1), "sum", 8, True, True, True, True),
+        (1, 1, 16, 9, 3, False, (16, 1, 2), "mean", 4, False, True, False, True),
+        (1, 2, 5, 13, 16, True, (4, 1, 2), "mean", 0, True, False, True, False),
+        (2, 4, 12, 7, 8, False, (8, 1, 8), "sum", 8, True, True, True, True),
+        (1, 3, 4, 1, 16, False, (4, 1, 1), "mean", 0, True, True, True, True),
+        (1, 3, 40, 10, 4, True, (32, 1, 2), "mean", 4, True, True, True, False),
+    ]
+    for batch, chains, dim, length, state, time_major, config, coupling, save, with_z, with_d, with_bias, with_h0 in cases:
+        inputs = coupled_inputs(batch, chains, dim, length, state, torch.float32, time_major, with_z, with_h0,
+                                device="cpu", seed=dim + length, dt_shift=2.0 if coupling == "sum" else -1.0,
+                                decay_shift=1.0 if coupling == "sum" else 0.0)
+        D = inputs["D"] if with_d else None
+        bias = inputs["delta_bias"] if with_bias else None
+        lists = _chain_lists(inputs, chains)
+        y, final, states = sequential.coupled_scan_fwd_seq(
+            lists["us"], lists["deltas"], lists["zs"], inputs["A"], lists["Bs"], lists["Cs"], D, bias, True,
+            coupling, inputs["initial_state"], save_every=save, config=config)
+        y_ref, h_ref = coupled_selective_scan_ref(inputs["u"], inputs["delta"], inputs["A"], inputs["B"],
+                                                  inputs["C"], D=D, z=inputs["z"], delta_bias=bias, coupling=coupling,
+                                                  initial_state=inputs["initial_state"], return_final_state=True)
+        assert rel(y, y_ref) <= 1e-5 and rel(final, h_ref) <= 1e-5, (config, rel(y, y_ref), rel(final, h_ref))
+        for j in range(1, triton_cdiv(length, save) if save else 0):
+            _, h_j = coupled_selective_scan_ref(
+                inputs["u"][..., :j * save], inputs["delta"][..., :j * save], inputs["A"],
+                inputs["B"][..., :j * save], inputs["C"][..., :j * save], D=D, delta_bias=bias, coupling=coupling,
+                initial_state=inputs["initial_state"], return_final_state=True)
+            assert rel(states[:, :, j], h_j) <= 1e-5, (config, j)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@interpreter
+def test_interpreter_coupled_chains_and_layer(interpreted, monkeypatch):
+    """The chain-list entry point and a Coupled Mamba model's inference on the "triton" backend (registered for
+    this test), against the reference; and the chunked forward kernel, which the sequential one replaced."""
+    import copy
+
+    from multimodal_mamba import CoupledMambaConfig, CoupledMambaModel
+    from multimodal_mamba.kernels import register_backends
+    from multimodal_mamba.modeling import ssm_backends
+    from multimodal_mamba.modeling.ops_coupled_scan import coupled_selective_scan_chains
+
+    fused = interpreted["coupled_scan"]
+    monkeypatch.setattr(ssm_backends, "_REGISTRY", copy.copy(ssm_backends._REGISTRY))
+    register_backends(ssm_backends.register_backend, ops=("coupled_selective_scan", "causal_conv1d"), force=True)
+    inputs = coupled_inputs(2, 3, 6, 11, 4, device="cpu", time_major=True, seed=4)
+    lists = dict(_chain_lists(inputs, 3), A=inputs["A"], D=inputs["D"], delta_bias=inputs["delta_bias"])
+    with torch.no_grad(), ssm_backend("triton"):
+        y, h = coupled_selective_scan_chains(lists["us"], lists["deltas"], inputs["A"], lists["Bs"], lists["Cs"],
+                                             inputs["D"], zs=lists["zs"], delta_bias=inputs["delta_bias"],
+                                             initial_state=inputs["initial_state"], return_final_state=True)
+    assert last_backend("coupled_selective_scan") == "triton"
+    y_ref, h_ref = _stacked_reference(lists, "mean", initial_state=inputs["initial_state"])
+    assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
+    assert all(y[:, m].transpose(1, 2).is_contiguous() for m in range(3))
+
+    check_chains((2, 3, 8, 9, 3, "sum", True), torch.float32, ("triton", "torch"), device="cpu")
+    check_coupled_inference("mean", torch.float32, ("reference", "triton"), device="cpu", length=12, hidden=8,
+                            state=4)
+    config = CoupledMambaConfig(modality_dims={"text": 5, "audio": 3}, hidden_size=8, num_hidden_layers=2,
+                                state_size=4, coupling="mean")
+    torch.manual_seed(0)
+    model = CoupledMambaModel(config).eval()
+    feats = {name: torch.randn(2, 9, d) for name, d in config.modality_dims.items()}
+    with torch.no_grad():
+        with ssm_backend("triton"):
+            out = model(input_features=feats).last_hidden_state
+        assert last_backend("coupled_selective_scan") == "triton"
+        with ssm_backend("reference"):
+            ref = model(input_features=feats).last_hidden_state
+    assert rel(out, ref) <= 1e-5
+
+    monkeypatch.setattr(fused, "FWD_IMPL", "chunked")
+    monkeypatch.setattr(fused, "FWD_CONFIGS", {"lmajor": (4, 16, 4), "tmajor": (4, 16, 4)})
+    monkeypatch.setattr(fused, "BWD_CONFIGS", {"lmajor": (4, 16, 4), "tmajor": (4, 16, 4)})
+    check_coupled(fused.coupled_selective_scan_triton, coupled_inputs(1, 3, 8, 37, 4, device="cpu", seed=2),
+                  torch.float32, "mean")

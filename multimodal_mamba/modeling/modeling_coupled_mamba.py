@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput
 from .configuration_coupled_mamba import CoupledMambaConfig
 from .peft_adapters import AdapterLoadingMixin
 from .modeling_mamba_lm import KEEP_IN_FP32, MambaMixer, init_mamba_module_weights
-from .ops_coupled_scan import coupled_selective_scan
+from .ops_coupled_scan import coupled_selective_scan_chains
 from .ops_selective_scan import selective_scan
 from .ssm_backends import config_backend
 
@@ -131,22 +131,36 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
             u, delta, z = torch.cat(xs, dim=1), torch.cat(deltas, dim=1), torch.cat(zs, dim=1)
             A = torch.cat([mixer.ssm_A() for mixer in mixers], dim=0)
             D = torch.cat([mixer.D for mixer in mixers], dim=0)
-        else:
-            u, delta, z = torch.stack(xs, dim=1), torch.stack(deltas, dim=1), torch.stack(zs, dim=1)
-            A = torch.stack([mixer.ssm_A() for mixer in mixers], dim=0)
-            D = torch.stack([mixer.D for mixer in mixers], dim=0)
-        B, C = torch.stack(Bs, dim=1), torch.stack(Cs, dim=1)
-        del xs, zs, deltas, Bs, Cs  # the per-modality activations are no longer needed once stacked
-        if self.coupling == "none":
+            B, C = torch.stack(Bs, dim=1), torch.stack(Cs, dim=1)
+            del xs, zs, deltas, Bs, Cs  # the per-modality activations are no longer needed once stacked
             y = selective_scan(u, delta, A, B, C, D, z=z, delta_softplus=True).unflatten(1, (chains, -1))
+            del u, delta, z, B, C  # (batch, M, dim, L) each: free them before the output projections
         else:
-            y = coupled_selective_scan(u, delta, A, B, C, D, z=z, delta_softplus=True, coupling=self.coupling)
-        del u, delta, z, B, C  # (batch, M, dim, L) each: free them before the output projections
+            A, D = self._stacked_parameters(mixers)
+            # the chains as they are: the Triton kernel reads each modality's activations in place (no stacking
+            # copies; y comes back in the activations' time-major layout); other backends stack them
+            y = coupled_selective_scan_chains(xs, deltas, A, Bs, Cs, D, zs=zs, delta_softplus=True,
+                                              coupling=self.coupling)
+            del xs, zs, deltas, Bs, Cs  # free the per-modality activations before the output projections
+        if not torch.is_grad_enabled():
+            # (M, batch, L, hidden) memory: the next layer's per-modality slices are contiguous (no copies for its
+            # norms), and the residual sums are written in place of a stacking copy
+            out = hidden_states.new_empty((chains,) + hidden_states[:, 0].shape)
+            for index, mixer in enumerate(mixers):
+                torch.add(hidden_states[:, index], mixer.output_stage(y[:, index].to(hidden_states.dtype)),
+                          out=out[index])
+            return out.transpose(0, 1)
         outputs = [
             hidden_states[:, index] + mixer.output_stage(y[:, index].to(hidden_states.dtype))
             for index, mixer in enumerate(mixers)
         ]
-        return torch.stack(outputs, dim=1)
+        return torch.stack(outputs, dim=0).transpose(0, 1)
+
+    @staticmethod
+    def _stacked_parameters(mixers):
+        """A (M, dim, N) and D (M, dim) of the modalities' mixers. (Not cached by parameter version: PyTorch's fused
+        AdamW, the Trainer's default, updates parameters without bumping their version counters.)"""
+        return torch.stack([m.ssm_A() for m in mixers]), torch.stack([m.D for m in mixers])
 
 
 class CoupledMambaPreTrainedModel(AdapterLoadingMixin, PreTrainedModel):

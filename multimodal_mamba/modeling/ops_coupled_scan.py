@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops_selective_scan import discretize_delta, gate_and_skip, linear_recurrence_doubling, linear_recurrence_logspace
-from .ssm_backends import dispatch, register_backend
+from .ssm_backends import _LAST, _REGISTRY, dispatch, forced_backend, register_backend
 
 COUPLINGS = ("mean", "sum")
 LOG2_E = 1.0 / math.log(2.0)
@@ -402,6 +402,50 @@ def coupled_selective_scan(
                   ("delta_bias", delta_bias), ("initial_state", initial_state))
         _raise_if_overflowed(y, final_state, coupling, inputs)
     return result
+
+
+def _chains_kernel():
+    """(function, accepts) of the "triton" backend's chain-list entry, when that backend is registered here."""
+    entry = _REGISTRY.get("coupled_selective_scan", {}).get("triton")
+    fn = getattr(entry[0], "chains", None) if entry else None
+    return (fn, getattr(entry[0], "chains_accepts", None)) if fn is not None else (None, None)
+
+
+def coupled_selective_scan_chains(
+    us, deltas, A, Bs, Cs, D=None, zs=None, delta_bias=None, delta_softplus=True, coupling="mean",
+    initial_state=None, return_final_state=False,
+):
+    """``coupled_selective_scan`` with the M chains given as lists: us, deltas, zs (or None): M tensors
+    (batch, dim, L); Bs, Cs: M tensors (batch, N, L); A (M, dim, N); D, delta_bias (M, dim) or None.
+
+    Same result as stacking the lists along dim 1 and calling ``coupled_selective_scan`` (which is what runs on
+    every backend but one). The exception: on the "triton" backend (chosen or forced) without gradients, the
+    kernel reads every chain where it lies and writes y in the inputs' layout, so a Coupled Mamba layer's
+    per-modality activations are never copied into stacked (batch, M, dim, L) tensors.
+    """
+    fn, accepts = _chains_kernel()
+    args = (us, deltas, A, Bs, Cs)
+    kwargs = dict(D=D, zs=zs, delta_bias=delta_bias, delta_softplus=delta_softplus, coupling=coupling,
+                  initial_state=initial_state, return_final_state=return_final_state)
+    if fn is not None and forced_backend() in ("auto", "triton") and accepts(*args, **kwargs):
+        _check_coupled_inputs(us[0][:, None], deltas[0][:, None], A[:1], Bs[0][:, None], Cs[0][:, None],
+                              D[:1] if D is not None else None, zs[0][:, None] if zs is not None else None,
+                              delta_bias[:1] if delta_bias is not None else None, initial_state, coupling)
+        _LAST["coupled_selective_scan"] = "triton"  # (what dispatch records)
+        result = fn(*args, **kwargs)
+        if coupling == "sum":
+            y, final_state = result if return_final_state else (result, None)
+            named = [("u", t) for t in us] + [("delta", t) for t in deltas] + [("B", t) for t in Bs] + [
+                ("C", t) for t in Cs] + [("z", t) for t in (zs or ())] + [
+                ("A", A), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)]
+            _raise_if_overflowed(y, final_state, coupling, named)
+        return result
+    stack = lambda ts: torch.stack(list(ts), dim=1)  # noqa: E731
+    return coupled_selective_scan(
+        stack(us), stack(deltas), A, stack(Bs), stack(Cs), D, z=stack(zs) if zs is not None else None,
+        delta_bias=delta_bias, delta_softplus=delta_softplus, coupling=coupling, initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
 
 
 register_backend("coupled_selective_scan", "torch", coupled_selective_scan_chunked)

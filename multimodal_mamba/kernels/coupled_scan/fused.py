@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..utils import empty_like_layout, next_pow2, softplus
+from . import sequential
 
 MAX_CHAINS = 4  # chains unrolled in the kernels; more fall back to the PyTorch path (see kernels/__init__.py)
 
@@ -480,7 +481,14 @@ def _store_chain_partials(dA_ptr, dD_ptr, dbias_ptr, dA, dD, dbias, pid_b, m, M:
 
 # (block_d, block_t, num_warps) by layout, chosen on an H200 (benchmarks/bench_gpu_coupled_scan.py --sweep). As for
 # the selective scan, a chunk's time axis within one warp keeps every scan and reduction in shuffles.
-FWD_CONFIGS = {"lmajor": (1, 256, 1), "tmajor": (1, 256, 1)}
+# The forward kernel of the stacked op (see coupled_scan_fwd): "chunked" (the kernel above) or "sequential"
+# (sequential.py). Measured on the H200 (bench_gpu_coupled_scan.py): sequential 4.40 ms vs chunked 2.71 ms at batch 8,
+# dim 1024, L 4096; 0.44 vs 0.30 ms at batch 16, dim 256, L 500; 0.57 vs 1.11 ms at batch 32, dim 512, L 500.
+FWD_IMPL = "chunked"
+# The per-modality inference path (no stacking copies) runs the sequential kernel, for coupling "mean" only:
+# with "sum" it disagreed with the PyTorch path in the whole-model GPU test (fp32 and bf16), so "sum" stacks.
+CHAINS_ENABLED = True
+FWD_CONFIGS = {"lmajor": (1, 256, 1), "tmajor": (1, 256, 1)}  # the chunked forward's
 BWD_CONFIGS = {"lmajor": (1, 128, 1), "tmajor": (1, 128, 1)}
 COPY_TIME_MAJOR = True  # copy time-major inputs to (batch, M, dim, L) first (see the selective scan)
 PARTIALS_MAX_BYTES = 64 << 20
@@ -504,13 +512,33 @@ def _block_t(u, state_size, block_t):
     return max(16, next_pow2(state_size), min(block_t, next_pow2(u.shape[-1])))
 
 
+def _use_sequential(impl, state_size):
+    impl = impl or FWD_IMPL
+    if impl not in ("sequential", "chunked"):
+        raise ValueError(f"coupled scan forward: impl must be 'sequential' or 'chunked', got {impl!r}")
+    return impl == "sequential" and next_pow2(state_size) <= sequential.MAX_STATE
+
+
 def coupled_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state, save_states,
-                     config=None):
-    """Launch the forward kernel. Returns (out, final_state, saved states or None, meta)."""
+                     config=None, impl=None):
+    """Launch the forward kernel. Returns (out, final_state, saved states or None, meta).
+
+    impl: "sequential" (``sequential.py``, the default where N <= 64; config (block_d, num_warps, K)) or "chunked"
+    (the chunked-scan kernel above; config (block_d, block_t, num_warps)). With ``save_states`` both write the
+    coupled state before every backward chunk (``BWD_CONFIGS``' block_t steps), as ``coupled_scan_bwd`` reads it."""
     batch, chains, dim, length = u.shape
     if chains > MAX_CHAINS:
         raise ValueError(f"the Triton coupled scan takes at most {MAX_CHAINS} chains, got {chains}")
     state_size = A.shape[2]
+    if _use_sequential(impl, state_size):
+        block_t = _block_t(u, state_size, BWD_CONFIGS[_layout(u)][1]) if save_states else 0
+        out, final, states = sequential.coupled_scan_fwd_seq(
+            [u[:, m] for m in range(chains)], [delta[:, m] for m in range(chains)],
+            [z[:, m] for m in range(chains)] if z is not None else None, A,
+            [B[:, m] for m in range(chains)], [C[:, m] for m in range(chains)], D, delta_bias, delta_softplus,
+            coupling, initial_state, save_every=block_t, config=config,
+        )
+        return out, final, states, dict(block_t=block_t)
     block_d, block_t, num_warps = config or FWD_CONFIGS[_layout(u)]
     if save_states and config is None:  # the backward walks the forward's chunks: use its (smaller) block
         block_t = min(block_t, BWD_CONFIGS[_layout(u)][1])
@@ -598,7 +626,8 @@ class CoupledScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state,
                 return_final_state, grad_mode):
         needs_grad = grad_mode and any(ctx.needs_input_grad)  # (forward itself runs without grad mode)
-        if COPY_TIME_MAJOR:
+        if COPY_TIME_MAJOR and (needs_grad or not _use_sequential(None, A.shape[2])):
+            # the chunked kernels read rows of L; the sequential forward reads either layout in place
             u, delta, z, B, C = _lmajor(u), _lmajor(delta), _lmajor(z), _lmajor(B), _lmajor(C)
         out, final, states, meta = coupled_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state, save_states=needs_grad
@@ -636,3 +665,61 @@ def coupled_selective_scan_triton(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), coupling, initial_state, bool(return_final_state),
         torch.is_grad_enabled(),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chains given separately (a Coupled Mamba layer's per-modality activations), without gradients
+# ----------------------------------------------------------------------------------------------------------------
+def _same_layout(tensors):
+    """One shape, strides, dtype and device for every tensor of a chain list."""
+    first = tensors[0]
+    shape, strides, dtype, device = first.shape, first.stride(), first.dtype, first.device
+    return all(t.shape == shape and t.stride() == strides and t.dtype == dtype and t.device == device
+               for t in tensors[1:])
+
+
+def accepts_coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D=None, zs=None, delta_bias=None,
+                                          delta_softplus=True, coupling="mean", initial_state=None,
+                                          return_final_state=False) -> bool:
+    """Whether ``coupled_selective_scan_chains_triton`` takes the call: kernel device and float dtypes, 1..4 chains
+    of one shape, strides, dtype and device per list, N <= 64, and no gradient needed (it has no backward).
+    (Runs once per layer call: the per-tensor checks look at one tensor per list.)"""
+    from .. import _needs_grad, _tensors_ok
+
+    if not CHAINS_ENABLED or coupling != "mean" or not 1 <= len(us) <= MAX_CHAINS:
+        return False
+    lists = (us, deltas, Bs, Cs) if zs is None else (us, deltas, Bs, Cs, zs)
+    if any(len(t) != len(us) for t in lists) or us[0].shape[-1] < 1:
+        return False
+    if next_pow2(A.shape[-1]) > sequential.MAX_STATE or not all(_same_layout(t) for t in lists):
+        return False
+    if torch.is_grad_enabled() and _needs_grad(*us, *deltas, A, *Bs, *Cs, D, *(zs or ()), delta_bias,
+                                               initial_state):
+        return False
+    return _tensors_ok(*(t[0] for t in lists), A, D, delta_bias, initial_state)
+
+
+def coupled_selective_scan_chains_triton(us, deltas, A, Bs, Cs, D=None, zs=None, delta_bias=None,
+                                         delta_softplus=True, coupling="mean", initial_state=None,
+                                         return_final_state=False):
+    """The coupled scan of ``coupled_selective_scan`` with the M chains given as lists (us, deltas, zs: M tensors
+    (batch, dim, L); Bs, Cs: M tensors (batch, N, L)), read where they lie: no stacking copies. Forward only.
+
+    y is (batch, M, dim, L); for time-major inputs (a layer's activations) its memory is (M, batch, L, dim), so that
+    ``y[:, m].transpose(1, 2)`` is a contiguous (batch, L, dim) tensor for the chain's out_proj."""
+    if coupling not in ("mean", "sum"):
+        raise ValueError(f"coupled_selective_scan: coupling must be 'mean' or 'sum', got {coupling!r}")
+    chains = len(us)
+    batch, dim, length = us[0].shape
+    out = None
+    if not sequential._is_lmajor(us[0]):
+        out = torch.empty(chains, batch, length, dim, device=us[0].device, dtype=us[0].dtype).permute(1, 0, 3, 2)
+    y, final, _ = sequential.coupled_scan_fwd_seq(
+        list(us), list(deltas), list(zs) if zs is not None else None, A, list(Bs), list(Cs), D, delta_bias,
+        bool(delta_softplus), coupling, initial_state, out=out,
+    )
+    return (y, final) if return_final_state else y
+
+
+coupled_selective_scan_triton.chains = coupled_selective_scan_chains_triton
+coupled_selective_scan_triton.chains_accepts = accepts_coupled_selective_scan_chains

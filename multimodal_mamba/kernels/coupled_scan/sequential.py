@@ -1,0 +1,442 @@
+"""Coupled selective scan, forward, one thread per channel walking the sequence ("sequential" kernel).
+
+Reference: ``multimodal_mamba.modeling.ops_coupled_scan.coupled_selective_scan_ref``; contract: the module docstring
+of ``ops_coupled_scan``. The backward stays the chunked-scan kernel of ``fused.py``: this forward writes the
+coupled state every ``save_every`` steps in the slots that backward reads.
+
+Why another forward. The chunked kernel of ``fused.py`` scans a chunk of time in parallel for one state index at a
+time: per (channel, step, state) it pays an exclusive 4-tuple scan with warp shuffles besides the M exponentials,
+and its (BLOCK_T,) tiles leave few warps per SM (2.7 ms, 7 % of HBM bandwidth, on the issue's benchmark shape). Here
+the state tile is (N_PAD, BLOCK_D) with every state of a channel inside one thread (or two, see below), so one step
+of the recurrence is, per (channel, state):
+
+    a^m = exp2(dt^m * A^m log2(e) + log2(c))     (M FFMA + M MUFU.EX2; c = 1/M for "mean", folded into a and b)
+    h^m = a^m * H + (c dt^m u^m) * B^m            (M FMUL + M FFMA)
+    y^m += C^m * h^m                              (M FFMA, the readout; a sum over the thread's states)
+    H   = sum_m h^m                               (M - 1 FADD)
+
+about 17 instructions for M = 3 and no cross-thread traffic: the per-(channel, step) work (softplus, the gate, loads
+and stores) is shared by the 16 states. Parallelism is batch * dim / (channels per warp): with ``block_d`` 16 a warp
+holds 16 channels and each channel's states are split over 2 lanes (one shuffle per readout), which doubles the
+warps when batch * dim is small (the benchmark's 8 x 1024 channels make only 256 warps at one channel per lane).
+
+Memory: u, delta, z and y cross HBM once, read in chunks of ``K`` steps (``K`` contiguous steps per thread for the
+(batch, M, dim, L) layout; for time-major memory a chunk is ``K`` rows of channels), prefetched one chunk ahead.
+B and C are read per step as (N,) rows (every thread of the batch row reads the same row: L1 hits); the wrapper
+hands them over as float32 (batch, 2M, L, N), written by one copy (``prepare_bc``).
+
+Chains: up to 4, each with its own pointers (u, delta, z, out, B, C of chain m may be separate tensors, as the
+modalities' activations of a Coupled Mamba layer are: no stacking copy), sharing strides per kind.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import interpret_mode, next_pow2
+
+MAX_CHAINS = 4
+MAX_STATE = 64  # larger N: the chunked kernel of fused.py
+LN2 = math.log(2.0)
+
+
+@triton.jit
+def _ex2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _lg2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _softplus(x, FAST: tl.constexpr):
+    """torch's softplus (threshold 20) with the MUFU exp2 / log2 (x < -15: exp(x), as log1p would give)."""
+    e = _ex2(x * 1.4426950408889634, FAST)
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, e, _lg2(1.0 + e, FAST) * 0.6931471805599453))
+
+
+@triton.jit
+def _silu(z, FAST: tl.constexpr):
+    return z * _rcp(1.0 + _ex2(z * -1.4426950408889634, FAST), FAST)
+
+
+@triton.jit
+def _row(tile, offs_k, k):
+    """Row k of a (K, BD) tile (K held by each thread: a register pick once the compiler folds the select)."""
+    return tl.sum(tl.where(offs_k[:, None] == k, tile, -0.0), axis=0)
+
+
+@triton.jit
+def _load_raw(U, DL, Z, off_u, off_dl, off_z, mask, HAS_Z: tl.constexpr):
+    ru = tl.load(U + off_u, mask=mask, other=0.0)
+    rd = tl.load(DL + off_dl, mask=mask, other=0.0)
+    if HAS_Z:
+        rz = tl.load(Z + off_z, mask=mask, other=0.0)
+    else:
+        rz = ru
+    return ru, rd, rz
+
+
+@triton.jit
+def _prep(ru, rd, bias, mask, scale, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """dt = softplus(delta + bias) (0 on padded steps) and c dt u, as (K, BD) float32 tiles."""
+    dt = rd.to(tl.float32)
+    if HAS_BIAS:
+        dt += bias[None, :]
+    if SOFTPLUS:
+        dt = _softplus(dt, FAST)
+    dt = tl.where(mask, dt, 0.0)
+    return dt, dt * ru.to(tl.float32) * scale
+
+
+@triton.jit
+def _load_bc(Bm, Cm, off_bc, mask_n, EVEN_N: tl.constexpr):
+    if EVEN_N:
+        Bv = tl.load(Bm + off_bc)
+        Cv = tl.load(Cm + off_bc)
+    else:
+        Bv = tl.load(Bm + off_bc, mask=mask_n, other=0.0)
+        Cv = tl.load(Cm + off_bc, mask=mask_n, other=0.0)
+    return Bv.to(tl.float32), Cv.to(tl.float32)
+
+
+@triton.jit
+def _step(H, A2, dt_k, dtu_k, lc, Bv, Cv, FAST: tl.constexpr):
+    """Chain m at one step: h^m = exp2(dt A log2 e + log2 c) H + c dt u B (every state of the thread's channels) and
+    its readout <C, h^m> (BD,)."""
+    a = _ex2(dt_k[None, None, :] * A2 + lc, FAST)
+    h = a * H + dtu_k[None, None, :] * Bv[:, :, None]
+    return h, tl.sum(tl.sum(h * Cv[:, :, None], axis=0), axis=0)
+
+
+@triton.jit
+def _finish(y, ru, rz, Dv, inv_scale, O, off_o, mask, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+            FAST: tl.constexpr):
+    out = y * inv_scale
+    if HAS_D:
+        out += ru.to(tl.float32) * Dv[None, :]
+    if HAS_Z:
+        out = out * _silu(rz.to(tl.float32), FAST)
+    tl.store(O + off_o, out.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_states(base, stride_n, offs_d, mask_d, offs_n, NI: tl.constexpr, LPC: tl.constexpr, BD: tl.constexpr,
+                   N: tl.constexpr):
+    """A (NI, LPC, BD) float32 tile of ``base[n * stride_n + d]``, read one (BD,) row per state: small loads, so
+    that no large 3-D access pins a layout (the compiler's layout propagation starts from large loads and stores;
+    one whose addresses are contiguous along the states would spread a channel's states over more lanes)."""
+    tile = tl.zeros([NI, LPC, BD], dtype=tl.float32)
+    for n in tl.static_range(N):
+        row = tl.load(base + n * stride_n + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        tile = tl.where(offs_n[:, :, None] == n, row[None, None, :], tile)
+    return tile
+
+
+@triton.jit
+def _scatter_states(base, stride_n, tile, offs_d, mask_d, offs_n, N: tl.constexpr):
+    """Store a (NI, LPC, BD) tile into ``base[n * stride_n + d]``, one (BD,) row per state (see _gather_states)."""
+    for n in tl.static_range(N):
+        row = tl.sum(tl.sum(tl.where(offs_n[:, :, None] == n, tile, 0.0), axis=0), axis=0)
+        tl.store(base + n * stride_n + offs_d, row, mask=mask_d)
+
+
+@triton.jit
+def _chain_vectors(A_ptr, D_ptr, bias_ptr, m, stride_A_m, stride_A_n, stride_A_d, stride_Dp_m, stride_bias_m,
+                   offs_d, mask_d, offs_n, NI: tl.constexpr, LPC: tl.constexpr, BD: tl.constexpr, N: tl.constexpr,
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    A2 = _gather_states(A_ptr + m * stride_A_m, stride_A_n, offs_d * stride_A_d, mask_d, offs_n, NI, LPC, BD, N)
+    A2 = A2 * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(D_ptr + m * stride_Dp_m + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        Dv = offs_d * 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + m * stride_bias_m + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = offs_d * 0.0
+    return A2, Dv, bias
+
+
+@triton.jit(do_not_specialize=["length", "n_slots"])  # (one build for every L)
+def _coupled_seq_fwd_kernel(
+    U0, U1, U2, U3, DL0, DL1, DL2, DL3, Z0, Z1, Z2, Z3, O0, O1, O2, O3, B0, B1, B2, B3, C0, C1, C2, C3,
+    A_ptr, D_ptr, bias_ptr, h0_ptr, states_ptr,
+    dim, length, n_slots, scale, inv_scale, lc_valid, lc_pad,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_dl_b, stride_dl_d, stride_dl_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_o_b, stride_o_d, stride_o_l,
+    stride_bc_b, stride_bc_n, stride_bc_l,
+    stride_A_m, stride_A_n, stride_A_d, stride_Dp_m, stride_bias_m,
+    M: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, LPC: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, FAST: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    # states as (NI, LPC, BD) tiles, state n = s * NI + i: the LPC lanes of a channel hold NI states each
+    NI: tl.constexpr = N_PAD // LPC
+    offs_n = tl.arange(0, NI)[:, None] + tl.arange(0, LPC)[None, :] * NI  # (NI, LPC)
+    offs_k = tl.arange(0, K)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    EVEN_N: tl.constexpr = N == N_PAD
+
+    A20, Dv0, bias0 = _chain_vectors(A_ptr, D_ptr, bias_ptr, 0, stride_A_m, stride_A_n, stride_A_d, stride_Dp_m,
+                                     stride_bias_m, offs_d, mask_d, offs_n, NI, LPC, BD, N, HAS_D, HAS_BIAS)
+    if M > 1:
+        A21, Dv1, bias1 = _chain_vectors(A_ptr, D_ptr, bias_ptr, 1, stride_A_m, stride_A_n, stride_A_d,
+                                         stride_Dp_m, stride_bias_m, offs_d, mask_d, offs_n, NI, LPC, BD, N, HAS_D,
+                                         HAS_BIAS)
+    if M > 2:
+        A22, Dv2, bias2 = _chain_vectors(A_ptr, D_ptr, bias_ptr, 2, stride_A_m, stride_A_n, stride_A_d,
+                                         stride_Dp_m, stride_bias_m, offs_d, mask_d, offs_n, NI, LPC, BD, N, HAS_D,
+                                         HAS_BIAS)
+    if M > 3:
+        A23, Dv3, bias3 = _chain_vectors(A_ptr, D_ptr, bias_ptr, 3, stride_A_m, stride_A_n, stride_A_d,
+                                         stride_Dp_m, stride_bias_m, offs_d, mask_d, offs_n, NI, LPC, BD, N, HAS_D,
+                                         HAS_BIAS)
+
+    # the coupled state H: (NI, LPC, BD) (the default layout for this shape: BD on lanes, then LPC, NI in-thread)
+    # h0: (batch, dim, N); states: (batch, dim, n_slots, N) (slot s of channel d at (d * n_slots + s) * N)
+    state_row = states_ptr + (pid_b * dim) * (n_slots * N)
+    if HAS_H0:
+        H = _gather_states(h0_ptr + (pid_b * dim) * N, 1, offs_d * N, mask_d, offs_n, NI, LPC, BD, N)
+    else:
+        H = tl.zeros([NI, LPC, BD], dtype=tl.float32)
+    if SAVE_EVERY > 0:
+        _scatter_states(state_row, 1, H, offs_d * (n_slots * N), mask_d, offs_n, N)
+
+    row_u = pid_b * stride_u_b + offs_d[None, :] * stride_u_d
+    row_dl = pid_b * stride_dl_b + offs_d[None, :] * stride_dl_d
+    row_z = pid_b * stride_z_b + offs_d[None, :] * stride_z_d
+    row_o = pid_b * stride_o_b + offs_d[None, :] * stride_o_d
+    row_bc = pid_b * stride_bc_b + offs_n * stride_bc_n
+
+    # chunk 0, prefetched
+    t = offs_k
+    mask = (t < length)[:, None] & mask_d[None, :]
+    ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
+                              row_z + t[:, None] * stride_z_l, mask, HAS_Z)
+    if M > 1:
+        ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z)
+    if M > 2:
+        ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z)
+    if M > 3:
+        ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z)
+
+    n_chunks = tl.cdiv(length, K)
+    for chunk in range(n_chunks):
+        t = chunk * K + offs_k
+        mask = (t < length)[:, None] & mask_d[None, :]
+        tn = t + K
+        mask_next = (tn < length)[:, None] & mask_d[None, :]
+        off_nu = row_u + tn[:, None] * stride_u_l
+        off_nd = row_dl + tn[:, None] * stride_dl_l
+        off_nz = row_z + tn[:, None] * stride_z_l
+        # this chunk's raw tiles; the next chunk's loads go out before the work
+        cu0, cd0, cz0 = ru0, rd0, rz0
+        ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, off_nu, off_nd, off_nz, mask_next, HAS_Z)
+        dt0, dtu0 = _prep(cu0, cd0, bias0, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
+        y0 = tl.zeros([K, BD], dtype=tl.float32)
+        if M > 1:
+            cu1, cd1, cz1 = ru1, rd1, rz1
+            ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, off_nu, off_nd, off_nz, mask_next, HAS_Z)
+            dt1, dtu1 = _prep(cu1, cd1, bias1, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
+            y1 = tl.zeros([K, BD], dtype=tl.float32)
+        if M > 2:
+            cu2, cd2, cz2 = ru2, rd2, rz2
+            ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, off_nu, off_nd, off_nz, mask_next, HAS_Z)
+            dt2, dtu2 = _prep(cu2, cd2, bias2, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
+            y2 = tl.zeros([K, BD], dtype=tl.float32)
+        if M > 3:
+            cu3, cd3, cz3 = ru3, rd3, rz3
+            ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, off_nu, off_nd, off_nz, mask_next, HAS_Z)
+            dt3, dtu3 = _prep(cu3, cd3, bias3, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
+            y3 = tl.zeros([K, BD], dtype=tl.float32)
+
+        for k in tl.static_range(K):
+            tk = chunk * K + k
+            # padded steps (t >= L): dt = 0, so a^m = 2^lc_pad = 1/M and H passes unchanged
+            lc = tl.where(tk < length, lc_valid, lc_pad)
+            off_bc = row_bc + tl.minimum(tk, length - 1) * stride_bc_l
+            Bv, Cv = _load_bc(B0, C0, off_bc, mask_n, EVEN_N)
+            h0, yk = _step(H, A20, _row(dt0, offs_k, k), _row(dtu0, offs_k, k), lc, Bv, Cv, FAST)
+            y0 = tl.where(offs_k[:, None] == k, yk[None, :], y0)
+            H_new = h0
+            if M > 1:
+                Bv, Cv = _load_bc(B1, C1, off_bc, mask_n, EVEN_N)
+                h1, yk = _step(H, A21, _row(dt1, offs_k, k), _row(dtu1, offs_k, k), lc, Bv, Cv, FAST)
+                y1 = tl.where(offs_k[:, None] == k, yk[None, :], y1)
+                H_new += h1
+            if M > 2:
+                Bv, Cv = _load_bc(B2, C2, off_bc, mask_n, EVEN_N)
+                h2, yk = _step(H, A22, _row(dt2, offs_k, k), _row(dtu2, offs_k, k), lc, Bv, Cv, FAST)
+                y2 = tl.where(offs_k[:, None] == k, yk[None, :], y2)
+                H_new += h2
+            if M > 3:
+                Bv, Cv = _load_bc(B3, C3, off_bc, mask_n, EVEN_N)
+                h3, yk = _step(H, A23, _row(dt3, offs_k, k), _row(dtu3, offs_k, k), lc, Bv, Cv, FAST)
+                y3 = tl.where(offs_k[:, None] == k, yk[None, :], y3)
+                H_new += h3
+            H = H_new
+
+        off_o = row_o + t[:, None] * stride_o_l
+        _finish(y0, cu0, cz0, Dv0, inv_scale, O0, off_o, mask, HAS_D, HAS_Z, FAST)
+        if M > 1:
+            _finish(y1, cu1, cz1, Dv1, inv_scale, O1, off_o, mask, HAS_D, HAS_Z, FAST)
+        if M > 2:
+            _finish(y2, cu2, cz2, Dv2, inv_scale, O2, off_o, mask, HAS_D, HAS_Z, FAST)
+        if M > 3:
+            _finish(y3, cu3, cz3, Dv3, inv_scale, O3, off_o, mask, HAS_D, HAS_Z, FAST)
+        if SAVE_EVERY > 0:
+            t_end = chunk * K + K
+            if (t_end % SAVE_EVERY == 0) & (t_end < length):
+                _scatter_states(state_row + (t_end // SAVE_EVERY) * N, 1, H, offs_d * (n_slots * N), mask_d,
+                                offs_n, N)
+
+    # the final state: the last slot when saving, else the (batch, dim, N) output (n_slots = 1)
+    _scatter_states(state_row + (n_slots - 1) * N, 1, H, offs_d * (n_slots * N), mask_d, offs_n, N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------------------------
+def _is_lmajor(t):
+    return t.stride(-1) == 1 or t.shape[-1] <= 1
+
+
+def default_config(batch, dim, length, state_size, lmajor, dtype):
+    """(block_d, num_warps, K) for a launch. One warp per program, ``block_d`` channels per warp: each channel's
+    N_PAD states are split over 32 / block_d lanes, 8 states per lane (N 16: 2 lanes, 16 channels per warp; the
+    split doubles the warps, which the benchmark's 8 x 1024 channels need to fill 132 SMs, and 16 states per
+    thread with 3 chains' decay tiles would spill). K: steps per chunk, 4 for the (batch, dim, L) layout (every
+    thread reads 4 contiguous steps of its channel), 2 for time-major memory (two contiguous rows of channels).
+    Chosen from the per-step instruction counts of ``benchmarks/bench_gpu_coupled_sass.py`` (fewest per (lane,
+    state) without spills); ``benchmarks/bench_gpu_coupled_scan.py --sweep`` times them all on the GPU."""
+    n_pad = next_pow2(state_size)
+    lanes = min(n_pad, max(2, n_pad // 8))
+    block_d = 32 // lanes
+    k = SEQ_K["lmajor" if lmajor else "tmajor"]
+    return block_d, 1, max(1, min(k, next_pow2(length)))
+
+
+SEQ_K = {"lmajor": 4, "tmajor": 2}
+
+
+def prepare_bc(Bs, Cs):
+    """B and C of every chain as (batch, N, L) float32 views of one N-contiguous (batch, 2M, L, N) tensor, written
+    by one copy (the kernel reads an (N,) row per step: N-contiguous rows load as vectors, and float32 saves the
+    per-step conversions: ~15 % of the kernel's instructions for bf16). Already float32 N-contiguous tensors of
+    equal strides pass as they are."""
+    tensors = list(Bs) + list(Cs)
+    if all(t.dtype == torch.float32 and t.stride(-2) == 1 and t.stride() == tensors[0].stride() for t in tensors):
+        return list(Bs), list(Cs)
+    batch, state_size, length = tensors[0].shape
+    packed = torch.empty(batch, len(tensors), length, state_size, device=tensors[0].device, dtype=torch.float32)
+    torch.cat([t.transpose(-1, -2).unsqueeze(1) for t in tensors], dim=1, out=packed)
+    views = [packed[:, i].transpose(-1, -2) for i in range(len(tensors))]
+    return views[:len(Bs)], views[len(Bs):]
+
+
+def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplus, coupling, initial_state,
+                         save_every=0, out=None, config=None):
+    """Forward of the coupled scan over M chains given as lists of per-chain tensors.
+
+    us, deltas, zs (or None), out (or None: allocated): M tensors (batch, dim, L) of one layout per list (any
+    strides, shared by the chains of a list); Bs, Cs: M tensors (batch, N, L); A (M, dim, N); D, delta_bias
+    (M, dim) or None; initial_state (batch, dim, N) or None. ``save_every`` > 0: also return the coupled state
+    every ``save_every`` steps in (batch, dim, n_slots, N) float32 (slot j = the state before step
+    j * save_every, the last slot the final state), as the chunked backward reads them.
+    Returns (out (batch, M, dim, L) or the given ``out``, final state (batch, dim, N) float32, states or None).
+    """
+    chains = len(us)
+    if not 1 <= chains <= MAX_CHAINS:
+        raise ValueError(f"the sequential coupled scan takes 1..{MAX_CHAINS} chains, got {chains}")
+    batch, dim, length = us[0].shape
+    state_size = A.shape[-1]
+    u0 = us[0]
+    device = u0.device
+    if out is None:
+        if _is_lmajor(u0):
+            out_full = torch.empty(batch, chains, dim, length, device=device, dtype=u0.dtype)
+        else:
+            out_full = torch.empty(batch, chains, length, dim, device=device, dtype=u0.dtype).transpose(-1, -2)
+        outs = [out_full[:, m] for m in range(chains)]
+    else:
+        out_full = out
+        outs = [out[:, m] for m in range(chains)]
+    lists = {"u": us, "dl": deltas, "o": outs}
+    if zs is not None:
+        lists["z"] = zs
+    for name, tensors in lists.items():
+        ref = tensors[0].stride()
+        for t in tensors[1:]:
+            if t.stride() != ref:
+                raise ValueError(f"coupled_scan_fwd_seq: the chains' {name} tensors must share strides")
+    Bs, Cs = prepare_bc(Bs, Cs)
+    block_d, num_warps, k = config or default_config(batch, dim, length, state_size, _is_lmajor(u0), u0.dtype)
+    if save_every and save_every % k:
+        raise ValueError(f"coupled_scan_fwd_seq: save_every ({save_every}) must be a multiple of K ({k})")
+    n_pad = next_pow2(state_size)
+    lanes = max(1, 32 * num_warps // block_d)  # lanes per channel (block_d < 32 per warp: the states split)
+    if lanes > 1 and (num_warps != 1 or 32 % block_d or lanes > n_pad):
+        raise ValueError(f"coupled_scan_fwd_seq: config {(block_d, num_warps, k)} splits a channel's {n_pad} states "
+                         "unevenly (block_d < 32 needs num_warps 1 and 32 / block_d <= N)")
+    scale = 1.0 / chains if coupling == "mean" else 1.0
+    if save_every:
+        n_slots = triton.cdiv(length, save_every) + 1
+        states = torch.empty(batch, dim, n_slots, state_size, device=device, dtype=torch.float32)
+    else:
+        n_slots = 1
+        states = torch.empty(batch, dim, state_size, device=device, dtype=torch.float32)
+    h0 = initial_state.float().contiguous() if initial_state is not None else states
+    Dp = (D if D is not None else A[:, :, 0]).contiguous()
+    bias = (delta_bias if delta_bias is not None else A[:, :, 0]).contiguous()
+    zz = zs if zs is not None else us
+
+    def pad4(ts):
+        return list(ts) + [ts[0]] * (MAX_CHAINS - len(ts))
+
+    grid = (triton.cdiv(dim, block_d), batch)
+    _coupled_seq_fwd_kernel[grid](
+        *pad4(us), *pad4(deltas), *pad4(zz), *pad4(outs), *pad4(Bs), *pad4(Cs),
+        A, Dp, bias, h0, states,
+        dim, length, n_slots, scale, 1.0 / scale, math.log2(scale), -math.log2(chains),
+        *us[0].stride(), *deltas[0].stride(), *zz[0].stride(), *outs[0].stride(), *Bs[0].stride(),
+        A.stride(0), A.stride(2), A.stride(1), Dp.stride(0), bias.stride(0),
+        M=chains, N=state_size, N_PAD=n_pad, LPC=lanes, BD=block_d, K=k, SAVE_EVERY=int(save_every),
+        HAS_D=D is not None, HAS_Z=zs is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, FAST=not interpret_mode(),
+        num_warps=num_warps,
+    )
+    final = states[:, :, n_slots - 1] if save_every else states
+    return out_full, final, (states if save_every else None)
