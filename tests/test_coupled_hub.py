@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from huggingface_hub import ModelCard
 from transformers import AutoFeatureExtractor, AutoModelForSequenceClassification
 
 import multimodal_mamba  # noqa: F401  (registers the Auto classes and the remote-code hooks)
@@ -403,71 +403,6 @@ def test_card_snippet_follows_the_feature_extractor_and_bad_extractors_are_refus
 
 
 # ----------------------------------------------------------------------------------------------------- pushing
-class FakeHub:
-    """Records the Hub calls of one test and keeps each repo's committed files under ``root/<repo_id>`` (the same
-    interception as test_hub.py)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.calls = []
-        self.existing_files = set()  # (repo_id, path) that "already exist" on the Hub
-
-    def folder(self, repo_id: str) -> Path:
-        return self.root / repo_id
-
-    def install(self, monkeypatch):
-        fake = self
-
-        def create_repo(self, repo_id, *, token=None, private=None, exist_ok=False, **kwargs):
-            fake.calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok}))
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def file_exists(self, repo_id, filename, *, repo_type=None, revision=None, token=None):
-            fake.calls.append(("file_exists", repo_id, {"filename": filename}))
-            return (repo_id, filename) in fake.existing_files
-
-        def create_branch(self, repo_id, *, branch, token=None, exist_ok=False, **kwargs):
-            fake.calls.append(("create_branch", repo_id, {"branch": branch}))
-
-        def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, token=None,
-                          repo_type=None, revision=None, create_pr=None, **kwargs):
-            operations = list(operations)
-            fake.calls.append(("create_commit", repo_id, {"message": commit_message, "revision": revision,
-                                                          "paths": sorted(op.path_in_repo for op in operations)}))
-            for op in operations:
-                target = fake.folder(repo_id) / op.path_in_repo
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = op.path_or_fileobj
-                target.write_bytes(Path(source).read_bytes() if isinstance(source, (str, os.PathLike)) else source)
-            return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}",
-                              commit_message=commit_message, commit_description=commit_description or "",
-                              oid="0" * 40)
-
-        def forbidden(name):
-            def fail(*args, **kwargs):
-                raise AssertionError(f"unexpected Hub call HfApi.{name}")
-            return fail
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "file_exists", file_exists)
-        monkeypatch.setattr(HfApi, "create_branch", create_branch)
-        monkeypatch.setattr(HfApi, "create_commit", create_commit)
-        for name in ("upload_folder", "upload_file", "upload_large_folder", "preupload_lfs_files", "delete_file",
-                     "delete_folder", "model_info", "repo_info"):
-            if hasattr(HfApi, name):
-                monkeypatch.setattr(HfApi, name, forbidden(name))
-
-    def commits(self):
-        return [call for call in self.calls if call[0] == "create_commit"]
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    fake = FakeHub(tmp_path / "remote")
-    fake.install(monkeypatch)
-    return fake
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model = tiny_model(**VARIANTS["mean_weighted_classification"]["config"])
