@@ -1,19 +1,25 @@
 """CPU prefill: this package's ``MambaCausalLM`` (PyTorch path) against transformers' ``MambaForCausalLM``.
 
 Both models hold the same random weights (transformers' state_dict loaded into ours). The script checks that their
-logits agree, then times a prompt of ``--length`` tokens at batch 1 in the same process, the two models interleaved
-run by run (the machine is shared and noisy: compare ratios of medians, not absolute times):
+logits agree, then times a prompt of ``--length`` tokens at batch 1 in the same process, the models interleaved run
+by run (the machine is shared and noisy: compare ratios of medians, not absolute times):
 
 - full logits: ``model(input_ids, use_cache=False)``;
 - prefill: ``model(input_ids, use_cache=True, logits_to_keep=1)`` (what ``generate`` runs on the prompt).
 
+Ours runs twice: on the default eager PyTorch path (backend ``"torch"``, what ``"auto"`` picks on CPU) and on the
+opt-in compiled path (backend ``"torch_compile"``: the scan and the conv compiled by ``torch.compile``). The compiled
+path's one-off compile time is reported separately, never inside the timed runs: the first call in a fresh inductor
+cache (a temporary cache directory, so the number is the cold one), and the first call of a second process that finds
+that cache on disk (what later runs of a program see).
+
 Each is timed with torch's default number of threads and with one thread (OpenMP threads that wait for each other
 suffer most when other processes share the cores); the one-thread runs are also reported in CPU time of the thread,
-which leaves out the time other processes held the core. It also times one layer's selective scan alone (time-major input,
-as the mixer passes it) against the sequential reference, and the rest of our forward with the scan replaced by an
-empty tensor, to show where the time goes. Results go to ``benchmarks/results/cpu_prefill.md``.
+which leaves out the time other processes held the core. It also times one layer's selective scan alone (time-major
+input, as the mixer passes it) on each backend and the sequential reference, and the rest of our eager forward with the
+scan replaced by an empty tensor, to show where the time goes. Results go to ``benchmarks/results/cpu_prefill.md``.
 
-    python benchmarks/bench_cpu_prefill.py [--length 2048] [--repeats 7] [--no-write]
+    python benchmarks/bench_cpu_prefill.py [--length 2048] [--repeats 7] [--no-compiled] [--no-write]
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,13 +39,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+if __name__ == "__main__" and "--compile-probe" not in sys.argv and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # A fresh inductor cache, so that the compile time reported is the cold one (set before torch is imported).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_cpu_prefill_inductor_")
+
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import MambaConfig, MambaForCausalLM  # noqa: E402
 
 import multimodal_mamba.modeling.modeling_mamba_lm as modeling_mamba_lm  # noqa: E402
-from multimodal_mamba import MambaCausalLM, last_backend  # noqa: E402
+from multimodal_mamba import MambaCausalLM, last_backend, ssm_backend  # noqa: E402
 from multimodal_mamba.modeling.ops_selective_scan import selective_scan_chunked, selective_scan_ref  # noqa: E402
+from multimodal_mamba.modeling.ops_selective_scan_compiled import selective_scan_compiled  # noqa: E402
 
 CONFIG = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=4, state_size=16, expand=2, conv_kernel=4)
 
@@ -77,14 +91,30 @@ def ms(seconds):
     return f"{seconds * 1e3:.1f} ms"
 
 
+def compile_probe(length: int, seed: int) -> None:
+    """Run in a second process: the first compiled forward with the inductor cache the main process left on disk."""
+    config, _, ours = build_models(seed)
+    input_ids = torch.randint(0, config.vocab_size, (1, length))
+    with torch.no_grad(), ssm_backend("torch_compile"):
+        start = time.perf_counter()
+        ours(input_ids, use_cache=False)
+        first = time.perf_counter() - start
+    print(f"FIRST_CALL {first:.3f} {last_backend('selective_scan')}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-compiled", action="store_true", help="skip the torch_compile backend")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/cpu_prefill.md")
+    parser.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    if args.compile_probe:
+        return compile_probe(args.length, args.seed)
+    compiled = not args.no_compiled
 
     config, theirs, ours = build_models(args.seed)
     torch.manual_seed(args.seed + 1)
@@ -96,14 +126,30 @@ def main(argv=None):
         print(line, flush=True)
         lines.append(line)
 
+    def ours_compiled(**kwargs):
+        with ssm_backend("torch_compile"):
+            return ours(input_ids, **kwargs)
+
     with torch.no_grad():
         ref_logits = theirs(input_ids, use_cache=False).logits
         our_logits = ours(input_ids, use_cache=False).logits
         backend = last_backend("selective_scan")
-        max_abs = (ref_logits - our_logits).abs().max().item()
+        checks = {"eager": our_logits}
+        compile_times = {}
+        if compiled:
+            start = time.perf_counter()
+            checks["torch_compile"] = ours_compiled(use_cache=False).logits
+            compile_times["first full-logits call, cold inductor cache"] = time.perf_counter() - start
+            if last_backend("selective_scan") != "torch_compile":
+                raise RuntimeError("the torch_compile backend did not run (compilation failed?)")
+            start = time.perf_counter()
+            ours_compiled(use_cache=True, logits_to_keep=1)
+            compile_times["first prefill call after it"] = time.perf_counter() - start
         scale = ref_logits.abs().max().item()
-        if not max_abs <= 1e-3 * max(scale, 1.0):
-            raise RuntimeError(f"logits disagree: max abs diff {max_abs:.3g} (max |logit| {scale:.3g})")
+        diffs = {name: (ref_logits - logits).abs().max().item() for name, logits in checks.items()}
+        for name, max_abs in diffs.items():
+            if not max_abs <= 1e-3 * max(scale, 1.0):
+                raise RuntimeError(f"{name} logits disagree: max abs diff {max_abs:.3g} (max |logit| {scale:.3g})")
 
         # One layer's scan inputs, as the mixer passes them (time-major views), and a stand-in for the scan.
         captured = []
@@ -120,8 +166,11 @@ def main(argv=None):
         ours(input_ids, use_cache=False)
         modeling_mamba_lm.selective_scan = real_scan
         scan_args, scan_kwargs = captured[0]
-        scan_err = (selective_scan_chunked(*scan_args, **scan_kwargs)
-                    - selective_scan_ref(*scan_args, **scan_kwargs)).abs().max().item()
+        scan_ref = selective_scan_ref(*scan_args, **scan_kwargs)
+        scan_err = {"torch": (selective_scan_chunked(*scan_args, **scan_kwargs) - scan_ref).abs().max().item()}
+        if compiled:
+            scan_compiled = selective_scan_compiled(*scan_args, **scan_kwargs)
+            scan_err["torch_compile"] = (scan_compiled - scan_ref).abs().max().item()
 
         def ours_without_scan():
             modeling_mamba_lm.selective_scan = no_scan
@@ -133,25 +182,37 @@ def main(argv=None):
         results, cpu_results = {}, {}
         for threads in dict.fromkeys([default_threads, 1]):
             torch.set_num_threads(threads)
-            runs = {
-                "full": interleaved({
-                    "transformers": lambda: theirs(input_ids, use_cache=False),
-                    "ours": lambda: ours(input_ids, use_cache=False),
-                }, args.repeats),
-                "prefill": interleaved({
-                    "transformers": lambda: theirs(input_ids, use_cache=True, logits_to_keep=1),
-                    "ours": lambda: ours(input_ids, use_cache=True, logits_to_keep=1),
-                }, args.repeats),
-                "parts": interleaved({
-                    "scan": lambda: selective_scan_chunked(*scan_args, **scan_kwargs),
-                    "reference scan": lambda: selective_scan_ref(*scan_args, **scan_kwargs),
-                    "ours without the scans": ours_without_scan,
-                }, args.repeats),
+            runs = {}
+            for key, kwargs in (("full", dict(use_cache=False)), ("prefill", dict(use_cache=True, logits_to_keep=1))):
+                fns = {
+                    "transformers": lambda kw=kwargs: theirs(input_ids, **kw),
+                    "ours": lambda kw=kwargs: ours(input_ids, **kw),
+                }
+                if compiled:
+                    fns["ours, torch_compile"] = lambda kw=kwargs: ours_compiled(**kw)
+                runs[key] = interleaved(fns, args.repeats)
+            parts = {
+                "scan": lambda: selective_scan_chunked(*scan_args, **scan_kwargs),
+                "reference scan": lambda: selective_scan_ref(*scan_args, **scan_kwargs),
+                "ours without the scans": ours_without_scan,
             }
+            if compiled:
+                parts["scan, torch_compile"] = lambda: selective_scan_compiled(*scan_args, **scan_kwargs)
+            runs["parts"] = interleaved(parts, args.repeats)
             results[threads] = {key: wall for key, (wall, _) in runs.items()}
             if threads == 1:
                 cpu_results = {key: cpu for key, (_, cpu) in runs.items()}
         torch.set_num_threads(default_threads)
+
+    if compiled:  # a second process, with the inductor cache this one left on disk
+        probe = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--compile-probe", "--length", str(args.length),
+             "--seed", str(args.seed)],
+            capture_output=True, text=True, env=dict(os.environ), cwd=str(REPO_ROOT),
+        )
+        found = [line.split() for line in probe.stdout.splitlines() if line.startswith("FIRST_CALL")]
+        if found and found[0][2] == "torch_compile":
+            compile_times["first call of a second process, warm inductor cache"] = float(found[0][1])
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     emit("# CPU prefill: MambaCausalLM (this package, PyTorch path) vs transformers MambaForCausalLM")
@@ -160,45 +221,67 @@ def main(argv=None):
     emit(f"Command: `{command}` (from the repository root)")
     emit()
     emit(
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (1-minute load average {load:.1f} at the end), "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (1-minute load average {load:.2f} at the end), "
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}."
     )
     emit(
         f"Model: MambaConfig({', '.join(f'{k}={v}' for k, v in CONFIG.items())}), float32, seed {args.seed}; batch 1, "
-        f"prompt of {args.length} tokens; our scan backend: `{backend}`; logits max abs diff {max_abs:.2g} "
-        f"(max |logit| {scale:.3g})."
+        f"prompt of {args.length} tokens. Ours: the default eager path (backend `{backend}`)"
+        + (" and the opt-in compiled path (backend `torch_compile`)" if compiled else "")
+        + "; logits max abs diff to transformers "
+        + ", ".join(f"{name} {diff:.2g}" for name, diff in diffs.items()) + f" (max |logit| {scale:.3g})."
     )
-    emit(f"Times: median of {args.repeats} runs after a warm-up, the two models interleaved run by run.")
+    emit(f"Times: median of {args.repeats} runs after a warm-up, the models interleaved run by run.")
     emit()
-    emit("| threads | run | transformers | ours | speed-up |")
-    emit("|---|---|---|---|---|")
     names = {"full": "full logits, `use_cache=False`", "prefill": "prefill, `use_cache=True, logits_to_keep=1`"}
     rows = [(str(threads), res) for threads, res in results.items()] + [("1, CPU time", cpu_results)]
+    if compiled:
+        emit("| threads | run | transformers | ours, eager | speed-up | ours, torch_compile | speed-up |")
+        emit("|---|---|---|---|---|---|---|")
+    else:
+        emit("| threads | run | transformers | ours, eager | speed-up |")
+        emit("|---|---|---|---|---|")
     for threads, res in rows:
         for key, label in names.items():
             t_theirs = statistics.median(res[key]["transformers"])
             t_ours = statistics.median(res[key]["ours"])
-            emit(f"| {threads} | {label} | {ms(t_theirs)} | {ms(t_ours)} | **{t_theirs / t_ours:.1f}x** |")
+            row = f"| {threads} | {label} | {ms(t_theirs)} | {ms(t_ours)} | **{t_theirs / t_ours:.1f}x** |"
+            if compiled:
+                t_comp = statistics.median(res[key]["ours, torch_compile"])
+                row += f" {ms(t_comp)} | **{t_theirs / t_comp:.1f}x** |"
+            emit(row)
     emit()
     emit("(\"1, CPU time\": the same one-thread runs, timed by the CPU time of the thread, which leaves out the time "
          "other processes held the core; the other rows are wall-clock times.)")
+    if compiled:
+        emit()
+        emit("One-off compile time of the `torch_compile` path (not in the times above): "
+             + "; ".join(f"{name}: {seconds:.1f} s" for name, seconds in compile_times.items()) + ".")
     emit()
     dim = config.intermediate_size
     emit(
         f"Where our time goes (medians): one layer's selective scan (batch 1, dim {dim}, L {args.length}, "
-        f"N {config.state_size}, with z and D, time-major input; max abs diff to the reference {scan_err:.1g}) and our "
-        f"full-logits forward with the {config.num_hidden_layers} scans replaced by an empty tensor:"
+        f"N {config.state_size}, with z and D, time-major input; max abs diff to the reference "
+        + ", ".join(f"{name} {err:.1g}" for name, err in scan_err.items())
+        + f") and our eager full-logits forward with the {config.num_hidden_layers} scans replaced by an empty tensor:"
     )
     emit()
-    emit("| threads | scan (torch backend) | scan (sequential reference) | ours without the scans | "
-         f"ours, full logits | = without scans + {config.num_hidden_layers} x scan |")
-    emit("|---|---|---|---|---|---|")
+    header = "| threads | scan, eager (torch) |"
+    if compiled:
+        header += " scan, torch_compile |"
+    header += (f" scan, sequential reference | ours without the scans | ours, eager full logits | "
+               f"= without scans + {config.num_hidden_layers} x eager scan |")
+    emit(header)
+    emit("|" + "---|" * (header.count("|") - 1))
     for threads, res in rows:
         parts = {k: statistics.median(v) for k, v in res["parts"].items()}
         full = statistics.median(res["full"]["ours"])
         estimate = parts["ours without the scans"] + config.num_hidden_layers * parts["scan"]
-        emit(f"| {threads} | {ms(parts['scan'])} | {ms(parts['reference scan'])} | "
-             f"{ms(parts['ours without the scans'])} | {ms(full)} | {ms(estimate)} |")
+        row = f"| {threads} | {ms(parts['scan'])} |"
+        if compiled:
+            row += f" {ms(parts['scan, torch_compile'])} |"
+        row += f" {ms(parts['reference scan'])} | {ms(parts['ours without the scans'])} | {ms(full)} | {ms(estimate)} |"
+        emit(row)
     emit()
     emit("All runs (ms):")
     emit()
@@ -206,6 +289,9 @@ def main(argv=None):
         for key, timings in res.items():
             for who, ts in timings.items():
                 emit(f"- threads {threads}, {key}, {who}: " + ", ".join(f"{t * 1e3:.0f}" for t in ts))
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    if os.path.basename(cache).startswith("bench_cpu_prefill_inductor_"):
+        shutil.rmtree(cache, ignore_errors=True)
     if not args.no_write:
         out = REPO_ROOT / "benchmarks" / "results" / "cpu_prefill.md"
         out.parent.mkdir(parents=True, exist_ok=True)

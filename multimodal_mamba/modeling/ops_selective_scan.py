@@ -20,7 +20,9 @@ Three implementations live here:
   tokens, and its memory is O(batch * dim * N * chunk) plus the inputs: backward recomputes each chunk from the
   state saved at the chunk's start (as mamba-ssm's kernel does) instead of keeping an autograd graph over the
   whole sequence. Details and the exactness argument: the notes above ``_BLOCK_SIZE``.
-- fused GPU kernels, registered by ``multimodal_mamba.kernels`` when it can be imported.
+- fused GPU kernels, registered by ``multimodal_mamba.kernels`` when it can be imported;
+- the opt-in CPU backend ``"torch_compile"`` (``ops_selective_scan_compiled``: the scan and the conv compiled by
+  ``torch.compile``).
 
 Decode steps: ``selective_state_update`` (one token, state updated in place) and ``causal_conv1d_update``
 (conv state rolled in place), so that a preallocated cache can be captured in a CUDA graph.
@@ -101,9 +103,18 @@ def gate_and_skip(y, u, D, z):
         else:
             y = y + u.float() * D.float()[..., None]
     if z is not None:
-        gate = F.silu(z.float())
+        gate = _silu_in_memory_order(z.float())
         y = y.mul_(gate) if in_place else y * gate
     return y
+
+
+def _silu_in_memory_order(z):
+    """silu(z), computed along z's memory: for a time-major view (the mixers' gate is half of in_proj's output, read
+    as (batch, dim, L) with L the strided axis) F.silu would write a channel-major result with strided reads, about
+    five times slower than running over the memory in order."""
+    if z.dim() >= 2 and z.stride(-1) != 1 and z.stride(-2) == 1:
+        return F.silu(z.transpose(-1, -2)).transpose(-1, -2)
+    return F.silu(z)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -741,3 +752,9 @@ register_backend("causal_conv1d", "reference", causal_conv1d_ref)
 for _backend in ("torch", "reference"):
     register_backend("selective_state_update", _backend, selective_state_update_ref)
     register_backend("causal_conv1d_update", _backend, causal_conv1d_update_ref)
+
+try:  # registers the "torch_compile" backend (that module imports this one, so it comes last; a circular import of
+    # the two, when that module is imported first, lands here and it registers itself when it finishes)
+    from .ops_selective_scan_compiled import selective_scan_compiled  # noqa: E402,F401
+except ImportError:
+    pass

@@ -11,6 +11,11 @@ first backend, in priority order, that is registered, available and accepts the 
 
 or set ``ssm_backend`` on a model config (the models wrap their forward in this context manager).
 
+``"torch_compile"`` (CPU, opt-in: "auto" never picks it) is the PyTorch path with the selective scan and the causal
+conv compiled by ``torch.compile`` (``ops_selective_scan_compiled``). Forcing it also covers the ops and the calls it
+has no compiled version for (decode steps, the coupled scan, calls that need gradients, CUDA tensors): those run on
+its fallback, ``"torch"``, and ``last_backend`` reports ``"torch"`` for them.
+
 This file imports nothing from the package, so it travels with remote code unchanged.
 """
 
@@ -20,9 +25,12 @@ import contextlib
 import threading
 from typing import Callable, Dict, List, Optional
 
-BACKEND_NAMES = ("auto", "triton", "mamba_ssm", "torch", "reference")
-# Order tried by "auto"; "reference" is never chosen automatically (it is the slow definition of correct).
+BACKEND_NAMES = ("auto", "triton", "mamba_ssm", "torch", "torch_compile", "reference")
+# Order tried by "auto"; "reference" is never chosen automatically (it is the slow definition of correct), nor is the
+# opt-in "torch_compile" (its first call compiles for tens of seconds).
 AUTO_PRIORITY = ("triton", "mamba_ssm", "torch")
+# A forced backend that is not registered for an op, or does not accept a call, hands it to its fallback.
+FALLBACK = {"torch_compile": "torch"}
 
 _local = threading.local()
 # op name -> backend name -> (implementation, accepts(*args, **kwargs) -> bool)
@@ -40,7 +48,7 @@ def register_backend(op: str, backend: str, fn: Callable, accepts: Optional[Call
 def available_backends(op: str) -> List[str]:
     """The backends registered for ``op``, in the order "auto" tries them (then "reference")."""
     registered = _REGISTRY.get(op, {})
-    return [name for name in (*AUTO_PRIORITY, "reference") if name in registered]
+    return [name for name in (*AUTO_PRIORITY, "torch_compile", "reference") if name in registered]
 
 
 def _validate_backend_name(name: str) -> str:
@@ -91,12 +99,22 @@ def last_backend(op: str) -> Optional[str]:
     return _LAST.get(op)
 
 
+def record_backend(op: str, name: str) -> None:
+    """For an implementation that hands a call to another backend's code: record which one really ran."""
+    _LAST[op] = name
+
+
 def dispatch(op: str, *args, **kwargs):
     """Run ``op`` on the first backend that applies (or on the forced one) and record which ran."""
     registered = _REGISTRY.get(op)
     if not registered:
         raise ValueError(f"no backend is registered for op {op!r}")
     forced = forced_backend()
+    fallback = FALLBACK.get(forced)
+    if fallback is not None and fallback in registered:
+        entry = registered.get(forced)
+        if entry is None or (entry[1] is not None and not entry[1](*args, **kwargs)):
+            forced = fallback
     if forced != "auto":
         if forced not in registered:
             raise ValueError(

@@ -1,0 +1,308 @@
+"""Backend "torch_compile": the selective scan and the causal conv as ``torch.compile`` (inductor) kernels, for CPU.
+
+Opt in with ``ssm_backend("torch_compile")`` or ``config.ssm_backend = "torch_compile"``; ``"auto"`` never picks it
+(see "Why opt-in" below). Same contracts as ``ops_selective_scan`` (its module docstring), same results to float32
+rounding (tested against ``selective_scan_ref`` in ``tests/test_ops_compiled.py``).
+
+The scan, in three compiled functions and a Python loop:
+
+1. prologue, once over the whole sequence: dt = softplus(delta + delta_bias), x = dt u, and B, C, float32, written
+   into chunk-major buffers (chunks, batch, CHUNK, G, .) zero-padded at the end (dt = 0 there: decay 1, no input);
+2. chunk, once per ``CHUNK`` (32) steps, the state carried from call to call: the 32 steps of
+   ``h_t = exp(dt_t A) h_{t-1} + x_t B_t`` unrolled one after the other on the (dim, N) state, and
+   ``y_t = <C_t, h_t>``. Inductor turns this into one loop over the channels with the state in registers: one
+   exponential per (step, channel, state), the minimum, no pass over memory per step. The state is laid out (dim, N)
+   with N innermost (as ``initial_state``). ``exp`` is computed as ``2**x`` with an inline polynomial (Cephes'
+   ``exp2f``, about 1 ulp, see ``exp2_inline``) instead of a call into the vector math library: a call inside the
+   unrolled loop makes the compiler spill every live register around it, which made the loop about 2x slower;
+3. epilogue, once: y + D u, gated by silu(z), back in time-major layout.
+
+The chunk sees the same strides and a nonzero storage offset on every call (that is why the buffers are chunk-major
+with one unused chunk in front), so it compiles once for a given batch / width / state size and serves every prompt
+length; it is compiled for static sizes first (a faster kernel) and once more with dynamic sizes if another batch size
+or model comes along (dynamo's automatic dynamic shapes). The prologue and epilogue are compiled with dynamic shapes.
+
+The causal conv (+ bias + SiLU) is one compiled pass over time-major memory (the eager path makes W + 1 passes).
+
+Calls that need gradients, CUDA tensors, and calls made while ``torch.compile`` is already tracing run the eager
+``"torch"`` backend instead (``last_backend`` then says ``"torch"``): training keeps the chunked scan's memory-lean
+recompute backward. So do calls beyond dynamo's recompile limit (8 variants of a function).
+
+Compile cost. The first call of a process compiles (inductor writes C++ and runs the system compiler): measured in
+``benchmarks/results/cpu_prefill.md`` (about 30-40 s on the 2-core benchmark machine with a cold cache; a few seconds
+in a later process, from inductor's on-disk cache). If compilation fails (no C++ compiler, an unsupported Python), a
+warning is issued once and everything runs on the eager ``"torch"`` backend.
+
+Why opt-in. ``generate()`` on a short prompt takes a fraction of a second on the eager path; a silent first-call compile
+of tens of seconds (and its C++ toolchain requirement) would be a bad default for that user and for test suites.
+For long prompts, repeated calls and servers the compiled path is the faster one: turn it on explicitly.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .ops_selective_scan import (
+    LOG2_E,
+    _check_conv_inputs,
+    _check_selective_scan_inputs,
+    causal_conv1d_shifted,
+    selective_scan_chunked,
+)
+from .ssm_backends import record_backend, register_backend
+
+CHUNK = 32  # steps per compiled call (16: more calls; 64: a kernel too large for the registers, 4x slower)
+
+_lock = threading.Lock()
+_compiled = {}
+_failure = None  # the first compile error, once compilation has failed
+
+
+def exp2_inline(x):
+    """2**x in float32 with plain arithmetic (Cephes exp2f: round to the nearest integer n, a degree-6 polynomial for
+    2**(x - n) on [-1/2, 1/2], 2**n built in the exponent bits). About 1 ulp; 0 below 2**-126.5 (the reference gives
+    a denormal there, an absolute difference below 1e-38), 2**127 * p at the top instead of inf; NaN stays NaN."""
+    x = x.clamp(-127.0, 127.0)
+    n = torch.floor(x + 0.5)
+    f = x - n
+    p = 1.535336188319500e-4
+    p = p * f + 1.339887440266574e-3
+    p = p * f + 9.618437357674640e-3
+    p = p * f + 5.550332471162809e-2
+    p = p * f + 2.402264791363012e-1
+    p = p * f + 6.931472028550421e-1
+    p = p * f + 1.0
+    return p * ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _scan_prologue(delta, u, B, C, bias, dt_out, x_out, B_out, C_out, softplus: bool):
+    """Whole sequence, once: dt = softplus(delta + bias), x = dt u, B and C, float32, written chunk-major into the
+    ``*_out`` buffers (chunks, batch, CHUNK, G, F), zero-padded at the end (dt = 0 there: the state passes through the
+    padding unchanged). delta, u: (batch, L, G, Dg); B, C:
+    (batch, L, G, N); bias: (G, Dg). The buffers are allocated by the caller so that a chunk's strides never depend on
+    L (nor on a size of 1), which keeps one compiled chunk for all calls."""
+    dt = delta.float() + bias
+    if softplus:
+        dt = F.softplus(dt)
+    x = dt * u.float()
+    for value, out in ((dt, dt_out), (x, x_out), (B.float(), B_out), (C.float(), C_out)):
+        batch, padded = out.shape[1], out.shape[0] * out.shape[2]
+        value = F.pad(value, (0, 0, 0, 0, 0, padded - value.shape[1]))
+        out.copy_(value.view(batch, out.shape[0], out.shape[2], *value.shape[2:]).transpose(0, 1))
+
+
+def _scan_chunk(dt, x, A2, B, C, h, out):
+    """One chunk of T steps, float32. dt, x: (batch, T, G, Dg); A2 = A log2(e): (G, Dg, N); B, C: (batch, T, G, N);
+    h: (batch, G, Dg, N), the state before the chunk. Writes y_t = <C_t, h_t> into ``out`` (batch, T, G, Dg) and
+    returns the state after the chunk."""
+    ys = []
+    for t in range(dt.shape[1]):
+        h = exp2_inline(dt[:, t, :, :, None] * A2) * h + x[:, t, :, :, None] * B[:, t, :, None, :]
+        ys.append((h * C[:, t, :, None, :]).sum(-1))
+    out.copy_(torch.stack(ys, 1))
+    return h
+
+
+def _scan_epilogue(y, u, z, D, gate: bool):
+    """Whole sequence, once: (y + D u) * silu(z), in u's dtype. y: chunk-major (chunks, batch, CHUNK, G, Dg) float32;
+    u, z: (batch, L, G, Dg); D: (G, Dg). Returns (batch, L, G, Dg) contiguous."""
+    batch, length = u.shape[:2]
+    y = y.transpose(0, 1).reshape(batch, -1, *y.shape[3:])[:, :length]
+    out = y + D * u.float()
+    if gate:
+        out = out * F.silu(z.float())
+    return out.to(u.dtype)
+
+
+def _conv_chunk(x, prefix, weight, bias, activation: bool):
+    """Causal depthwise conv over time-major memory, float32. x: (batch, L, dim); prefix: (batch, W - 1, dim), the
+    inputs before x; weight: (W, dim), tap k multiplies the input W - 1 - k steps back; bias: (dim,)."""
+    width = weight.shape[0]
+    length = x.shape[1]
+    padded = torch.cat([prefix, x], dim=1)
+    out = bias + padded[:, width - 1 :] * weight[width - 1]
+    for k in range(width - 1):
+        out = out + padded[:, k : k + length] * weight[k]
+    return F.silu(out) if activation else out
+
+
+def _compiled_fn(name, fn, dynamic=True, options=None):
+    with _lock:
+        if name not in _compiled:
+            _compiled[name] = torch.compile(fn, dynamic=dynamic, fullgraph=True, options=options)
+        return _compiled[name]
+
+
+def _no_duck_sizing():
+    """Inductor would otherwise identify equal sizes and storage offsets ("duck sizing") and recompile when the chunk
+    views move along the sequence; symbols of their own keep one compiled graph for every chunk."""
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)
+
+
+def compile_available() -> bool:
+    """False once a compilation has failed in this process (everything then runs on the eager backend)."""
+    return _failure is None
+
+
+def _fail(op, error):
+    global _failure
+    if _failure is None:
+        _failure = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"ssm backend 'torch_compile': compiling {op} failed ({_failure.splitlines()[0][:300]}); "
+            "running the eager 'torch' backend instead for the rest of this process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _accepts(*tensors):
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and _failure is None
+        and not torch.compiler.is_compiling()
+        and not _needs_grad(*tensors)
+    )
+
+
+def selective_scan_compiled(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
+    return_final_state=False,
+):
+    """The selective scan on compiled chunks (backend "torch_compile"); contract as ``selective_scan``. Falls back to
+    ``selective_scan_chunked`` (and records backend "torch") where the compiled path does not apply."""
+    groups = _check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
+                  return_final_state=return_final_state)
+    if not _accepts(u, delta, A, B, C, D, z, delta_bias, initial_state) or u.shape[-1] == 0:
+        record_backend("selective_scan", "torch")
+        return selective_scan_chunked(u, delta, A, B, C, **kwargs)
+    try:
+        with torch.no_grad():
+            return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, groups)
+    except Exception as error:  # compilation failed: warn once, run eager from now on
+        if _failure is not None or not _is_compile_error(error):
+            raise
+        if not _is_recompile_limit(error):
+            _fail("the selective scan", error)
+        record_backend("selective_scan", "torch")
+        return selective_scan_chunked(u, delta, A, B, C, **kwargs)
+
+
+def _is_compile_error(error) -> bool:
+    """Errors of the compiler stack (dynamo, inductor, the C++ toolchain), not shape or value errors of ours."""
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch.fx", "subprocess")) or isinstance(
+        error, (OSError, RuntimeError, NotImplementedError)
+    )
+
+
+def _is_recompile_limit(error) -> bool:
+    """Dynamo refuses to compile yet another variant of a function (its recompile limit, 8 by default): that call
+    runs eager, the variants already compiled keep serving the others."""
+    return "RecompileLimit" in type(error).__name__
+
+
+def _time_major(t, batch, length, groups, per_group):
+    """(batch, dim, L) -> (batch, L, G, Dg), detached (a view when t is a time-major view, as the mixers pass)."""
+    t = t.transpose(1, 2)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.view(batch, length, groups, per_group).detach()  # an alias, not a view: no guards on a base
+
+
+def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, groups):
+    prologue = _compiled_fn("scan_prologue", _scan_prologue)
+    # The chunk is compiled for the shapes it first sees (static sizes make a faster kernel); a call with another
+    # batch size, width or state size recompiles it once with those sizes dynamic (dynamo's automatic dynamic shapes).
+    chunk = _compiled_fn("scan_chunk", _scan_chunk, dynamic=None)
+    epilogue = _compiled_fn("scan_epilogue", _scan_epilogue)
+    batch, dim, length = u.shape
+    state_size = A.shape[1]
+    per_group = dim // groups
+    u4 = _time_major(u, batch, length, groups, per_group)
+    d4 = _time_major(delta, batch, length, groups, per_group)
+    gate = z is not None
+    z4 = _time_major(z, batch, length, groups, per_group) if gate else u4
+    B4 = (B if B.dim() == 4 else B[:, None]).permute(0, 3, 1, 2).detach()  # (batch, L, G, N)
+    C4 = (C if C.dim() == 4 else C[:, None]).permute(0, 3, 1, 2).detach()
+    A2 = (A.detach().float() * LOG2_E).view(groups, per_group, state_size).contiguous()
+    zeros = u.new_zeros(groups, per_group, dtype=torch.float32)
+    Dv = D.detach().float().view(groups, per_group) if D is not None else zeros
+    bias = delta_bias.detach().float().view(groups, per_group) if delta_bias is not None else zeros
+    if initial_state is not None:
+        h = initial_state.detach().float().reshape(batch, groups, per_group, state_size).clone()
+    else:
+        h = u.new_zeros(batch, groups, per_group, state_size, dtype=torch.float32)
+    # Chunk-major buffers with one unused chunk in front: every chunk the loop passes is a block at the same strides
+    # (whatever L is) and at a storage offset >= 2. (Another layout, or an offset of 0 or 1, would fail a guard of the
+    # compiled chunk and recompile it; so would a tail of 0 or 1 steps, hence a tail of 2 .. CHUNK + 1 steps.)
+    chunks = (length + 2 + CHUNK - 1) // CHUNK
+    with _no_duck_sizing():
+        shape = (chunks + 1, batch, CHUNK, groups)
+        dt, x, y = (u.new_empty(shape + (per_group,), dtype=torch.float32) for _ in range(3))
+        Bp, Cp = (u.new_empty(shape + (state_size,), dtype=torch.float32) for _ in range(2))
+        prologue(d4, u4, B4, C4, bias, dt[1:], x[1:], Bp[1:], Cp[1:], delta_softplus)
+        for dt_c, x_c, B_c, C_c, y_c in zip(*(t.unbind(0)[1:] for t in (dt, x, Bp, Cp, y))):
+            h = chunk(dt_c, x_c, A2, B_c, C_c, h, y_c)
+        y = epilogue(y[1:], u4, z4, Dv, gate)
+    y = y.view(batch, length, dim).transpose(1, 2)  # (batch, dim, L), time-major
+    if u.stride(-1) == 1 and length > 1 and dim > 1:
+        y = y.contiguous()  # u's layout
+    if return_final_state:
+        return y, h.reshape(batch, dim, state_size)
+    return y
+
+
+def causal_conv1d_compiled(x, weight, bias=None, initial_state=None, activation=None):
+    """The causal depthwise conv (+ bias + SiLU) as one compiled pass (backend "torch_compile"); contract as
+    ``causal_conv1d``. Returns a (batch, dim, L) view of time-major memory."""
+    _check_conv_inputs(x, weight, initial_state)
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"causal_conv1d: unsupported activation {activation!r} (expected None, 'silu' or 'swish')")
+    if not _accepts(x, weight, bias, initial_state) or x.shape[-1] == 0:
+        record_backend("causal_conv1d", "torch")
+        return causal_conv1d_shifted(x, weight, bias, initial_state=initial_state, activation=activation)
+    try:
+        with torch.no_grad():
+            return _conv(x, weight, bias, initial_state, activation)
+    except Exception as error:
+        if _failure is not None or not _is_compile_error(error):
+            raise
+        if not _is_recompile_limit(error):
+            _fail("the causal conv", error)
+        record_backend("causal_conv1d", "torch")
+        return causal_conv1d_shifted(x, weight, bias, initial_state=initial_state, activation=activation)
+
+
+def _conv(x, weight, bias, initial_state, activation):
+    fn = _compiled_fn("causal_conv1d", _conv_chunk)
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    time_major = x.transpose(1, 2)
+    if time_major.stride(-1) != 1:
+        time_major = time_major.contiguous()
+    time_major = time_major.float()
+    if initial_state is not None:
+        prefix = initial_state.transpose(1, 2).float()
+    else:
+        prefix = x.new_zeros(batch, width - 1, dim, dtype=torch.float32)
+    bias = bias.float() if bias is not None else x.new_zeros(dim, dtype=torch.float32)
+    with _no_duck_sizing():
+        out = fn(time_major, prefix, weight.float().t().contiguous(), bias, activation is not None)
+    return out.to(x.dtype).transpose(1, 2)
+
+
+register_backend("selective_scan", "torch_compile", selective_scan_compiled)
+register_backend("causal_conv1d", "torch_compile", causal_conv1d_compiled)
