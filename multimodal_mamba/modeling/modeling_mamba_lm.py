@@ -95,39 +95,26 @@ class MambaStateCache:
         self.ssm_states.copy_(self.ssm_states.index_select(1, beam_idx))
 
 
-_FUSED_RMS_NORM = []
+_PACKAGE_KERNELS = []
 
 
-def _fused_rms_norm():
-    """This package's Triton RMSNorm when it can run here (CUDA, Triton), else None. Imported on first use."""
-    if not _FUSED_RMS_NORM:
-        fn = None
+def _package_kernels():
+    """This package's Triton RMSNorm and (batch, L, C) -> (batch, C, L) transposes (one tensor, differentiable;
+    several same-shaped tensors in one launch) as a dict, when they can run here (CUDA, Triton); else None.
+    Imported on first use."""
+    if not _PACKAGE_KERNELS:
+        kernels = None
         if torch.cuda.is_available():
-            try:  # absent from remote-code copies and machines without Triton: the PyTorch path runs instead
-                from multimodal_mamba.kernels.rms_norm import rms_norm_triton as fn
-            except Exception:
-                fn = None
-        _FUSED_RMS_NORM.append(fn)
-    return _FUSED_RMS_NORM[0]
-
-
-_FUSED_TRANSPOSE = []
-
-
-def _fused_transpose():
-    """This package's Triton (batch, L, C) -> (batch, C, L) transposes (one tensor, differentiable; several
-    same-shaped tensors in one launch) when they can run here, else None."""
-    if not _FUSED_TRANSPOSE:
-        fns = None
-        if torch.cuda.is_available():
-            try:  # absent from remote-code copies and machines without Triton: the scan wrappers copy instead
+            try:  # absent from remote-code copies and machines without Triton: the PyTorch paths run instead
+                from multimodal_mamba.kernels.rms_norm import rms_norm_triton
                 from multimodal_mamba.kernels.transpose import channel_major_many, channel_major_triton
 
-                fns = (channel_major_triton, channel_major_many)
+                kernels = {"rms_norm": rms_norm_triton, "transpose": channel_major_triton,
+                           "transpose_many": channel_major_many}
             except Exception:
-                fns = None
-        _FUSED_TRANSPOSE.append(fns)
-    return _FUSED_TRANSPOSE[0]
+                kernels = None
+        _PACKAGE_KERNELS.append(kernels)
+    return _PACKAGE_KERNELS[0]
 
 
 def _time_contiguous(*tensors):
@@ -139,12 +126,12 @@ def _time_contiguous(*tensors):
     (at batch 1 a prefill's host time is mostly launches). Elsewhere (CPU: the chunked scan prefers token-major
     memory) the tensors pass unchanged.
     """
-    fns = _fused_transpose()
+    kernels = _package_kernels()
     todo = [i for i, t in enumerate(tensors)
             if t is not None and t.is_cuda and t.dim() == 3 and t.shape[-1] > 1 and t.stride(-1) != 1]
-    if fns is None or not todo:
+    if kernels is None or not todo:
         return tensors
-    one, many = fns
+    one, many = kernels["transpose"], kernels["transpose_many"]
     result = list(tensors)
     if torch.is_grad_enabled() and any(tensors[i].requires_grad for i in todo):
         for i in todo:
@@ -175,9 +162,9 @@ class MambaRMSNorm(nn.Module):
         if hidden_states.is_cuda and not (
             torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad)
         ):
-            fused = _fused_rms_norm()
-            if fused is not None:
-                return fused(hidden_states, self.weight, self.variance_epsilon, input_dtype)
+            kernels = _package_kernels()
+            if kernels is not None:
+                return kernels["rms_norm"](hidden_states, self.weight, self.variance_epsilon, input_dtype)
         if input_dtype is not None:
             hidden_states = hidden_states.to(input_dtype)
         input_dtype = hidden_states.dtype
