@@ -16,8 +16,19 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The cross-version tests (a folder saved under one transformers loads under the other): the test python with
+# transformers 5.17 (the GPU machine's version) and its huggingface_hub put in front by a wrapper script.
+CROSS := $(VENV)/cross
+$(CROSS)/python: $(BIN)/.installed
+	rm -rf $(CROSS)
+	$(BIN)/pip install -q --target $(CROSS)/site --no-deps "transformers==5.17.0" "huggingface_hub==1.33.0"
+	$(BIN)/pip install -q --target $(CROSS)/site httpx
+	printf '#!/bin/sh\nhere=$$(cd "$$(dirname "$$0")" && pwd)\nPYTHONPATH="$$here/site$${PYTHONPATH:+:$$PYTHONPATH}" exec "$$here/../bin/python" "$$@"\n' > $@
+	chmod +x $@
+
 demo: $(BIN)/.installed
 	$(BIN)/python examples/main_demo.py
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+test: $(BIN)/.installed $(CROSS)/python
+	MULTIMODAL_MAMBA_CROSS_PYTHON="$${MULTIMODAL_MAMBA_CROSS_PYTHON:-$(abspath $(CROSS)/python)}" \
+		$(BIN)/python -m pytest -q -p no:cacheprovider
