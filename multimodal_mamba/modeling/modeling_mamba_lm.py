@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from .peft_adapters import AdapterLoadingMixin
 from .decode_graphs import DecodeGraphs
+from .deferred_stop import allow_deferred_stop_check
 from .ops_mamba_ssm import GPU_BACKENDS  # noqa: F401  (registers the "mamba_ssm" and "triton" backends on CUDA)
 from .ops_selective_scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from .ssm_backends import config_backend, forced_backend
@@ -44,6 +45,9 @@ class MambaStateCache:
     """
 
     is_compileable = False
+    # A recurrent state cannot be rolled back a step: transformers' deferred stop check (which runs one step past
+    # the stop and undoes it) may only be used with this cache when the cache is not returned to the caller.
+    is_croppable = False
     # Set on caches backed by a CUDA-graph bucket (see decode_graphs.py); None for ordinary caches.
     graph_bucket = None
     invalid_reason: Optional[str] = None
@@ -579,13 +583,23 @@ class MambaGenerationMixin(GenerationMixin):
         cache = model_kwargs.get("cache_params")
         if cache is not None and not isinstance(cache, MambaStateCache):
             raise ValueError(f"cache_params must be a MambaStateCache, got {type(cache).__name__}")
+        if cache is not None:
+            # As transformers marks a cache the user passed in: it outlives generate, so no step may be run past
+            # the stop on it (transformers' deferred stop check reads this).
+            cache._is_user_defined = True
 
     def _graph_generation_cache(self, batch_size: int, device) -> Optional[MambaStateCache]:
         """A cache backed by a CUDA-graph bucket for a generate call, or None (eager decode)."""
         language_model = self._decode_language_model()
         if self.training or torch.is_grad_enabled():
             return None
-        return language_model.decode_graphs.make_cache(batch_size, device, language_model.backbone.embeddings.weight.dtype)
+        cache = language_model.decode_graphs.make_cache(
+            batch_size, device, language_model.backbone.embeddings.weight.dtype
+        )
+        if cache is not None and cache.graph_bucket is not None:
+            # No host sync per token in transformers' sampling loop for this cache (deferred_stop.py says why).
+            allow_deferred_stop_check()
+        return cache
 
     def _graph_decode_step(self, cache_params, input_ids, inputs_embeds=None, **blockers) -> Optional[torch.Tensor]:
         """Logits (batch, 1, vocab) of a decode step replayed from the CUDA graph, or None (run it eagerly)."""
