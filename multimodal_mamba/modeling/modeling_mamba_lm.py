@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from transformers import MambaConfig, PreTrainedModel
 from transformers import initialization as init
@@ -103,22 +104,39 @@ _PACKAGE_KERNELS = []
 
 
 def _package_kernels():
-    """This package's Triton RMSNorm and (batch, L, C) -> (batch, C, L) transposes (one tensor, differentiable;
-    several same-shaped tensors in one launch) as a dict, when they can run here (CUDA, Triton); else None.
+    """This package's Triton RMSNorm, (batch, L, C) -> (batch, C, L) transposes (one tensor, differentiable;
+    several same-shaped tensors in one launch) and one-row GEMV (self-measured, see kernels/gemv) as a dict, when
+    they can run here (CUDA, Triton); else None.
     Imported on first use."""
     if not _PACKAGE_KERNELS:
         kernels = None
         if torch.cuda.is_available():
             try:  # absent from remote-code copies and machines without Triton: the PyTorch paths run instead
+                from multimodal_mamba.kernels.gemv import linear_one_row
                 from multimodal_mamba.kernels.rms_norm import rms_norm_triton
                 from multimodal_mamba.kernels.transpose import channel_major_many, channel_major_triton
 
                 kernels = {"rms_norm": rms_norm_triton, "transpose": channel_major_triton,
-                           "transpose_many": channel_major_many}
+                           "transpose_many": channel_major_many, "linear_one_row": linear_one_row}
             except Exception:
                 kernels = None
         _PACKAGE_KERNELS.append(kernels)
     return _PACKAGE_KERNELS[0]
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` (same parameters, same results up to float32 summation order) whose one-row calls on CUDA
+    without gradients (a decode step at batch 1) go to this package's GEMV, which picks per shape the fastest of
+    cuBLAS and its own Triton kernel (cuBLAS is slow on the small, odd shapes such as x_proj: kernels/gemv/fused.py).
+    Every other call is ``F.linear``. PEFT wraps it like any ``nn.Linear``."""
+
+    def forward(self, x):
+        if (x.is_cuda and x.shape[-1] == x.numel() and not torch.is_grad_enabled() and x.dtype == self.weight.dtype
+                and self.weight.stride(-1) == 1):
+            kernels = _package_kernels()
+            if kernels is not None:
+                return kernels["linear_one_row"](x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def _time_contiguous(*tensors):
@@ -224,16 +242,16 @@ class MambaMixer(nn.Module):
         self.time_step_min, self.time_step_max, self.time_step_floor = time_step_min, time_step_max, time_step_floor
         self.time_step_scale, self.time_step_init_scheme = time_step_scale, time_step_init_scheme
 
-        self.in_proj = nn.Linear(hidden_size, self.intermediate_size * 2, bias=use_bias)
+        self.in_proj = DecodeLinear(hidden_size, self.intermediate_size * 2, bias=use_bias)
         self.conv1d = nn.Conv1d(
             self.intermediate_size, self.intermediate_size, kernel_size=conv_kernel, groups=self.intermediate_size,
             padding=conv_kernel - 1, bias=use_conv_bias,
         )
-        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + 2 * state_size, bias=False)
-        self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
+        self.x_proj = DecodeLinear(self.intermediate_size, self.time_step_rank + 2 * state_size, bias=False)
+        self.dt_proj = DecodeLinear(self.time_step_rank, self.intermediate_size, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.intermediate_size, state_size))
         self.D = nn.Parameter(torch.empty(self.intermediate_size))
-        self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=use_bias)
+        self.out_proj = DecodeLinear(self.intermediate_size, hidden_size, bias=use_bias)
         if self.A_log.device.type != "meta":
             self.init_ssm_parameters()
 
@@ -654,7 +672,7 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
     def __init__(self, config: MambaConfig):
         super().__init__(config)
         self.backbone = MambaBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):

@@ -1,0 +1,176 @@
+"""Triton GEMV for one-row projections (a decode step at batch 1), with a dispatch that measures itself.
+
+At batch 1 a Mamba decode step is a chain of matrix-vector products that only have to read each weight once. cuBLAS
+runs them at 70-80% of HBM bandwidth for the large ones (in_proj, out_proj) but far below it for the small, oddly
+shaped ones, which are latency-bound: x_proj (5120 -> 192, 2 MB) takes ~8.5 us and dt_proj (160 -> 5120) ~3.3 us on
+an H200, against ~0.5 us each at bandwidth (``benchmarks/results/gpu_generate.md``). Over 64 layers that is about
+0.6 ms of a 3.3 ms step.
+
+``gemv_triton``: each program owns ``BLOCK_N`` output features and reads their rows of the weight in ``BLOCK_K``
+tiles, float32 products accumulated in a (BLOCK_N, BLOCK_K) register tile and summed once at the end; with
+``SPLIT_K > 1`` the K range is cut into that many programs per output block, whose partial sums (float32) are added
+by a second, tiny launch in a fixed order (no atomics: the result does not depend on scheduling, so a decode step
+replayed from a CUDA graph gives the same tokens as the eager one).
+
+``linear_one_row``: which implementation is fastest depends on the shape and the GPU, so the first call for a
+(device, N, K, dtype, bias) outside CUDA-graph capture times cuBLAS (``F.linear``) and a few kernel configurations
+with CUDA events and keeps the fastest for the rest of the process; cuBLAS is a candidate, so the choice is never
+slower than it (up to timing noise). During capture, before a shape was measured, it calls ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..utils import interpret_mode
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w, stride_split,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):
+    """DIRECT (one split): out[n] = sum_k x[k] w[n, k] (+ bias[n]) in out's dtype. Else out[split, n] = the sum over
+    this split's K range, float32, for ``_sum_splits_kernel``."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_start = split * K_PER_SPLIT
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        cols = k_start + k0 + tl.arange(0, BLOCK_K)
+        col_ok = (cols < K) & (k0 + tl.arange(0, BLOCK_K) < K_PER_SPLIT)
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    total = tl.sum(acc, axis=1)
+    if DIRECT:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.store(out_ptr + split * stride_split + rows, total, mask=row_ok)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, N, stride_split,
+                       SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n] = sum_s part[s, n] (+ bias[n]), in split order, cast to out's dtype."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        total += tl.load(part_ptr + s * stride_split + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias=None, block_n: int = 8, block_k: int = 256,
+                split_k: int = 1, num_warps: int = 4) -> torch.Tensor:
+    """x (K,) or (1, ..., 1, K), weight (N, K) with unit stride along K, bias (N,) or None -> x's shape with N.
+
+    Output dtype as ``F.linear`` gives for x's and weight's dtype (they must match, as for ``F.linear``).
+    """
+    n_out, k_in = weight.shape
+    if x.shape[-1] != k_in or x.numel() != k_in:
+        raise ValueError(f"gemv_triton: x must hold one row of {k_in} features, got shape {tuple(x.shape)}")
+    if weight.stride(-1) != 1:
+        raise ValueError("gemv_triton: the weight must be contiguous along its input features")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"gemv_triton: x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    vector = x.reshape(k_in)
+    if vector.stride(0) != 1:
+        vector = vector.contiguous()
+    out = torch.empty(n_out, device=x.device, dtype=x.dtype)
+    k_per_split = triton.cdiv(triton.cdiv(k_in, split_k), block_k) * block_k
+    splits = triton.cdiv(k_in, k_per_split)
+    grid_n = triton.cdiv(n_out, block_n)
+    bias_arg = bias if bias is not None else weight  # not read without HAS_BIAS
+    if splits == 1:
+        _gemv_kernel[(grid_n, 1)](vector, weight, bias_arg, out, n_out, k_in, weight.stride(0), 0,
+                                  BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
+                                  HAS_BIAS=bias is not None, DIRECT=True, num_warps=num_warps)
+        return out.reshape(*x.shape[:-1], n_out)
+    partial = torch.empty(splits, n_out, device=x.device, dtype=torch.float32)
+    _gemv_kernel[(grid_n, splits)](vector, weight, bias_arg, partial, n_out, k_in, weight.stride(0),
+                                   partial.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
+                                   HAS_BIAS=False, DIRECT=False, num_warps=num_warps)
+    block = min(1024, triton.next_power_of_2(n_out))
+    _sum_splits_kernel[(triton.cdiv(n_out, block),)](
+        partial, bias if bias is not None else partial, out, n_out, partial.stride(0),
+        SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+    )
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+# Configurations tried per shape: (block_n, block_k, split_k, num_warps). Few enough to compile in seconds.
+CANDIDATES = (
+    (8, 256, 1, 4),
+    (16, 256, 1, 8),
+    (4, 512, 1, 4),
+    (2, 1024, 1, 4),
+    (4, 256, 4, 4),
+    (8, 128, 8, 4),
+    (1, 512, 8, 4),
+    (32, 64, 1, 4),
+)
+_choices = {}
+_lock = threading.Lock()
+
+
+def _time_ms(fn, repeats=25):
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _measure(x, weight, bias):
+    """The fastest of F.linear and the candidate configurations for this shape: None (F.linear) or a config."""
+    best, best_ms = None, _time_ms(lambda: F.linear(x, weight, bias))
+    reference = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    scale = reference.abs().max().item() + 1e-6
+    for config in CANDIDATES:
+        try:
+            out = gemv_triton(x, weight, bias, *config)
+            if not (out.float() - reference).abs().max().item() <= 2e-2 * scale:
+                continue  # never pick a configuration that computes something else
+            ms = _time_ms(lambda: gemv_triton(x, weight, bias, *config))
+        except Exception:  # a configuration this GPU / Triton cannot compile: skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    return best
+
+
+def linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a single row x (1, ..., 1, K) on CUDA, by the fastest measured route."""
+    key = (x.device.index, tuple(weight.shape), weight.dtype, bias is not None, bias.dtype if bias is not None else None)
+    choice = _choices.get(key, False)
+    if choice is False:
+        if interpret_mode() or torch.cuda.is_current_stream_capturing():
+            return F.linear(x, weight, bias)
+        with _lock:
+            choice = _choices.get(key, False)
+            if choice is False:
+                choice = _choices[key] = _measure(x.reshape(1, -1), weight, bias)
+    if choice is None:
+        return F.linear(x, weight, bias)
+    return gemv_triton(x, weight, bias, *choice)
+
+
+def measured_choices() -> dict:
+    """{(device index, (N, K), dtype, has bias, bias dtype): None (F.linear) or (block_n, block_k, split_k, warps)}."""
+    return dict(_choices)
