@@ -474,6 +474,15 @@ def check_coupled_inference(coupling, dtype, backends, device="cuda", length=70,
                                 num_hidden_layers=3, state_size=state, coupling=coupling)
     torch.manual_seed(0)
     model = CoupledMambaModel(config).to(device, dtype).eval()
+    if coupling == "sum":
+        # At the default init (dt ~ 0.001 .. 0.1, A = -1 .. -N) the "sum" state grows like M^t = 3^70 ~ 1e33 (the
+        # contract's stability note), and the next layer's norm overflows: NaN on every backend. Decays <= ~0.12
+        # per chain keep sum_m a^m below 1, so the outputs are finite and comparable.
+        with torch.no_grad():
+            for block in model.modules():
+                if hasattr(block, "A_log") and hasattr(block, "dt_proj"):
+                    block.A_log.add_(0.5)
+                    block.dt_proj.bias.fill_(1.0)
     feats = {name: torch.randn(3, length, d, device=device, dtype=dtype) for name, d in config.modality_dims.items()}
     mask = {name: torch.ones(3, length, dtype=torch.bool, device=device) for name in config.modality_dims}
     mask["audio"][1, length - 20:] = False
@@ -906,8 +915,9 @@ def test_interpreter_coupled_chains_and_layer(interpreted, monkeypatch):
     assert all(y[:, m].transpose(1, 2).is_contiguous() for m in range(3))
 
     check_chains((2, 3, 8, 9, 3, "sum", True), torch.float32, ("triton", "torch"), device="cpu")
-    check_coupled_inference("mean", torch.float32, ("reference", "triton"), device="cpu", length=12, hidden=8,
-                            state=4)
+    for coupling in ("mean", "sum"):
+        check_coupled_inference(coupling, torch.float32, ("reference", "triton"), device="cpu", length=12, hidden=8,
+                                state=4)
     config = CoupledMambaConfig(modality_dims={"text": 5, "audio": 3}, hidden_size=8, num_hidden_layers=2,
                                 state_size=4, coupling="mean")
     torch.manual_seed(0)

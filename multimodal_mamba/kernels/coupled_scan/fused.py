@@ -485,8 +485,9 @@ def _store_chain_partials(dA_ptr, dD_ptr, dbias_ptr, dA, dD, dbias, pid_b, m, M:
 # (sequential.py). Measured on the H200 (bench_gpu_coupled_scan.py): sequential 4.40 ms vs chunked 2.71 ms at batch 8,
 # dim 1024, L 4096; 0.44 vs 0.30 ms at batch 16, dim 256, L 500; 0.57 vs 1.11 ms at batch 32, dim 512, L 500.
 FWD_IMPL = "chunked"
-# The per-modality inference path (no stacking copies) runs the sequential kernel, for coupling "mean" only:
-# with "sum" it disagreed with the PyTorch path in the whole-model GPU test (fp32 and bf16), so "sum" stacks.
+# The per-modality inference path (no stacking copies) runs the sequential kernel, for "mean" and "sum". ("sum" was
+# once sent to the stacked path after a whole-model GPU test disagreed; the cause was the test's model, whose state
+# grew like 3^t under "sum" until the next layer's norm overflowed (NaN on every backend), not the kernel.)
 CHAINS_ENABLED = True
 FWD_CONFIGS = {"lmajor": (1, 256, 1), "tmajor": (1, 256, 1)}  # the chunked forward's
 BWD_CONFIGS = {"lmajor": (1, 128, 1), "tmajor": (1, 128, 1)}
@@ -686,7 +687,7 @@ def accepts_coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D=None, zs=None
     (Runs once per layer call: the per-tensor checks look at one tensor per list.)"""
     from .. import _needs_grad, _tensors_ok
 
-    if not CHAINS_ENABLED or coupling != "mean" or not 1 <= len(us) <= MAX_CHAINS:
+    if not CHAINS_ENABLED or coupling not in ("mean", "sum") or not 1 <= len(us) <= MAX_CHAINS:
         return False
     lists = (us, deltas, Bs, Cs) if zs is None else (us, deltas, Bs, Cs, zs)
     if any(len(t) != len(us) for t in lists) or us[0].shape[-1] < 1:
