@@ -1,6 +1,6 @@
 """The opt-in "torch_compile" CPU backend (ops_selective_scan_compiled) against the references.
 
-These tests compile with inductor. To keep their CI time small they run the scan with chunks of 8 steps instead of 32
+These tests compile with inductor. To keep their CI time small they run the scan with chunks of 4 steps instead of 32
 (the chunk length is the only constant of the kernel; ragged tails and several chunks are exercised the same way) and
 few distinct shapes: about a minute on 2 cores with a cold inductor cache, seconds with a warm one.
 """
