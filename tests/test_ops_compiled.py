@@ -45,6 +45,7 @@ CASES = [
     (1, 8, 5, 4, 1, True, False, True),
     (1, 8, 45, 4, 1, True, True, True),
     (2, 8, 29, 4, 2, False, True, False),
+    (1, 8, 16, 4, 1, True, False, True),  # whole chunks at batch 1: contiguous float32 inputs are read in place
 ]
 
 
@@ -66,6 +67,18 @@ def test_compiled_scan_matches_reference(case):
 
 
 @compiled_ops_available
+def test_chunk_major_copies_only_when_needed():
+    contiguous = torch.randn(1, 8, 1, 3)  # (batch, L, G, F): two whole chunks of 4 steps
+    assert compiled_ops._chunk_major(contiguous, 2).data_ptr() == contiguous.data_ptr()
+    padded = compiled_ops._chunk_major(contiguous[:, :6], 2, float("-inf"))
+    assert padded.data_ptr() != contiguous.data_ptr() and padded.shape == (2, 1, 4, 1, 3)
+    assert torch.equal(padded[0, 0], contiguous[0, :4]) and torch.equal(padded[1, 0, :2], contiguous[0, 4:6])
+    assert torch.isinf(padded[1, 0, 2:]).all()
+    batch2 = torch.randn(2, 8, 1, 3)
+    chunks = compiled_ops._chunk_major(batch2, 2)
+    assert torch.equal(chunks[1, 1], batch2[1, 4:]) and chunks.is_contiguous()
+
+
 def test_compiled_scan_without_softplus():
     """dt of both signs: decays above and below 1."""
     inputs = make_inputs(1, 8, 45, 4, time_major=True, initial_state=True, delta_shift=0.0, seed=6)

@@ -215,8 +215,11 @@ def _time_major(t, batch, length, groups, per_group):
 
 def _chunk_major(t, chunks, pad_value=0.0):
     """(batch, L, G, F) -> float32 (chunks, batch, CHUNK, G, F) contiguous, the steps past L filled with pad_value (a
-    number, or a (G, F) tensor)."""
+    number, or a (G, F) tensor). At batch 1 without padding a contiguous float32 input already has that layout: it is
+    returned as a view (the conv output and dt_proj's output in the mixer, a prefill of a multiple of 32 tokens)."""
     batch, length = t.shape[:2]
+    if batch == 1 and length == chunks * CHUNK and t.dtype == torch.float32 and t.is_contiguous():
+        return t.view((chunks, 1, CHUNK) + tuple(t.shape[2:]))
     out = t.new_empty((chunks, batch, CHUNK) + tuple(t.shape[2:]), dtype=torch.float32)
     blocks = out.transpose(0, 1)  # (batch, chunks, CHUNK, G, F)
     full, rest = divmod(length, CHUNK)
