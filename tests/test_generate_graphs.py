@@ -311,3 +311,25 @@ def test_triton_transpose_of_several_tensors_in_one_launch():
             assert out.is_contiguous() and torch.equal(out, part.transpose(1, 2))
     with pytest.raises(ValueError, match="same shape"):
         channel_major_many(parts[0], base[..., :95])
+
+
+@gpu
+def test_triton_transpose_of_a_prefills_five_tensors_in_one_launch():
+    """x, z, delta (one width) and B, C (another, strided views of x_proj's output) in one launch; more than five
+    take several."""
+    from multimodal_mamba.kernels.transpose import channel_major_group, time_contiguous_group
+
+    wide = torch.randn(2, 300, 3 * 96, device="cuda", dtype=torch.bfloat16)
+    narrow = torch.randn(2, 300, 5 + 2 * 16, device="cuda", dtype=torch.bfloat16)
+    parts = [wide[..., :96], wide[..., 96:192], wide[..., 192:], narrow[..., 5:21], narrow[..., 21:]]
+    for tensors in (parts, parts[3:], parts + parts[:3]):
+        outs = channel_major_group(*tensors)
+        assert len(outs) == len(tensors)
+        for out, part in zip(outs, tensors):
+            assert out.is_contiguous() and torch.equal(out, part.transpose(1, 2))
+        # the same from the (batch, C, L) views the mixer holds
+        outs = time_contiguous_group(*(t.transpose(1, 2) for t in tensors))
+        for out, part in zip(outs, tensors):
+            assert out.is_contiguous() and torch.equal(out, part.transpose(1, 2))
+    with pytest.raises(ValueError, match="same batch, length and dtype"):
+        channel_major_group(parts[0], narrow[:1, :, 5:21])

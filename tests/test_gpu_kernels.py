@@ -205,6 +205,47 @@ def test_gpu_selective_scan_matches_reference(backend, dtype, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=str)
+def test_gpu_selective_scan_inference_path_matches_reference(dtype, shape):
+    """Without gradients the Triton scan runs without an autograd node, its launch plan and compiled kernel cached
+    (``CachedLaunch``): the first call (Triton's own launch) and the second (the cached one) equal the reference."""
+    batch, dim, length, state, groups, time_major, with_z, with_d, with_bias, with_h0 = shape
+    inputs = scan_inputs(batch, dim, length, state, groups, dtype, time_major, with_z, with_d, with_bias, with_h0,
+                         seed=_seed(shape))
+    y_ref, h_ref = run_scan(selective_scan_ref, inputs)
+    with torch.no_grad(), ssm_backend("triton"):
+        for _ in range(2):
+            y, h = run_scan(selective_scan, inputs)
+            assert rel(y, y_ref) <= TOL[dtype] and rel(h, h_ref) <= TOL[torch.float32] * 10
+            y_only = run_scan(selective_scan, inputs, return_final_state=False)
+            assert torch.equal(y_only, y)
+
+
+@pytest.mark.gpu
+def test_gpu_cached_launch_equals_tritons_own_launch():
+    """``CachedLaunch`` launches a compiled kernel directly once Triton's launch has specialized it for the same
+    scalars, dtypes and pointer alignments; a call that would specialize differently (another length, a pointer off
+    16-byte alignment, another dtype) goes through Triton again."""
+    import triton
+
+    from multimodal_mamba.kernels.transpose import fused as tr
+    from multimodal_mamba.kernels.utils import CachedLaunch, fast_launch_supported
+
+    launch = CachedLaunch(tr._transpose_kernel)
+    base = torch.randn(2, 301, 2 * 96 + 1).cuda()
+    cases = [base[..., :96], base[..., 96:192], base[..., 1:97], base[..., :96].bfloat16(), base[:, :77, :96]]
+    for x in cases + cases:
+        batch, length, channels = x.shape
+        out = torch.full((batch, channels, length), float("nan"), device="cuda", dtype=x.dtype)
+        launch((triton.cdiv(length, 64), triton.cdiv(channels, 64), batch), (x, out),
+               (length, channels) + x.stride() + out.stride(), (64, 64), 4)
+        assert torch.equal(out, x.transpose(1, 2))
+    if fast_launch_supported():
+        assert len(launch.cache) == 4  # the second pass hit the cache: (:96) and (96:192) share an entry
+
+
+@pytest.mark.gpu
 def test_gpu_mamba_ssm_declines_what_it_cannot_do():
     _backend_or_skip("selective_scan", "mamba_ssm")
     inputs = scan_inputs(1, 32, 40, 8, with_h0=True)

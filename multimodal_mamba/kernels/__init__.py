@@ -36,6 +36,7 @@ _MAX_STATE = 256  # largest N the register tiles are sized for (mamba-ssm's limi
 _MAX_CHAINS = 4  # chains unrolled in the coupled kernels
 _MAX_CONV_WIDTH = 8
 _INT32 = 2**31 - 1
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def kernels_available() -> bool:
@@ -43,20 +44,31 @@ def kernels_available() -> bool:
     return HAS_TRITON and torch.cuda.is_available()
 
 
-def _tensors_ok(*tensors) -> bool:
-    from .utils import FLOAT_DTYPES, on_kernel_device
+_WANT_CUDA = []
 
-    if not on_kernel_device(*tensors):
-        return False
+
+def _tensors_ok(*tensors) -> bool:
+    """Every given tensor (None skipped) on the kernels' device (CUDA; the CPU under the interpreter), of a float
+    dtype, and small enough for 32-bit element offsets within a batch row. Runs on every dispatched call: kept lean."""
+    if not _WANT_CUDA:
+        from .utils import interpret_mode
+
+        _WANT_CUDA.append(not interpret_mode())  # (Triton reads TRITON_INTERPRET once, at import, too)
+    want_cuda = _WANT_CUDA[0]
     for t in tensors:
         if t is None:
             continue
-        if t.dtype not in FLOAT_DTYPES:
+        if want_cuda:
+            if not t.is_cuda:
+                return False
+        elif t.device.type != "cpu":
             return False
-        # element offsets inside one batch row are computed in 32 bits (the product bound first: it is cheap, and
-        # this check runs on every dispatched call)
-        if t.dim() and max(t.shape) * max(map(abs, t.stride())) > _INT32 and max(
-            (s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0
+        if t.dtype not in _FLOAT_DTYPES:
+            return False
+        # element offsets inside one batch row are computed in 32 bits (the product bound first: it is cheap)
+        shape = t.shape
+        if shape and max(shape) * max(t.stride()) > _INT32 and max(
+            (s - 1) * st for s, st in zip(shape, t.stride()) if s > 0
         ) > _INT32:
             return False
     return True

@@ -40,6 +40,9 @@ def empty_like_layout(reference: torch.Tensor, dtype=None) -> torch.Tensor:
     reference's last dim is not its contiguous one, else contiguous. The mixers keep activations time-major,
     so outputs and gradients come back in the layout the next module reads densely."""
     dtype = dtype or reference.dtype
+    if reference.dim() == 3 and reference.stride(-1) != 1 and reference.shape[-1] > 1:  # the common case, cheaply
+        batch, dim, length = reference.shape
+        return torch.empty(batch, length, dim, device=reference.device, dtype=dtype).transpose(1, 2)
     if reference.dim() >= 3 and reference.stride(-1) != 1 and reference.shape[-1] > 1:
         perm = (0, reference.dim() - 1) + tuple(range(1, reference.dim() - 1))
         inverse = [perm.index(i) for i in range(len(perm))]
@@ -68,3 +71,96 @@ def softplus(x):
 def affine_combine(a1, b1, a2, b2):
     """Compose x -> a1 x + b1, then x -> a2 x + b2 (the first-order linear recurrence's scan operator)."""
     return a1 * a2, b1 * a2 + b2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cheaper launches
+# ----------------------------------------------------------------------------------------------------------------
+_FAST_LAUNCH = []
+
+
+def fast_launch_supported() -> bool:
+    """Whether ``CachedLaunch`` may call compiled kernels directly: a real GPU (not the interpreter), not turned off
+    (``MULTIMODAL_MAMBA_FAST_LAUNCH=0``), and a Triton whose ``JITFunction.run`` launches as this module expects
+    (``kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, enter_hook,
+    exit_hook, *bound_args.values())``, Triton 3.3 - 3.9); checked once, from Triton's source."""
+    if not _FAST_LAUNCH:
+        ok = False
+        if not interpret_mode() and os.environ.get("MULTIMODAL_MAMBA_FAST_LAUNCH", "1") not in ("0", ""):
+            try:
+                import inspect
+
+                from triton.runtime.jit import JITFunction
+
+                source = inspect.getsource(JITFunction.run)
+                ok = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata" in source
+                      and "*bound_args.values())" in source and hasattr(triton, "knobs"))
+            except Exception:  # pragma: no cover - an unexpected Triton
+                ok = False
+        _FAST_LAUNCH.append(ok)
+    return _FAST_LAUNCH[0]
+
+
+class CachedLaunch:
+    """A ``@triton.jit`` kernel launched through a per-call-signature cache of its compiled form.
+
+    ``kernel[grid](...)`` re-derives on every call what the compiled kernel depends on: Triton specializes each
+    argument (dtype and 16-byte alignment of pointers, int width, divisibility by 16 and == 1 of ints), builds a cache
+    key from that and the options, and looks the compiled kernel up; for a kernel of ~50 arguments that is most of the
+    launch's ~15-30 us of host time (a batch-1 prefill is bound by exactly this). Here the first call with a given
+    (device, scalar values, tensor dtypes and alignments, constexprs, num_warps) goes through Triton's own launch and
+    keeps the compiled kernel it returns; later calls with the same inputs to that specialization (the other layers
+    of a model, the next call at the same length) launch it directly. Exact scalar values are part of the key, so a
+    hit can never reuse a kernel specialized differently; a new shape costs one ordinary launch (no recompile: Triton
+    has it cached too).
+
+    Calling convention: the kernel's parameters must be ``tensors`` (pointers, no None), then ``scalars`` (a tuple of
+    ints and floats), then the constexprs, in signature order (``consts``: a tuple of their values); ``grid`` has
+    three entries. Under the interpreter, or where the
+    Triton version is not one this was written for (``fast_launch_supported``), every call is an ordinary launch.
+    """
+
+    __slots__ = ("kernel", "cache", "max_entries")
+
+    def __init__(self, kernel, max_entries: int = 256):
+        self.kernel = kernel
+        self.cache = {}
+        self.max_entries = max_entries
+
+    def __call__(self, grid, tensors, scalars, consts, num_warps):
+        if not fast_launch_supported():
+            self.kernel[grid](*tensors, *scalars, *consts, num_warps=num_warps)
+            return
+        device = _current_device()
+        key = (device, scalars, consts, num_warps, tuple([t.dtype for t in tensors]),
+               tuple([t.data_ptr() & 15 == 0 for t in tensors]))
+        entry = self.cache.get(key)
+        runtime = triton.knobs.runtime
+        if entry is None or _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook):
+            compiled = self.kernel[grid](*tensors, *scalars, *consts, num_warps=num_warps)
+            if compiled is not None and len(self.cache) < self.max_entries:
+                self.cache[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+            return
+        run, function, metadata = entry
+        run(grid[0], grid[1], grid[2], _current_stream(device), function, metadata, None, None, None,
+            *tensors, *scalars, *consts)
+
+
+def _hook_set(hook) -> bool:
+    """Whether a Triton launch hook would do anything: set (older Triton: a callable or None), or a hook chain
+    with calls in it (newer Triton: an empty ``HookChain`` by default). Launches with hooks go through Triton."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
+
+
+def _current_device() -> int:
+    getter = getattr(torch._C, "_cuda_getDevice", None)
+    return getter() if getter is not None else torch.cuda.current_device()
+
+
+def _current_stream(device: int) -> int:
+    """The raw handle of the current CUDA stream (what Triton's own launch passes)."""
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return getter(device) if getter is not None else torch.cuda.current_stream(device).cuda_stream

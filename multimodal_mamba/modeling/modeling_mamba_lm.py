@@ -114,10 +114,10 @@ def _package_kernels():
             try:  # absent from remote-code copies and machines without Triton: the PyTorch paths run instead
                 from multimodal_mamba.kernels.gemv import linear_one_row
                 from multimodal_mamba.kernels.rms_norm import rms_norm_triton
-                from multimodal_mamba.kernels.transpose import channel_major_many, channel_major_triton
+                from multimodal_mamba.kernels.transpose import channel_major_triton, time_contiguous_group
 
                 kernels = {"rms_norm": rms_norm_triton, "transpose": channel_major_triton,
-                           "transpose_many": channel_major_many, "linear_one_row": linear_one_row}
+                           "time_contiguous_group": time_contiguous_group, "linear_one_row": linear_one_row}
             except Exception:
                 kernels = None
         _PACKAGE_KERNELS.append(kernels)
@@ -144,26 +144,34 @@ def _time_contiguous(*tensors):
 
     The projections are module calls and return token-major activations; the fused scan kernels read rows of L.
     The tiled Triton transpose does this near copy bandwidth (PyTorch's strided copy, which the kernels' wrappers
-    would otherwise run, reaches about a third of it); without gradients, same-shaped tensors share one launch
-    (at batch 1 a prefill's host time is mostly launches). Elsewhere (CPU: the chunked scan prefers token-major
-    memory) the tensors pass unchanged.
+    would otherwise run, reaches about a third of it); without gradients, up to five tensors of one dtype (a
+    prefill's x, delta, z, B and C) share one launch (at batch 1 a prefill's host time is mostly launches).
+    Elsewhere (CPU: the chunked scan prefers token-major memory) the tensors pass unchanged.
     """
     kernels = _package_kernels()
+    if kernels is None:
+        return tensors
     todo = [i for i, t in enumerate(tensors)
             if t is not None and t.is_cuda and t.dim() == 3 and t.shape[-1] > 1 and t.stride(-1) != 1]
-    if kernels is None or not todo:
+    if not todo:
         return tensors
-    one, many = kernels["transpose"], kernels["transpose_many"]
     result = list(tensors)
     if torch.is_grad_enabled() and any(tensors[i].requires_grad for i in todo):
+        one = kernels["transpose"]
         for i in todo:
             result[i] = one(tensors[i].transpose(1, 2))
         return tuple(result)
-    groups = {}
-    for i in todo:
-        groups.setdefault((tuple(tensors[i].shape), tensors[i].dtype), []).append(i)
-    for indices in groups.values():
-        for i, out in zip(indices, many(*(tensors[i].transpose(1, 2) for i in indices))):
+    group = kernels["time_contiguous_group"]
+    dtype = tensors[todo[0]].dtype
+    if all(tensors[i].dtype == dtype and tensors[i].shape[0] == tensors[todo[0]].shape[0] for i in todo):
+        batches = [todo]
+    else:
+        batches = {}
+        for i in todo:
+            batches.setdefault((tensors[i].dtype, tensors[i].shape[0]), []).append(i)
+        batches = list(batches.values())
+    for indices in batches:
+        for i, out in zip(indices, group(*(tensors[i] for i in indices))):
             result[i] = out
     return tuple(result)
 
@@ -561,11 +569,11 @@ class MambaBackbone(MambaLMPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
-        # A decode step without gradients: every layer's A = -exp(A_log) from two multi-tensor kernels, not two per
-        # layer (the same computation whether the step is replayed from a CUDA graph or not: identical tokens).
-        decode_step = (cache_params is not None and cache_params.seqlen_offset > 0 and length == 1
-                       and not torch.is_grad_enabled())
-        with config_backend(self.config), _precomputed_A([block.mixer for block in self.layers] if decode_step else []):
+        # Without gradients (a prefill or a decode step): every layer's A = -exp(A_log) from two multi-tensor kernels,
+        # not two per layer (the same computation whether a decode step is replayed from a CUDA graph or not:
+        # identical tokens; at batch 1 those two launches per layer are host time a prefill waits for).
+        precompute = not torch.is_grad_enabled()
+        with config_backend(self.config), _precomputed_A([block.mixer for block in self.layers] if precompute else []):
             for block in self.layers:
                 hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
                 if output_hidden_states:

@@ -109,29 +109,27 @@ def dispatch(op: str, *args, **kwargs):
     registered = _REGISTRY.get(op)
     if not registered:
         raise ValueError(f"no backend is registered for op {op!r}")
-    forced = forced_backend()
+    stack = getattr(_local, "stack", None)
+    forced = stack[-1] if stack else "auto"
+    if forced == "auto":  # the common case first (this runs for every op call of every layer)
+        for name in AUTO_PRIORITY:
+            entry = registered.get(name)
+            if entry is not None and (entry[1] is None or entry[1](*args, **kwargs)):
+                _LAST[op] = name
+                return entry[0](*args, **kwargs)
+        raise ValueError(f"no backend can run this {op!r} call (registered: {sorted(registered)})")
     fallback = FALLBACK.get(forced)
     if fallback is not None and fallback in registered:
         entry = registered.get(forced)
         if entry is None or (entry[1] is not None and not entry[1](*args, **kwargs)):
             forced = fallback
-    if forced != "auto":
-        if forced not in registered:
-            raise ValueError(
-                f"ssm backend {forced!r} was forced but is not available for {op!r} here "
-                f"(available: {available_backends(op)})"
-            )
-        fn, accepts = registered[forced]
-        if accepts is not None and not accepts(*args, **kwargs):
-            raise ValueError(f"ssm backend {forced!r} was forced but cannot run this {op!r} call (device, dtype or shape)")
-        _LAST[op] = forced
-        return fn(*args, **kwargs)
-    for name in AUTO_PRIORITY:
-        entry = registered.get(name)
-        if entry is None:
-            continue
-        fn, accepts = entry
-        if accepts is None or accepts(*args, **kwargs):
-            _LAST[op] = name
-            return fn(*args, **kwargs)
-    raise ValueError(f"no backend can run this {op!r} call (registered: {sorted(registered)})")
+    if forced not in registered:
+        raise ValueError(
+            f"ssm backend {forced!r} was forced but is not available for {op!r} here "
+            f"(available: {available_backends(op)})"
+        )
+    fn, accepts = registered[forced]
+    if accepts is not None and not accepts(*args, **kwargs):
+        raise ValueError(f"ssm backend {forced!r} was forced but cannot run this {op!r} call (device, dtype or shape)")
+    _LAST[op] = forced
+    return fn(*args, **kwargs)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import empty_like_layout, next_pow2
+from ..utils import CachedLaunch, empty_like_layout, next_pow2
 
 
 @triton.jit
@@ -176,6 +176,9 @@ def _blocks(x):
     return 16, 128
 
 
+_FWD = CachedLaunch(_causal_conv1d_fwd_kernel)
+
+
 def causal_conv1d_fwd(x, weight, bias=None, initial_state=None, activation=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
@@ -184,13 +187,11 @@ def causal_conv1d_fwd(x, weight, bias=None, initial_state=None, activation=None)
     block_d, block_t = _blocks(x)
     init = initial_state if initial_state is not None else x
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
-    grid = (triton.cdiv(length, block_t), triton.cdiv(dim, block_d), batch)
-    _causal_conv1d_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, init, out,
-        dim, length, *x.stride(), *weight.stride(), *init_strides, *out.stride(),
-        W=width, BLOCK_D=block_d, BLOCK_T=block_t, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None,
-        SILU=silu, num_warps=4,
-    )
+    if out.numel():
+        grid = (triton.cdiv(length, block_t), triton.cdiv(dim, block_d), batch)
+        _FWD(grid, (x, weight, bias if bias is not None else weight, init, out),
+             (dim, length) + x.stride() + weight.stride() + init_strides + out.stride(),
+             (width, block_d, block_t, bias is not None, initial_state is not None, silu), 4)
     return out
 
 
@@ -239,6 +240,8 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation=No
     """Causal depthwise conv on the Triton kernels (backend "triton"); same contract as ``causal_conv1d``:
     x (batch, dim, L); weight (dim, W); bias (dim,); initial_state (batch, dim, W - 1)."""
     _silu(activation)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))):
+        return causal_conv1d_fwd(x, weight, bias, initial_state, activation)  # (no autograd node: less host time)
     return CausalConv1dFn.apply(x, weight, bias, initial_state, activation)
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import next_pow2
+from ..utils import CachedLaunch, next_pow2
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -32,6 +32,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, hidden, stride_x, stride_out, eps,
     tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_LAUNCH = CachedLaunch(_rms_norm_kernel)
+_BLOCKS = {}  # hidden -> (block, num_warps)
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, input_dtype=None) -> torch.Tensor:
     """Same contract as ``naive.rms_norm_ref``: x (..., hidden) any float dtype, weight (hidden,)."""
     input_dtype = input_dtype or x.dtype
@@ -39,12 +43,13 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, input_dty
     rows = x.reshape(-1, hidden)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(weight.dtype, input_dtype))
-    block = next_pow2(hidden)
-    num_warps = 4 if block <= 4096 else 8
+    out_dtype = weight.dtype if weight.dtype == input_dtype else torch.promote_types(weight.dtype, input_dtype)
+    out = torch.empty(rows.shape, device=x.device, dtype=out_dtype)
+    config = _BLOCKS.get(hidden)
+    if config is None:
+        block = next_pow2(hidden)
+        config = _BLOCKS[hidden] = (block, 4 if block <= 4096 else 8)
     if rows.shape[0]:
-        _rms_norm_kernel[(rows.shape[0],)](
-            rows, weight, out, hidden, rows.stride(0), out.stride(0), eps,
-            IN_DTYPE=_TL_DTYPES[input_dtype], BLOCK=block, num_warps=num_warps,
-        )
-    return out.reshape(*x.shape[:-1], hidden)
+        _LAUNCH((rows.shape[0], 1, 1), (rows, weight, out), (hidden, rows.stride(0), out.stride(0), eps),
+                (_TL_DTYPES[input_dtype], config[0]), config[1])
+    return out.view(x.shape)

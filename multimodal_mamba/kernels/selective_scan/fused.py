@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import affine_combine, empty_like_layout, largest_pow2_divisor, next_pow2, softplus
+from ..utils import CachedLaunch, affine_combine, empty_like_layout, largest_pow2_divisor, next_pow2, softplus
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,17 +415,20 @@ def _as_grouped(mat):
     return mat[:, None] if mat.dim() == 3 else mat
 
 
-def selective_scan_fwd(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
-    save_states=False, config=None, save_every=None,
-):
-    """Launch the forward kernel. Returns (out, final_state, states, meta) where ``states`` (batch, dim,
-    n_chunks + 1, N) are the chunk-start states and the final one (None unless ``save_states``) and ``meta`` the
-    launch parameters the backward needs. ``config``: an optional (block_d, block_t, num_warps, unroll_n)."""
+_FWD = CachedLaunch(_selective_scan_fwd_kernel)
+# launch plans of selective_scan_fwd, by everything they depend on (shape, layout, flags, config): a prefill calls it
+# with the same shapes in every layer
+_FWD_PLANS = {}
+
+
+def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
+    layout = _layout(u)
+    key = (tuple(u.shape), layout, state_size, groups, flags, bool(save_states), config, save_every,
+           FWD_CONFIGS[layout], BWD_CONFIGS[layout])  # (the tables too: tests and sweeps replace them)
+    plan = _FWD_PLANS.get(key)
+    if plan is not None:
+        return plan
     batch, dim, length = u.shape
-    state_size = A.shape[1]
-    Bg, Cg = _as_grouped(B), _as_grouped(C)
-    groups = Bg.shape[1]
     dim_per_group = dim // groups
     block_d, block_t, num_warps, unroll, same_group = _pick_blocks(
         u, state_size, dim_per_group, groups, FWD_CONFIGS, config
@@ -436,25 +439,46 @@ def selective_scan_fwd(
             save_every = min(block_t, _pick_blocks(u, state_size, dim_per_group, groups, BWD_CONFIGS, None)[1])
     save_every = min(int(save_every), block_t)
     n_chunks = triton.cdiv(length, block_t)
-    out = empty_like_layout(u)
     # state slots: one every save_every steps plus the final state when saving for the backward, else two in turn
     n_slots = n_chunks * (block_t // save_every) + 1 if save_states else 2
+    has_d, has_z, has_bias, softplus, has_h0 = flags
+    consts = (state_size, block_d, block_t, has_d, has_z, has_bias, softplus, has_h0, bool(save_states), same_group,
+              bool(unroll), next_pow2(state_size), save_every)
+    plan = dict(grid=(triton.cdiv(dim, block_d), batch, 1), consts=consts, num_warps=num_warps, n_chunks=n_chunks,
+                n_slots=n_slots, dim_per_group=dim_per_group, save_every=save_every,
+                final_slot=n_slots - 1 if save_states else n_chunks % 2)
+    if len(_FWD_PLANS) < 1024:
+        _FWD_PLANS[key] = plan
+    return plan
+
+
+def selective_scan_fwd(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
+    save_states=False, config=None, save_every=None,
+):
+    """Launch the forward kernel. Returns (out, final_state, states, meta) where ``states`` (batch, dim,
+    n_chunks + 1, N) are the chunk-start states and the final one (None unless ``save_states``) and ``meta`` the
+    launch parameters the backward needs. ``config``: an optional (block_d, block_t, num_warps, unroll_n)."""
+    batch, dim, length = u.shape
+    state_size = A.shape[1]
+    Bg = B[:, None] if B.dim() == 3 else B
+    Cg = C[:, None] if C.dim() == 3 else C
+    flags = (D is not None, z is not None, delta_bias is not None, bool(delta_softplus), initial_state is not None)
+    plan = _fwd_plan(u, state_size, Bg.shape[1], flags, save_states, config, save_every)
+    n_slots = plan["n_slots"]
+    out = empty_like_layout(u)
     states = torch.empty(batch, dim, n_slots, state_size, device=u.device, dtype=torch.float32)
     h0 = initial_state.float().contiguous() if initial_state is not None else states
     zz = z if z is not None else u
-    grid = (triton.cdiv(dim, block_d), batch)
-    _selective_scan_fwd_kernel[grid](
-        u, delta, A, Bg, Cg, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, h0,
-        out, states,
-        dim, length, dim_per_group, n_chunks, n_slots,
-        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zz.stride(), *out.stride(),
-        N=state_size, BLOCK_D=block_d, BLOCK_T=block_t,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        HAS_H0=initial_state is not None, SAVE_STATES=bool(save_states), SAME_GROUP=same_group,
-        UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), SAVE_EVERY=save_every, num_warps=num_warps,
-    )
-    final = states[:, :, n_slots - 1 if save_states else n_chunks % 2]
-    meta = dict(block_t=save_every)  # the backward's view: a saved state every save_every steps
+    if out.numel():
+        _FWD(plan["grid"],
+             (u, delta, A, Bg, Cg, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, h0,
+              out, states),
+             (dim, length, plan["dim_per_group"], plan["n_chunks"], n_slots) + u.stride() + delta.stride()
+             + A.stride() + Bg.stride() + Cg.stride() + zz.stride() + out.stride(),
+             plan["consts"], plan["num_warps"])
+    final = states[:, :, plan["final_slot"]]
+    meta = dict(block_t=plan["save_every"])  # the backward's view: a saved state every save_every steps
     return out, final, (states if save_states else None), meta
 
 
@@ -574,6 +598,13 @@ def selective_scan_triton(
     return_final_state=False,
 ):
     """The selective scan on the Triton kernels (backend "triton"); same contract as ``selective_scan``."""
+    if not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))):
+        # inference: no autograd node (its bookkeeping is a sizeable part of a batch-1 layer's host time)
+        if COPY_TIME_MAJOR:
+            u, delta, z, B, C = _lmajor(u), _lmajor(delta), _lmajor(z), _lmajor(B), _lmajor(C)
+        out, final, _, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+        return (out, final) if return_final_state else out
     return SelectiveScanFn.apply(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, bool(return_final_state),
         torch.is_grad_enabled(),

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import CachedLaunch
+
 
 @triton.jit
 def _transpose_kernel(x_ptr, out_ptr, L, C, stride_xb, stride_xl, stride_xc, stride_ob, stride_oc, stride_ol,
@@ -27,48 +29,135 @@ def _transpose_kernel(x_ptr, out_ptr, L, C, stride_xb, stride_xl, stride_xc, str
 
 
 @triton.jit
-def _transpose_many_kernel(x0_ptr, x1_ptr, x2_ptr, out_ptr, L, C, batch,
-                           s0b, s0l, s0c, s1b, s1l, s1c, s2b, s2l, s2c, stride_ot, stride_ob, stride_oc,
-                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Up to three same-shaped (batch, L, C) tensors -> out (n, batch, C, L), one launch (grid axis 2: n * batch)."""
-    pid_l = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    which = tl.program_id(2) // batch
-    b = (tl.program_id(2) % batch).to(tl.int64)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def _transpose_tile(x_ptr, o_ptr, C, L, sb, sl, sc, b, offs_l, tile, BLOCK_C: tl.constexpr):
+    """Channel tile ``tile`` of x (batch, L, C) -> o (batch, C, L) contiguous, for the rows offs_l."""
+    offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_l[:, None] < L) & (offs_c[None, :] < C)
-    if which == 0:
-        tile = tl.load(x0_ptr + b * s0b + offs_l[:, None] * s0l + offs_c[None, :] * s0c, mask=mask)
-    elif which == 1:
-        tile = tl.load(x1_ptr + b * s1b + offs_l[:, None] * s1l + offs_c[None, :] * s1c, mask=mask)
+    t = tl.load(x_ptr + b * sb + offs_l[:, None] * sl + offs_c[None, :] * sc, mask=mask)
+    tl.store(o_ptr + b * C * L + offs_c[None, :] * L + offs_l[:, None], t, mask=mask)
+
+
+@triton.jit
+def _transpose_group_kernel(x0, x1, x2, x3, x4, o0, o1, o2, o3, o4, L, c0, c1, c2, c3, c4, e0, e1, e2, e3,
+                            s0b, s0l, s0c, s1b, s1l, s1c, s2b, s2l, s2c, s3b, s3l, s3c, s4b, s4l, s4c,
+                            BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Up to five (batch, L, C_i) tensors of one dtype -> o_i (batch, C_i, L) contiguous, in one launch. Grid axis 1
+    runs over every tensor's channel tiles in turn (tensor i owns tiles [e_{i-1}, e_i)), axis 2 over the batch."""
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    p = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    # (each branch loads and stores itself: strides of 1 are specialized to constants, so the branches' strides
+    # cannot be merged into one variable)
+    if p < e0:
+        _transpose_tile(x0, o0, c0, L, s0b, s0l, s0c, b, offs_l, p, BLOCK_C)
+    elif p < e1:
+        _transpose_tile(x1, o1, c1, L, s1b, s1l, s1c, b, offs_l, p - e0, BLOCK_C)
+    elif p < e2:
+        _transpose_tile(x2, o2, c2, L, s2b, s2l, s2c, b, offs_l, p - e1, BLOCK_C)
+    elif p < e3:
+        _transpose_tile(x3, o3, c3, L, s3b, s3l, s3c, b, offs_l, p - e2, BLOCK_C)
     else:
-        tile = tl.load(x2_ptr + b * s2b + offs_l[:, None] * s2l + offs_c[None, :] * s2c, mask=mask)
-    out = out_ptr + which.to(tl.int64) * stride_ot + b * stride_ob
-    tl.store(out + offs_c[None, :] * stride_oc + offs_l[:, None], tile, mask=mask)
+        _transpose_tile(x4, o4, c4, L, s4b, s4l, s4c, b, offs_l, p - e3, BLOCK_C)
+
+
+_GROUP = CachedLaunch(_transpose_group_kernel)
+_MAX_GROUP = 5
+
+
+def _launch_group(tensors, outs, channel_major=False):
+    """Launch the group kernel on up to five (batch, L, C_i) tensors ((batch, C_i, L) views if ``channel_major``)
+    and their (batch, C_i, L) outputs."""
+    if channel_major:
+        batch, length = tensors[0].shape[0], tensors[0].shape[2]
+        channels = tuple(t.shape[1] for t in tensors)
+    else:
+        batch, length = tensors[0].shape[0], tensors[0].shape[1]
+        channels = tuple(t.shape[2] for t in tensors)
+    count = len(tensors)
+    pad = _MAX_GROUP - count
+    channels = channels + (0,) * pad
+    ends, total = [], 0
+    for c in channels[:_MAX_GROUP - 1]:
+        total += triton.cdiv(c, 64)
+        ends.append(total)
+    total += triton.cdiv(channels[-1], 64)
+    if batch == 0 or length == 0 or total == 0:
+        return
+    xs = tuple(tensors) + (tensors[0],) * pad
+    strides = ()
+    if channel_major:
+        for t in xs:
+            sb, sc, sl = t.stride()
+            strides += (sb, sl, sc)
+    else:
+        for t in xs:
+            strides += t.stride()
+    grid = (triton.cdiv(length, 64), total, batch)
+    _GROUP(grid, xs + tuple(outs) + (outs[0],) * pad, (length,) + channels + tuple(ends) + strides, (64, 64), 4)
+
+
+def time_contiguous_group(*views: torch.Tensor):
+    """(batch, C_i, L) views of one batch, length and dtype (any strides; the mixers' are token-major) -> the same
+    values as (batch, C_i, L) contiguous tensors: ``channel_major_group`` of the views' transposes, without forming
+    them. Not differentiable."""
+    first = views[0]
+    batch, length = first.shape[0], first.shape[2]
+    outs = [None] * len(views)
+    by_width = {}
+    for i, t in enumerate(views):
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != length or t.dtype != first.dtype:
+            raise ValueError("time_contiguous_group: every tensor needs the same batch, length and dtype, "
+                             f"got {[tuple(v.shape) for v in views]}")
+        by_width.setdefault(t.shape[1], []).append(i)
+    for width, indices in by_width.items():
+        if len(indices) == 1:
+            outs[indices[0]] = torch.empty(batch, width, length, device=first.device, dtype=first.dtype)
+        else:
+            stacked = torch.empty(len(indices), batch, width, length, device=first.device, dtype=first.dtype)
+            for i, out in zip(indices, stacked.unbind(0)):
+                outs[i] = out
+    for start in range(0, len(views), _MAX_GROUP):
+        _launch_group(views[start:start + _MAX_GROUP], outs[start:start + _MAX_GROUP], channel_major=True)
+    return tuple(outs)
+
+
+def channel_major_group(*tensors: torch.Tensor):
+    """(batch, L, C_i) tensors of one batch, length, dtype and device (any strides, any C_i) -> a tuple of
+    (batch, C_i, L) contiguous tensors, one kernel launch per five. Tensors of one shape share one allocation. Not
+    differentiable: for inference (see ``channel_major_triton``)."""
+    first = tensors[0]
+    batch, length = first.shape[0], first.shape[1]
+    for t in tensors:
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[1] != length or t.dtype != first.dtype:
+            raise ValueError("channel_major_group: every tensor needs the same batch, length and dtype, "
+                             f"got {[tuple(t.shape) for t in tensors]}")
+    outs = [None] * len(tensors)
+    by_width = {}
+    for i, t in enumerate(tensors):
+        by_width.setdefault(t.shape[2], []).append(i)
+    for width, indices in by_width.items():
+        if len(indices) == 1:
+            outs[indices[0]] = torch.empty(batch, width, length, device=first.device, dtype=first.dtype)
+        else:
+            stacked = torch.empty(len(indices), batch, width, length, device=first.device, dtype=first.dtype)
+            for i, out in zip(indices, stacked.unbind(0)):
+                outs[i] = out
+    for start in range(0, len(tensors), _MAX_GROUP):
+        _launch_group(tensors[start:start + _MAX_GROUP], outs[start:start + _MAX_GROUP])
+    return tuple(outs)
 
 
 def channel_major_many(*tensors: torch.Tensor):
     """Several (batch, L, C) tensors of one shape and dtype -> a tuple of (batch, C, L) contiguous tensors, in one
-    kernel launch per three (a decode-free prefill transposes x, z and delta of every layer: launches are what a
-    batch-1 prefill's host time is made of). Not differentiable: for inference (see ``channel_major_triton``)."""
+    kernel launch per five (a prefill transposes x, z and delta of every layer: launches are what a batch-1
+    prefill's host time is made of). Not differentiable: for inference (see ``channel_major_triton``)."""
     shape, dtype = tensors[0].shape, tensors[0].dtype
     if any(t.shape != shape or t.dtype != dtype for t in tensors):
         raise ValueError("channel_major_many: every tensor needs the same shape and dtype")
-    batch, length, channels = shape
-    results = []
-    for start in range(0, len(tensors), 3):
-        group = tensors[start:start + 3]
-        out = torch.empty(len(group), batch, channels, length, device=group[0].device, dtype=dtype)
-        padded = list(group) + [group[0]] * (3 - len(group))
-        if out.numel():
-            grid = (triton.cdiv(length, 64), triton.cdiv(channels, 64), len(group) * batch)
-            _transpose_many_kernel[grid](
-                *padded, out, length, channels, batch, *padded[0].stride(), *padded[1].stride(), *padded[2].stride(),
-                out.stride(0), out.stride(1), out.stride(2), BLOCK_L=64, BLOCK_C=64, num_warps=4,
-            )
-        results.extend(out.unbind(0))
-    return tuple(results)
+    return channel_major_group(*tensors)
+
+
+_ONE = CachedLaunch(_transpose_kernel)
 
 
 def _transpose(x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +165,7 @@ def _transpose(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
     if out.numel():
         grid = (triton.cdiv(length, 64), triton.cdiv(channels, 64), batch)
-        _transpose_kernel[grid](x, out, length, channels, *x.stride(), *out.stride(), BLOCK_L=64, BLOCK_C=64,
-                                num_warps=4)
+        _ONE(grid, (x, out), (length, channels) + x.stride() + out.stride(), (64, 64), 4)
     return out
 
 
