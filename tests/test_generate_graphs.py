@@ -216,6 +216,10 @@ def test_capture_failure_falls_back_and_says_so_once(caplog, monkeypatch):
         again = model.generate(ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(eager, graphed) and torch.equal(eager, again)
     assert len([r for r in caplog.records if "capture failed" in r.getMessage()]) == 1
+    # the failed capture left CUDA's random number generator usable: sampling (and randn) still work
+    torch.randn(3, device="cuda")
+    sampled = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=20)
+    assert sampled.shape == (1, ids.shape[1] + 4)
 
 
 @gpu

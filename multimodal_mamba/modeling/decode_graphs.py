@@ -54,6 +54,24 @@ def _no_graphs():
     return None
 
 
+def _close_failed_capture(device) -> None:
+    """Undo what a capture that failed part-way leaves behind in CUDA's random number generator.
+
+    ``torch.cuda.graph`` puts the device's generator in capture mode when a capture begins and takes it out only
+    when the capture ends successfully; after an invalidated capture (a host sync inside it, say) every later CUDA
+    random op of the process (sampling in ``generate``, ``torch.randn``) raised "Offset increment outside graph
+    capture encountered unexpectedly" (seen on an H200 with torch 2.11). A tiny capture that succeeds ends it.
+    """
+    try:
+        scratch = torch.zeros(1, device=device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            scratch.add_(1)
+        del graph
+    except Exception as error:  # pragma: no cover - depends on the CUDA / torch state
+        _say_once("capture-cleanup", f"CUDA-graph decode: could not close the failed capture ({error})")
+
+
 class _Bucket:
     """Static cache, static input and (once captured) the graph and its output for one batch-size bucket."""
 
@@ -168,6 +186,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
                 logits = self._decode_fn(bucket.input_ids, static)
         except Exception as error:  # capture is impossible here (an op that syncs, an unsupported kernel, ...)
+            _close_failed_capture(static.conv_states.device)
             static.conv_states.copy_(saved[0])
             static.ssm_states.copy_(saved[1])
             bucket.failed = True
