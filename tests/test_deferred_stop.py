@@ -110,10 +110,24 @@ class CollectingStreamer(BaseStreamer):
 
 
 def cuda_lm(dtype=torch.float32):
+    # An untied head and no default eos: with the head tied to the embeddings, greedy decoding of this tiny random
+    # model repeats one token per row from the first step on (so no eos is first reached late), and the config's
+    # eos (1) would end the unconstrained runs that the tests pick their eos from.
+    config = small_config()
+    config.tie_word_embeddings = False
     torch.manual_seed(0)
-    model = MambaCausalLM(small_config()).to("cuda", dtype).eval()
+    model = MambaCausalLM(config).to("cuda", dtype).eval()
     model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
     return model
+
+
+def first_new_token(row, start):
+    """(step, token): the first token of ``row`` that appears for the first time at a step >= start."""
+    for step in range(start, len(row)):
+        if row[step] not in row[:step]:
+            return step, row[step]
+    raise AssertionError(f"greedy decoding repeats itself from the start: {row}")
 
 
 @pytest.fixture
@@ -143,8 +157,9 @@ def test_graph_decode_defers_the_stop_check_with_identical_tokens(stop_checks, d
     model = cuda_lm(dtype)
     ids = torch.randint(2, 300, (3, 6), generator=torch.Generator().manual_seed(1)).cuda()
     free = model.generate(ids, max_new_tokens=24, do_sample=False, decode_cuda_graph=False)
-    # An eos that two rows reach at different steps (and one row maybe never): the loop stops early, one step late.
-    eos = int(free[0, ids.shape[1] + 5])
+    # An eos that row 0 first reaches at a later step (the others at other steps or never): the loop stops early,
+    # one step late.
+    eos_step, eos = first_new_token(free[0, ids.shape[1]:].tolist(), 5)
     kwargs = dict(max_new_tokens=24, do_sample=False, eos_token_id=eos)
     eager = model.generate(ids, decode_cuda_graph=False, **kwargs)
     assert stop_checks["deferred"] == 0 and stop_checks["plain"] == 2
@@ -152,7 +167,7 @@ def test_graph_decode_defers_the_stop_check_with_identical_tokens(stop_checks, d
     graphed = model.generate(ids[:1], streamer=streamer, **kwargs)
     assert stop_checks["deferred"] == 1
     assert torch.equal(torch.cat(streamer.chunks, dim=-1)[0], graphed[0].cpu()) and streamer.ended
-    assert graphed.shape[1] == ids.shape[1] + 6 and int(graphed[0, -1]) == eos
+    assert graphed.shape[1] == ids.shape[1] + eos_step + 1 and int(graphed[0, -1]) == eos
     graphed = model.generate(ids, **kwargs)
     assert stop_checks["deferred"] == 2
     assert torch.equal(eager, graphed)
@@ -170,7 +185,7 @@ def test_no_deferral_when_the_cache_goes_back_to_the_caller(stop_checks):
     model = cuda_lm()
     ids = torch.randint(2, 300, (2, 6), generator=torch.Generator().manual_seed(2)).cuda()
     free = model.generate(ids, max_new_tokens=16, do_sample=False, decode_cuda_graph=False)
-    eos = int(free[0, ids.shape[1] + 3])
+    eos = first_new_token(free[0, ids.shape[1]:].tolist(), 3)[1]
     out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=eos, return_dict_in_generate=True,
                          output_scores=True)
     assert stop_checks["deferred"] == 0
