@@ -29,8 +29,12 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# --package-root DIR: import multimodal_mamba from another checkout (a copy of an earlier commit: before / after in
+# one command, with the same anchors)
+_ROOT_ARG = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--package-root"), None)
+PACKAGE_ROOT = Path(_ROOT_ARG).resolve() if _ROOT_ARG else REPO_ROOT
+if str(PACKAGE_ROOT) not in sys.path:
+    sys.path.insert(0, str(PACKAGE_ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -40,6 +44,7 @@ from multimodal_mamba import MambaCausalLM, last_backend  # noqa: E402
 
 SHAPE = dict(vocab_size=50280, hidden_size=2560, num_hidden_layers=64, state_size=16, expand=2, conv_kernel=4)
 PROMPT, NEW = 16, 128
+PREFILL_REPEATS = 7  # median of 7 forwards per system and length (batch-1 prefill times vary by a few ms)
 RESULTS = {}
 
 
@@ -133,16 +138,21 @@ def bench_lm(args, out):
         torch.cuda.synchronize()
         for length in args.lengths:
             x = torch.randint(0, 50000, (1, length), device="cuda")
-            record(f"prefill_L{length}_ms/ours_full_logits", round(median_time(lambda: ours(x, use_cache=False)) * 1e3, 2), out)
+            rep = PREFILL_REPEATS
+            record(f"prefill_L{length}_ms/ours_full_logits",
+                   round(median_time(lambda: ours(x, use_cache=False), repeats=rep) * 1e3, 2), out)
             record(f"prefill_L{length}_ms/ours_generate_prefill",
-                   round(median_time(lambda: ours(x, use_cache=True, logits_to_keep=1)) * 1e3, 2), out)
+                   round(median_time(lambda: ours(x, use_cache=True, logits_to_keep=1), repeats=rep) * 1e3, 2), out)
             record(f"prefill_L{length}_backend", last_backend("selective_scan"), out)
             if "transformers" in systems and length <= 2048:
                 m = systems["transformers"]
-                record(f"prefill_L{length}_ms/transformers", round(median_time(lambda: m(x, use_cache=False)) * 1e3, 2), out)
+                record(f"prefill_L{length}_ms/transformers",
+                       round(median_time(lambda: m(x, use_cache=False), repeats=rep) * 1e3, 2), out)
             if "mamba_ssm" in systems:
                 m = systems["mamba_ssm"]
-                record(f"prefill_L{length}_ms/mamba_ssm", round(median_time(lambda: m(x)) * 1e3, 2), out)
+                record(f"prefill_L{length}_ms/mamba_ssm", round(median_time(lambda: m(x), repeats=rep) * 1e3, 2), out)
+        if args.prefill_only:
+            return
 
         for batch in (1, 16):
             ids = torch.randint(0, 50000, (batch, PROMPT), device="cuda")
@@ -317,9 +327,13 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--only-vl", action="store_true")
+    parser.add_argument("--prefill-only", action="store_true", help="the LM's prefill times only (no decode, no VL)")
+    parser.add_argument("--package-root", type=Path, default=None,
+                        help="import multimodal_mamba from this checkout instead of this script's")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(torch.cuda.get_device_name(), torch.__version__, transformers.__version__, flush=True)
+    print(torch.cuda.get_device_name(), torch.__version__, transformers.__version__, "package from", PACKAGE_ROOT,
+          flush=True)
     if not args.only_vl:
         bench_lm(args, args.out)
     if args.vl or args.only_vl:
