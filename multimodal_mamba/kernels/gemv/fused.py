@@ -1,10 +1,10 @@
 """Triton GEMV for one-row projections (a decode step at batch 1), with a dispatch that measures itself.
 
-At batch 1 a Mamba decode step is a chain of matrix-vector products that only have to read each weight once. cuBLAS
-runs them at 70-80% of HBM bandwidth for the large ones (in_proj, out_proj) but far below it for the small, oddly
-shaped ones, which are latency-bound: x_proj (5120 -> 192, 2 MB) takes ~8.5 us and dt_proj (160 -> 5120) ~3.3 us on
-an H200, against ~0.5 us each at bandwidth (``benchmarks/results/gpu_generate.md``). Over 64 layers that is about
-0.6 ms of a 3.3 ms step.
+At batch 1 a Mamba decode step is a chain of matrix-vector products that only have to read each weight once. Measured
+inside CUDA graphs on an H200 (``benchmarks/results/gpu_gemv.md``, mamba-2.8b shapes, bf16): cuBLAS reads in_proj at
+86% of the copy bandwidth, but takes 6.0 us for x_proj (5120 -> 192, 2 MB), 2.8 us for dt_proj (160 -> 5120) and
+8.8 us for out_proj (5120 -> 2560), where the Triton kernel below takes 3.1, 1.8 and 5.4 us: 0.47 ms less per
+64-layer step (2.12 -> 1.66 ms of projections; the weight-read floor is 1.33 ms).
 
 ``gemv_triton``: each program owns ``BLOCK_N`` output features and reads their rows of the weight in ``BLOCK_K``
 tiles, float32 products accumulated in a (BLOCK_N, BLOCK_K) register tile and summed once at the end; with
@@ -14,8 +14,12 @@ replayed from a CUDA graph gives the same tokens as the eager one).
 
 ``linear_one_row``: which implementation is fastest depends on the shape and the GPU, so the first call for a
 (device, N, K, dtype, bias) outside CUDA-graph capture times cuBLAS (``F.linear``) and a few kernel configurations
-with CUDA events and keeps the fastest for the rest of the process; cuBLAS is a candidate, so the choice is never
-slower than it (up to timing noise). During capture, before a shape was measured, it calls ``F.linear``.
+(their GPU time, replayed from a small CUDA graph, as a decode step runs them) and keeps the fastest for the rest of
+the process; cuBLAS is a candidate, so the choice is never slower than it inside a graph (up to timing noise).
+Outside a graph (``decode_cuda_graph=False``) each Triton call costs ~30-50 us of host time in Triton's launcher
+against ~20 us for cuBLAS (``benchmarks/results/gpu_gemv.md``), so eager one-row decoding gets slower: the same
+routes are used there so that eager and graph decoding give the same tokens. During capture, before a shape was
+measured, it calls ``F.linear``.
 """
 
 from __future__ import annotations
@@ -137,9 +141,29 @@ def _time_ms(fn, repeats=25):
     return start.elapsed_time(end) / repeats
 
 
+def _graph_time_ms(fn, calls=16, replays=5):
+    """GPU time per call of ``calls`` back-to-back calls replayed from a CUDA graph: what a decode step costs inside
+    its graph. (Timing eager calls would measure host launch overhead instead: the Triton launcher's is larger than
+    cuBLAS's, and these kernels run for only a few microseconds.)"""
+    fn()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    ms = _time_ms(graph.replay, repeats=replays) / calls
+    del graph
+    return ms
+
+
 def _measure(x, weight, bias):
     """The fastest of F.linear and the candidate configurations for this shape: None (F.linear) or a config."""
-    best, best_ms = None, _time_ms(lambda: F.linear(x, weight, bias))
+    try:
+        timer = _graph_time_ms
+        best, best_ms = None, timer(lambda: F.linear(x, weight, bias))
+    except Exception:  # capture impossible here: compare eager times
+        timer = _time_ms
+        best, best_ms = None, timer(lambda: F.linear(x, weight, bias))
     reference = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     scale = reference.abs().max().item() + 1e-6
     for config in CANDIDATES:
@@ -147,7 +171,7 @@ def _measure(x, weight, bias):
             out = gemv_triton(x, weight, bias, *config)
             if not (out.float() - reference).abs().max().item() <= 2e-2 * scale:
                 continue  # never pick a configuration that computes something else
-            ms = _time_ms(lambda: gemv_triton(x, weight, bias, *config))
+            ms = timer(lambda: gemv_triton(x, weight, bias, *config))
         except Exception:  # a configuration this GPU / Triton cannot compile: skip it
             continue
         if ms < best_ms:
