@@ -102,23 +102,30 @@ def time_contiguous_group(*views: torch.Tensor):
     them. Not differentiable."""
     first = views[0]
     batch, length = first.shape[0], first.shape[2]
-    outs = [None] * len(views)
-    by_width = {}
-    for i, t in enumerate(views):
+    for t in views:
         if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != length or t.dtype != first.dtype:
             raise ValueError("time_contiguous_group: every tensor needs the same batch, length and dtype, "
                              f"got {[tuple(v.shape) for v in views]}")
-        by_width.setdefault(t.shape[1], []).append(i)
-    for width, indices in by_width.items():
-        if len(indices) == 1:
-            outs[indices[0]] = torch.empty(batch, width, length, device=first.device, dtype=first.dtype)
-        else:
-            stacked = torch.empty(len(indices), batch, width, length, device=first.device, dtype=first.dtype)
-            for i, out in zip(indices, stacked.unbind(0)):
-                outs[i] = out
+    outs = _outputs_by_width([t.shape[1] for t in views], batch, length, first)
     for start in range(0, len(views), _MAX_GROUP):
         _launch_group(views[start:start + _MAX_GROUP], outs[start:start + _MAX_GROUP], channel_major=True)
     return tuple(outs)
+
+
+def _outputs_by_width(widths, batch, length, like):
+    """Empty (batch, width_i, L) outputs in ``like``'s dtype and device; outputs of one width share one allocation."""
+    outs = [None] * len(widths)
+    by_width = {}
+    for i, width in enumerate(widths):
+        by_width.setdefault(width, []).append(i)
+    for width, indices in by_width.items():
+        if len(indices) == 1:
+            outs[indices[0]] = torch.empty(batch, width, length, device=like.device, dtype=like.dtype)
+        else:
+            stacked = torch.empty(len(indices), batch, width, length, device=like.device, dtype=like.dtype)
+            for i, out in zip(indices, stacked.unbind(0)):
+                outs[i] = out
+    return outs
 
 
 def channel_major_group(*tensors: torch.Tensor):
@@ -131,17 +138,7 @@ def channel_major_group(*tensors: torch.Tensor):
         if t.dim() != 3 or t.shape[0] != batch or t.shape[1] != length or t.dtype != first.dtype:
             raise ValueError("channel_major_group: every tensor needs the same batch, length and dtype, "
                              f"got {[tuple(t.shape) for t in tensors]}")
-    outs = [None] * len(tensors)
-    by_width = {}
-    for i, t in enumerate(tensors):
-        by_width.setdefault(t.shape[2], []).append(i)
-    for width, indices in by_width.items():
-        if len(indices) == 1:
-            outs[indices[0]] = torch.empty(batch, width, length, device=first.device, dtype=first.dtype)
-        else:
-            stacked = torch.empty(len(indices), batch, width, length, device=first.device, dtype=first.dtype)
-            for i, out in zip(indices, stacked.unbind(0)):
-                outs[i] = out
+    outs = _outputs_by_width([t.shape[2] for t in tensors], batch, length, first)
     for start in range(0, len(tensors), _MAX_GROUP):
         _launch_group(tensors[start:start + _MAX_GROUP], outs[start:start + _MAX_GROUP])
     return tuple(outs)
