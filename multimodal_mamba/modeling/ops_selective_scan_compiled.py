@@ -32,8 +32,10 @@ Calls that need gradients, CUDA tensors, and calls made while ``torch.compile`` 
 recompute backward. So do calls beyond dynamo's recompile limit (8 variants of a function).
 
 Compile cost. The first call of a process compiles (inductor writes C++ and runs the system compiler): measured in
-``benchmarks/results/cpu_prefill.md`` (about 30-40 s on the 2-core benchmark machine with a cold cache; a few seconds
-in a later process, from inductor's on-disk cache). If compilation fails (no C++ compiler, an unsupported Python), a
+``benchmarks/results/cpu_prefill.md`` (about 30-35 s on the 2-core benchmark machine with a cold cache; about 20 s in a
+later process: inductor's FX graph cache does not take graphs with a ``scan`` ("Can't cache HigherOrderOperator"), so
+each process traces and generates code again and only the compiled C++ kernels come from the disk cache; the earlier
+Python-loop design started in ~6 s but ran each scan ~35% slower). If compilation fails (no C++ compiler, an unsupported Python), a
 warning is issued once and everything runs on the eager ``"torch"`` backend.
 
 Why opt-in. ``generate()`` on a short prompt takes a fraction of a second on the eager path; a silent first-call compile
