@@ -207,12 +207,10 @@ def _is_recompile_limit(error) -> bool:
     return "RecompileLimit" in type(error).__name__
 
 
-def _time_major(t, batch, length, groups, per_group):
-    """(batch, dim, L) -> (batch, L, G, Dg), detached (a view when t is a time-major view, as the mixers pass)."""
-    t = t.transpose(1, 2)
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.view(batch, length, groups, per_group).detach()  # an alias, not a view: no guards on a base
+def _time_major(t, groups, per_group):
+    """(batch, dim, L) -> a detached (batch, L, G, Dg) view, any strides (``_chunk_major`` copies it once, or reads it
+    in place when it is already contiguous)."""
+    return t.detach().transpose(1, 2).unflatten(2, (groups, per_group))
 
 
 def _chunk_major(t, chunks, pad_value=0.0):
@@ -239,15 +237,15 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, re
     state_size = A.shape[1]
     per_group = dim // groups
     chunks = max(2, -(-length // CHUNK))
-    u4 = _time_major(u, batch, length, groups, per_group)
-    d4 = _time_major(delta, batch, length, groups, per_group)
+    u4 = _time_major(u, groups, per_group)
+    d4 = _time_major(delta, groups, per_group)
     gate = z is not None
     zeros = u.new_zeros(groups, per_group, dtype=torch.float32)
     bias = delta_bias.detach().float().view(groups, per_group) if delta_bias is not None else zeros
     # Padded steps get dt = 0 (no decay, no input): softplus(-inf) = 0, or delta + bias = 0 without softplus.
     delta_pad = float("-inf") if delta_softplus else -bias
     inputs = [_chunk_major(d4, chunks, delta_pad), _chunk_major(u4, chunks)]
-    inputs.append(_chunk_major(_time_major(z, batch, length, groups, per_group), chunks) if gate else inputs[1])
+    inputs.append(_chunk_major(_time_major(z, groups, per_group), chunks) if gate else inputs[1])
     for mat in (B, C):  # (batch, N, L) or (batch, G, N, L) -> (batch, L, G, N)
         inputs.append(_chunk_major((mat if mat.dim() == 4 else mat[:, None]).permute(0, 3, 1, 2).detach(), chunks))
     for t in inputs:
