@@ -13,11 +13,12 @@ import pytest
 import torch
 from transformers import MambaConfig
 from transformers.generation import utils as generation_utils
-from transformers.generation.streamers import BaseStreamer
 
 from multimodal_mamba import MambaCausalLM
 from multimodal_mamba.modeling.deferred_stop import allow_deferred_stop_check
 from multimodal_mamba.modeling.modeling_mamba_lm import MambaStateCache
+
+from test_generate_graphs import CollectingStreamer
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -98,17 +99,6 @@ def test_cpu_generate_leaves_transformers_decision_alone(restore_is_supported):
 # ----------------------------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------------------------
-class CollectingStreamer(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.detach().cpu().reshape(-1, 1) if value.dim() < 2 else value.detach().cpu())
-
-    def end(self):
-        self.ended = True
-
-
 def cuda_lm(dtype=torch.float32):
     # An untied head and no default eos: with the head tied to the embeddings, greedy decoding of this tiny random
     # model repeats one token per row from the first step on (so no eos is first reached late), and the config's
@@ -166,7 +156,7 @@ def test_graph_decode_defers_the_stop_check_with_identical_tokens(stop_checks, d
     streamer = CollectingStreamer()
     graphed = model.generate(ids[:1], streamer=streamer, **kwargs)
     assert stop_checks["deferred"] == 1
-    assert torch.equal(torch.cat(streamer.chunks, dim=-1)[0], graphed[0].cpu()) and streamer.ended
+    assert torch.equal(torch.cat(streamer.chunks), graphed[0].cpu()) and streamer.ended
     assert graphed.shape[1] == ids.shape[1] + eos_step + 1 and int(graphed[0, -1]) == eos
     graphed = model.generate(ids, **kwargs)
     assert stop_checks["deferred"] == 2
