@@ -36,20 +36,6 @@ def copy_bandwidth():
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def graph_ms(fn, calls=64, replays=20):
-    """Time per call of ``calls`` back-to-back calls captured in one CUDA graph (what a decode step replays)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return fused._time_ms(graph.replay, repeats=replays) / calls
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -78,7 +64,7 @@ def main():
         times = {}
         for impl, fn in impls.items():
             alone = fused._time_ms(fn, repeats=50) * 1e3
-            in_graph = graph_ms(fn) * 1e3
+            in_graph = fused._graph_time_ms(fn, calls=64, replays=20) * 1e3  # as the chooser times it
             times[impl] = in_graph
             frac = weight_bytes / (in_graph * 1e-6) / bandwidth
             mark = " (chosen)" if impl == chosen_name else ""
