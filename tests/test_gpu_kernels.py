@@ -204,6 +204,29 @@ def test_gpu_selective_scan_matches_reference(backend, dtype, shape):
     assert last_backend("selective_scan") == backend
 
 
+# backward kernel variants besides the default (fused.BWD_OPTS / BWD_BC_MODE): (gb_acc, da_store, excl_rev, bc_padded),
+# dB / dC mode (1 contiguous atomics, 2 striped)
+BWD_VARIANTS = [
+    ((False, False, False, False), 2), ((True, True, False, True), 1), ((True, True, False, True), 2),
+    ((True, True, True, True), 2), ((False, False, True, False), 2),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", BWD_VARIANTS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SCAN_SHAPES + _random_shapes(4, seed=7), ids=str)
+def test_gpu_selective_scan_backward_variants(variant, dtype, shape, monkeypatch):
+    from multimodal_mamba.kernels.selective_scan import fused
+
+    monkeypatch.setattr(fused, "BWD_OPTS", variant[0])
+    monkeypatch.setattr(fused, "BWD_BC_MODE", variant[1])
+    batch, dim, length, state, groups, time_major, with_z, with_d, with_bias, with_h0 = shape
+    inputs = scan_inputs(batch, dim, length, state, groups, dtype, time_major, with_z, with_d, with_bias, with_h0,
+                         seed=_seed(shape))
+    check_scan(fused.selective_scan_triton, inputs, dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SCAN_SHAPES, ids=str)
@@ -835,6 +858,21 @@ def test_interpreter_selective_scan_several_chunks_and_partials(interpreted, mon
     monkeypatch.setattr(fused, "PARTIALS_MAX_BYTES", 1)  # atomics into one partial
     check_scan(fused.selective_scan_triton, scan_inputs(1, 12, 33, 2, time_major=True, device="cpu", seed=5),
                torch.float32)
+
+
+@interpreter
+@pytest.mark.parametrize("variant", [((False, False, False, False), 2), ((True, True, False, True), 2)], ids=str)
+def test_interpreter_selective_scan_backward_variants(interpreted, variant, monkeypatch):
+    """The backward kernel's variants other than the default, several chunks, atomics into shared partials."""
+    fused = interpreted["selective_scan"]
+    monkeypatch.setattr(fused, "BWD_OPTS", variant[0])
+    monkeypatch.setattr(fused, "BWD_BC_MODE", variant[1])
+    monkeypatch.setattr(fused, "BWD_CONFIGS", {"lmajor": (4, 16, 4, False), "tmajor": (4, 16, 4, True)})
+    monkeypatch.setattr(fused, "PARTIALS_MAX_BYTES", 1)
+    check_scan(fused.selective_scan_triton, scan_inputs(2, 8, 50, 4, device="cpu"), torch.float32)
+    check_scan(fused.selective_scan_triton, scan_inputs(1, 8, 37, 3, 2, time_major=True, device="cpu", seed=3),
+               torch.float32)
+    check_scan(fused.selective_scan_triton, scan_inputs(1, 4, 1, 4, device="cpu", seed=4), torch.float32)
 
 
 @interpreter

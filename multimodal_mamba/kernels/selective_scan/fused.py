@@ -164,12 +164,28 @@ def _selective_scan_fwd_kernel(
 
 
 @triton.jit
+def exclusive_affine_combine(s1, u1, p1, q1, s2, u2, p2, q2):
+    """(S, U): the composite map of a segment; (P, Q): the composite of the segment without its last step (as the
+    coupled scan's). Leaves (a_t, u_t, 1, 0); the scan's (P, Q) at t maps the carry to the value before step t."""
+    return s1 * s2, u1 * s2 + u2, s1 * p2, u1 * p2 + q2
+
+
+@triton.jit
 def _bwd_state(
     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base, stride_A_n,
     B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base, stride_dB_n, stride_dB_l, t,
-    mask_t, mask, mask_d, offs_t, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
+    mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
+    GB_ACC: tl.constexpr, DA_STORE: tl.constexpr, EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr,
 ):
-    """State index n over one chunk of the backward pass: recompute h_t, run the adjoint scan, accumulate."""
+    """State index n over one chunk of the backward pass: recompute h_t, run the adjoint scan, accumulate.
+
+    Variants (constexpr, measured in benchmarks/results/gpu_kernels_notes.md): GB_ACC accumulates sum_n g B_n in
+    ``du`` (ddt then gets only the decay term here; u and dt are applied once after the loop over states);
+    DA_STORE writes each chunk's dA[:, n] (one warp sum) to its own slot instead of adding it into a column of a
+    (BLOCK_D, BLOCK_T) tile; EXCL_REV runs the adjoint as the exclusive reverse scan of (a_t, a_t c_t), which
+    yields lam_t = a_{t+1} g_{t+1} without the shifted decays a_{t+1} (one exp2 less), and carries lam between
+    chunks. BC_PADDED: the dB / dC rows are padded to whole chunks (the padded steps add zeros there), so the
+    atomics need no mask (a masked atomic is a branch around each element's instruction)."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32)
     A2_n = A_n * 1.4426950408889634
     B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
@@ -180,24 +196,47 @@ def _bwd_state(
     a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
     x = b_cum + a_cum * tl.load(h_base + n, mask=mask_d, other=0.0)[:, None]
     y += x * C_n
-    # adjoint: g_t = dy_t C_t + a_{t+1} g_{t+1}; the g after the chunk is carried in from the next one
-    a_next = tl.exp2(dt_next * A2_n[:, None])
-    g_a, g_b = tl.associative_scan((a_next, dy * C_n), axis=1, combine_fn=affine_combine, reverse=True)
-    g = g_b + g_a * tl.load(g_read_base + n, mask=mask_d, other=0.0)[:, None]
-    tl.store(g_write_ptrs + n, g, mask=first)  # g at the chunk's first step, for the chunk before
+    c = dy * C_n
+    if EXCL_REV:
+        # lam_{t-1} = a_t lam_t + a_t c_t (lam_t = a_{t+1} g_{t+1}, the adjoint arriving from after step t);
+        # g_t = c_t + lam_t; the lam after the chunk is carried in from the next one
+        ones = tl.zeros_like(a) + 1.0
+        _, _, P, Q = tl.associative_scan((a, a * c, ones, tl.zeros_like(a)), axis=1,
+                                         combine_fn=exclusive_affine_combine, reverse=True)
+        g = c + Q + P * tl.load(g_read_base + n, mask=mask_d, other=0.0)[:, None]
+        tl.store(g_write_ptrs + n, a * g, mask=first)  # lam before the chunk, for the chunk before
+    else:
+        # adjoint: g_t = dy_t C_t + a_{t+1} g_{t+1}; the g after the chunk is carried in from the next one
+        a_next = tl.exp2(dt_next * A2_n[:, None])
+        g_a, g_b = tl.associative_scan((a_next, c), axis=1, combine_fn=affine_combine, reverse=True)
+        g = g_b + g_a * tl.load(g_read_base + n, mask=mask_d, other=0.0)[:, None]
+        tl.store(g_write_ptrs + n, g, mask=first)  # g at the chunk's first step, for the chunk before
     g_ah = g * (x - b)  # g_t a_t h_{t-1}: the decay's gradient times the decay
-    ddt += g * u * B_n + g_ah * A_n[:, None]
-    du += g * dt * B_n
-    dA_acc += tl.where(offs_t[None, :] == n, tl.sum(g_ah * dt, axis=1)[:, None], 0.0)  # column n: dA[:, n]
+    if GB_ACC:
+        ddt += g_ah * A_n[:, None]
+        du += g * B_n
+    else:
+        ddt += g * u * B_n + g_ah * A_n[:, None]
+        du += g * dt * B_n
+    if DA_STORE:
+        tl.store(dA_write_ptrs + n, tl.sum(g_ah * dt, axis=1)[:, None], mask=first)
+    else:
+        dA_acc += tl.where(offs_t[None, :] == n, tl.sum(g_ah * dt, axis=1)[:, None], 0.0)  # column n: dA[:, n]
     if SAME_GROUP:
         dB_row = tl.sum(g * dtu, axis=0)
         dC_row = tl.sum(dy * x, axis=0)
         if BC_MODE == 0:  # this program owns its partial row: plain stores
             tl.store(dB_base + n * stride_dB_n + t, dB_row, mask=mask_t)
             tl.store(dC_base + n * stride_dB_n + t, dC_row, mask=mask_t)
+        elif BC_MODE == 1 and BC_PADDED:
+            tl.atomic_add(dB_base + n * stride_dB_n + t, dB_row, sem="relaxed")
+            tl.atomic_add(dC_base + n * stride_dB_n + t, dC_row, sem="relaxed")
         elif BC_MODE == 1:  # atomics on the contiguous layout (each thread a few neighbours: 16 sectors a warp)
             tl.atomic_add(dB_base + n * stride_dB_n + t, dB_row, mask=mask_t, sem="relaxed")
             tl.atomic_add(dC_base + n * stride_dB_n + t, dC_row, mask=mask_t, sem="relaxed")
+        elif BC_MODE == 2 and BC_PADDED:
+            tl.atomic_add(dB_base + n * stride_dB_n + t * stride_dB_l, dB_row, sem="relaxed")
+            tl.atomic_add(dC_base + n * stride_dB_n + t * stride_dB_l, dC_row, sem="relaxed")
         elif BC_MODE == 2:  # striped: an unspecialized stride hides the contiguity, one element a thread per
             # instruction, so each warp-wide atomic covers 32 consecutive floats (as mamba-ssm's BlockedToStriped)
             tl.atomic_add(dB_base + n * stride_dB_n + t * stride_dB_l, dB_row, mask=mask_t, sem="relaxed")
@@ -212,7 +251,7 @@ def _bwd_state(
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr, dfinal_ptr, gbuf_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    dim, length, dim_per_group, n_chunks, blocks_per_group, n_saved, state_step,
+    dim, length, dim_per_group, n_chunks, blocks_per_group, n_saved, state_step, n_partials,
     stride_u_b, stride_u_d, stride_u_l,
     stride_delta_b, stride_delta_d, stride_delta_l,
     stride_A_d, stride_A_n,
@@ -226,8 +265,9 @@ def _selective_scan_bwd_kernel(
     stride_dB_p, stride_dB_b, stride_dB_g, stride_dB_n, stride_dB_l,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, SAME_GROUP: tl.constexpr, N_PARTIALS: tl.constexpr, BC_MODE: tl.constexpr,
-    UNROLL_N: tl.constexpr, N_PAD: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
+    UNROLL_N: tl.constexpr, N_PAD: tl.constexpr, GB_ACC: tl.constexpr, DA_STORE: tl.constexpr,
+    EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -250,7 +290,7 @@ def _selective_scan_bwd_kernel(
         group = (pid_d * BLOCK_D) // dim_per_group
         B_base = B_ptr + pid_b * stride_B_b + group * stride_B_g
         C_base = C_ptr + pid_b * stride_C_b + group * stride_C_g
-        part = (pid_d % blocks_per_group) % N_PARTIALS
+        part = (pid_d % blocks_per_group) % n_partials
         dB_base = dB_ptr + part * stride_dB_p + pid_b * stride_dB_b + group * stride_dB_g
         dC_base = dC_ptr + part * stride_dB_p + pid_b * stride_dB_b + group * stride_dB_g
     else:
@@ -286,25 +326,32 @@ def _selective_scan_bwd_kernel(
         chunk = n_chunks - 1 - rev
         g_read_base = gbuf_ptr + (g_row + rev % 2) * N
         g_write_ptrs = gbuf_ptr + (g_row[:, None] + 1 - rev % 2) * N + offs_t[None, :] * 0
+        # DA_STORE: dA_ptr is (batch, dim, n_chunks, N), one slot per chunk (summed over chunks after the kernel)
+        dA_write_ptrs = dA_ptr + ((pid_b * dim + offs_d[:, None]) * n_chunks + chunk) * N + offs_t[None, :] * 0
         h_base = states_ptr + (saved_row + chunk * state_step) * N
         t = chunk * BLOCK_T + offs_t
         mask_t = t < length
         mask = mask_d[:, None] & mask_t[None, :]
-        mask_next = mask_d[:, None] & (t + 1 < length)[None, :]
         u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)
         raw = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
-        raw_next = tl.load(delta_base + (t + 1)[None, :] * stride_delta_l, mask=mask_next, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += bias[:, None]
-            raw_next += bias[:, None]
         if SOFTPLUS:
             dt = softplus(raw)
-            dt_next = softplus(raw_next)
         else:
             dt = raw
-            dt_next = raw_next
         dt = tl.where(mask, dt, 0.0)
-        dt_next = tl.where(mask_next, dt_next, 0.0)  # a_{t+1} = 1 past the end: g_{L-1} = dy C + dfinal
+        if EXCL_REV:
+            dt_next = dt  # (unused)
+        else:
+            mask_next = mask_d[:, None] & (t + 1 < length)[None, :]
+            raw_next = tl.load(delta_base + (t + 1)[None, :] * stride_delta_l, mask=mask_next, other=0.0).to(
+                tl.float32)
+            if HAS_BIAS:
+                raw_next += bias[:, None]
+            if SOFTPLUS:
+                raw_next = softplus(raw_next)
+            dt_next = tl.where(mask_next, raw_next, 0.0)  # a_{t+1} = 1 past the end: g_{L-1} = dy C + dfinal
         dy = tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
             zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
@@ -318,15 +365,21 @@ def _selective_scan_bwd_kernel(
                 y, ddt, du, dA_acc = _bwd_state(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
-                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, SAME_GROUP, BC_MODE,
+                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP, BC_MODE,
+                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED,
                 )
         else:
             for n in range(N):
                 y, ddt, du, dA_acc = _bwd_state(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
-                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, SAME_GROUP, BC_MODE,
+                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP, BC_MODE,
+                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED,
                 )
+        if GB_ACC:  # du held sum_n g B_n: the u and dt factors of d/dt and d/du, applied once
+            u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)  # (cache hits)
+            ddt += du * u
+            du = du * dt
         if HAS_D:
             y += u * skip[:, None]
             du += dy * skip[:, None]
@@ -357,8 +410,12 @@ def _selective_scan_bwd_kernel(
         raw0 = softplus(raw0)
     A_tile = tl.load(A_base[:, None] + offs_np[None, :] * stride_A_n, mask=mask_dnp, other=0.0).to(tl.float32)
     dh0_offs = (pid_b * dim + offs_d[:, None]) * N + offs_np[None, :]
-    tl.store(dh0_ptr + dh0_offs, tl.exp2(raw0 * A_tile * LOG2E) * g_first, mask=mask_dnp)
-    tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
+    if EXCL_REV:  # the carry is already lam_{-1} = a_0 g_0
+        tl.store(dh0_ptr + dh0_offs, g_first, mask=mask_dnp)
+    else:
+        tl.store(dh0_ptr + dh0_offs, tl.exp2(raw0 * A_tile * LOG2E) * g_first, mask=mask_dnp)
+    if not DA_STORE:
+        tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
     row_offs = pid_b * dim + offs_d
     tl.store(dD_ptr + row_offs, dD_acc, mask=mask_d)
     tl.store(dbias_ptr + row_offs, dbias_acc, mask=mask_d)
@@ -373,15 +430,17 @@ def _selective_scan_bwd_kernel(
 # N <= 32 (faster before the carry moved to memory, slower since: more registers, fewer resident warps). "lmajor": time contiguous ((batch, dim, L) memory, mamba-ssm's
 # layout); "tmajor": channels contiguous ((batch, L, dim), as the mixers pass their activations).
 FWD_CONFIGS = {"lmajor": (1, 512, 1, False), "tmajor": (1, 512, 1, False)}
-BWD_CONFIGS = {"lmajor": (1, 256, 1, False), "tmajor": (1, 256, 1, False)}
+BWD_CONFIGS = {"lmajor": (1, 128, 1, False), "tmajor": (1, 128, 1, False)}
 # Time-major inputs are copied to (batch, dim, L) first: the kernels then load 16-byte vectors along time, and the
 # copy costs far less than scanning with time spread across threads.
 COPY_TIME_MAJOR = True
 # Largest float32 workspace for the per-program dB / dC partial sums before falling back to atomics.
-PARTIALS_MAX_BYTES = 64 << 20
+PARTIALS_MAX_BYTES = 16 << 20
 # How the programs of a group add up dB / dC when they share partial rows: 1 atomics on the contiguous layout,
 # 2 atomics on a striped layout (coalesced warp-wide), 3 skip (timing experiments only; wrong gradients).
-BWD_BC_MODE = 2
+BWD_BC_MODE = 1
+# Backward variants (gb_acc, da_store, excl_rev, bc_padded): see ``_bwd_state``.
+BWD_OPTS = (True, True, True, True)
 
 
 def _layout(u):
@@ -484,13 +543,15 @@ def selective_scan_fwd(
 
 def selective_scan_bwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, block_t, dout, dfinal=None, config=None,
-    partials=None, bc_mode=None,
+    partials=None, bc_mode=None, opts=None,
 ):
     """Launch the backward kernel. ``states``: the forward's saved states (chunks of ``block_t`` steps); the
     backward walks chunks of its own block size if that is a multiple of ``block_t``, else of ``block_t``.
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); entries for absent inputs are None.
     ``partials``: how many float32 copies of dB / dC the programs of a group spread over (default: one per
-    program, if that fits ``PARTIALS_MAX_BYTES``, else atomics into fewer)."""
+    program, if that fits ``PARTIALS_MAX_BYTES``, else atomics into fewer). ``opts``: the kernel variant
+    (gb_acc, da_store, excl_rev, bc_padded); default ``BWD_OPTS``."""
+    gb_acc, da_store, excl_rev, bc_padded = (bool(o) for o in (opts if opts is not None else BWD_OPTS))
     batch, dim, length = u.shape
     state_size = A.shape[1]
     Bg, Cg = _as_grouped(B), _as_grouped(C)
@@ -517,12 +578,17 @@ def selective_scan_bwd(
     if bc_mode is None:
         bc_mode = BWD_BC_MODE if atomic else 0
     alloc = torch.zeros if atomic else torch.empty
-    dB_part = alloc(partials, batch, groups, state_size, length, device=u.device, dtype=torch.float32)
-    dC_part = alloc(partials, batch, groups, state_size, length, device=u.device, dtype=torch.float32)
+    bc_padded = bc_padded and same_group and bc_mode in (1, 2)
+    bc_length = n_chunks * block_t if bc_padded else length  # padded: whole chunks (sliced off after)
+    dB_part = alloc(partials, batch, groups, state_size, bc_length, device=u.device, dtype=torch.float32)
+    dC_part = alloc(partials, batch, groups, state_size, bc_length, device=u.device, dtype=torch.float32)
     du = empty_like_layout(u)
     ddelta = empty_like_layout(delta)
     dz = empty_like_layout(z) if z is not None else None
-    dA_part = torch.empty(batch, dim, state_size, device=u.device, dtype=torch.float32)
+    if da_store:  # one slot per chunk
+        dA_part = torch.empty(batch, dim, n_chunks, state_size, device=u.device, dtype=torch.float32)
+    else:
+        dA_part = torch.empty(batch, dim, state_size, device=u.device, dtype=torch.float32)
     dD_part = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
     dbias_part = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
     dh0 = torch.empty(batch, dim, state_size, device=u.device, dtype=torch.float32)
@@ -535,21 +601,25 @@ def selective_scan_bwd(
         u, delta, A, Bg, Cg, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, states,
         dout, dfinal_arg, gbuf,
         du, ddelta, dzz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0,
-        dim, length, dim_per_group, n_chunks, blocks_per_group, n_saved, state_step,
+        dim, length, dim_per_group, n_chunks, blocks_per_group, n_saved, state_step, partials,
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zz.stride(), *dout.stride(),
         *du.stride(), *ddelta.stride(), *dzz.stride(),
         dB_part.stride(0), dB_part.stride(1), dB_part.stride(2), dB_part.stride(3), dB_part.stride(4),
         N=state_size, BLOCK_D=block_d, BLOCK_T=block_t,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        HAS_DFINAL=dfinal is not None, SAME_GROUP=same_group, N_PARTIALS=partials, BC_MODE=bc_mode,
-        UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), num_warps=num_warps,
+        HAS_DFINAL=dfinal is not None, SAME_GROUP=same_group, BC_MODE=bc_mode,
+        UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), GB_ACC=gb_acc, DA_STORE=da_store, EXCL_REV=excl_rev,
+        BC_PADDED=bc_padded, num_warps=num_warps,
     )
     dB = dB_part.sum(0) if partials > 1 else dB_part[0]
     dC = dC_part.sum(0) if partials > 1 else dC_part[0]
+    if bc_length != length:
+        dB, dC = dB[..., :length], dC[..., :length]
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
     return (
-        du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+        du, ddelta, (dA_part.sum((0, 2)) if da_store else dA_part.sum(0)).to(A.dtype), dB.to(B.dtype),
+        dC.to(C.dtype),
         dD_part.sum(0).to(D.dtype) if D is not None else None,
         dz,
         dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
