@@ -119,12 +119,30 @@ FWD_SWEEP = [
     (1, 256, 1, False), (1, 512, 1, False), (1, 512, 1, True), (1, 256, 1, True), (1, 1024, 2, False),
     (1, 1024, 2, True), (2, 256, 1, True), (1, 1024, 4, True),
 ]
-BWD_SWEEP = [(1, 256, 1, False), (1, 128, 1, False), (1, 256, 1, True), (1, 512, 2, False), (2, 128, 1, False)]
-# dB / dC accumulation: 1 atomics (contiguous layout), 2 atomics (striped), 3 skipped (timing only)
-BC_MODES = (1, 3)
+# backward: (config, opts = (gb_acc, da_store, excl_rev, bc_padded), dB / dC mode: 1 atomics on the contiguous
+# layout, 2 atomics striped, 3 skipped (timing only), partials (None: the default)); see fused._bwd_state
+_V0, _V1, _V2 = (False, False, False, False), (True, True, False, True), (True, True, True, True)
+BWD_SWEEP = [
+    ((1, 256, 1, False), _V0, 2, None), ((1, 256, 1, False), _V0, 1, None),
+    ((1, 256, 1, False), (True, False, False, False), 2, None), ((1, 256, 1, False), (True, True, False, False), 2, None),
+    ((1, 256, 1, False), (False, False, False, True), 1, None),
+    ((1, 256, 1, False), _V1, 2, None), ((1, 256, 1, False), _V1, 1, None), ((1, 256, 1, False), _V1, 3, None),
+    ((1, 256, 1, False), _V2, 1, None), ((1, 256, 1, False), _V2, 2, None),
+    ((1, 256, 1, False), _V1, 1, 16), ((1, 256, 1, False), _V1, 1, 64),
+    ((1, 128, 1, False), _V1, 1, None), ((1, 128, 1, False), _V2, 1, None), ((1, 128, 1, False), _V1, 2, None),
+    ((1, 128, 1, False), _V1, 1, 64), ((1, 64, 1, False), _V1, 1, None), ((1, 512, 2, False), _V1, 1, None),
+    ((2, 128, 1, False), _V1, 1, None), ((2, 256, 2, False), _V1, 1, None), ((1, 256, 1, True), _V1, 1, None),
+]
+
+# the short list (--focus): the winners of the full list's run and their neighbours
+BWD_SWEEP_FOCUS = [
+    ((1, 128, 1, False), _V2, 1, None), ((1, 128, 1, False), _V2, 1, 64), ((1, 128, 1, False), _V2, 1, 16),
+    ((1, 128, 1, False), _V2, 1, 256), ((1, 256, 1, False), _V2, 1, None), ((1, 256, 1, False), _V2, 1, 64),
+    ((1, 128, 1, False), _V2, 3, None), ((1, 128, 1, False), _V0, 2, None), ((1, 256, 1, False), _V0, 2, 256),
+]
 
 
-def sweep(length, dim, batch, state):
+def sweep(length, dim, batch, state, focus=False):
     results = []
     t = make_inputs(batch, dim, length, state)
     args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
@@ -137,21 +155,45 @@ def sweep(length, dim, batch, state):
             print("fwd", cfg, "failed:", repr(error)[:200], flush=True)
         results.append(dict(kind="fwd", L=length, config=str(cfg), ms=ms))
         print(json.dumps(results[-1]), flush=True)
+    for every in (128, 256, 512):  # the forward in training: it also saves a state every backward chunk
+        ms = do_bench(lambda: fused.selective_scan_fwd(*args, True, None, save_states=True, config=(1, 512, 1, False),
+                                                       save_every=every), warmup=25, rep=100, return_mode="median")
+        results.append(dict(kind="fwd_save", L=length, save_every=every, ms=ms))
+        print(json.dumps(results[-1]), flush=True)
     dout = torch.randn_like(t["u"])
-    for cfg in BWD_SWEEP:
+    for cfg, opts, mode, partials in (BWD_SWEEP_FOCUS if focus else BWD_SWEEP):
         block_d, block_t, warps, unroll = cfg
         try:
             _, _, states, meta = fused.selective_scan_fwd(*args, True, None, save_states=True,
                                                           config=(1, 512, 1, False), save_every=block_t)
-            for mode in BC_MODES:
-                ms = do_bench(lambda: fused.selective_scan_bwd(*args, True, states, meta["block_t"], dout,
-                                                               config=cfg, bc_mode=mode),
-                              warmup=10, rep=60, return_mode="median")
-                results.append(dict(kind="bwd", L=length, config=str(cfg), bc_mode=mode, ms=ms))
-                print(json.dumps(results[-1]), flush=True)
+            ms = do_bench(lambda: fused.selective_scan_bwd(*args, True, states, meta["block_t"], dout, config=cfg,
+                                                           bc_mode=mode, opts=opts, partials=partials),
+                          warmup=10, rep=60, return_mode="median")
+            results.append(dict(kind="bwd", L=length, config=str(cfg), opts=str(opts), bc_mode=mode,
+                                partials=partials, ms=ms))
+            print(json.dumps(results[-1]), flush=True)
         except Exception as error:
-            print("bwd", cfg, "failed:", repr(error)[:300], flush=True)
+            print("bwd", cfg, opts, mode, "failed:", repr(error)[:300], flush=True)
     return results
+
+
+def profile_step(length, dim, batch, state, layout="lmajor"):
+    """GPU time per kernel of ours' forward + backward autograd step (where the time outside the scan goes)."""
+    t = make_inputs(batch, dim, length, state, time_major=layout == "tmajor", requires_grad=True)
+    grad = torch.randn_like(t["u"])
+
+    def step():
+        torch.autograd.grad(ours(t), leaves(t), grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f"profile L {length} {layout} (5 steps)", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
 
 
 def copy_bandwidth():
@@ -199,6 +241,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--sweep", action="store_true", help="time block-size configurations instead")
+    parser.add_argument("--profile", action="store_true", help="with --sweep: per-kernel GPU time of one step")
+    parser.add_argument("--focus", action="store_true", help="with --sweep: the short backward list")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     print(f"{platform.node()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}",
@@ -212,9 +256,12 @@ def main():
                 print(json.dumps(dict(L=length, mamba_fwd_ms=time_fwd(theirs, t),
                                       mamba_fwdbwd_ms=time_fwd_bwd(theirs, t), ours_fwd_ms=time_fwd(ours, t),
                                       ours_fwdbwd_ms=time_fwd_bwd(ours, t))), flush=True)
+        if args.profile:
+            for length in args.lengths:
+                profile_step(length, args.dim, args.batch, args.state)
         results = []
         for length in args.lengths:
-            results += sweep(length, args.dim, args.batch, args.state)
+            results += sweep(length, args.dim, args.batch, args.state, args.focus)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_selective_scan_sweep.json").write_text(json.dumps(results, indent=1))
         return
