@@ -430,7 +430,7 @@ def _selective_scan_bwd_kernel(
 # N <= 32 (faster before the carry moved to memory, slower since: more registers, fewer resident warps). "lmajor": time contiguous ((batch, dim, L) memory, mamba-ssm's
 # layout); "tmajor": channels contiguous ((batch, L, dim), as the mixers pass their activations).
 FWD_CONFIGS = {"lmajor": (1, 512, 1, False), "tmajor": (1, 512, 1, False)}
-BWD_CONFIGS = {"lmajor": (1, 128, 1, False), "tmajor": (1, 128, 1, False)}
+BWD_CONFIGS = {"lmajor": (1, 256, 1, False), "tmajor": (1, 256, 1, False)}
 # Time-major inputs are copied to (batch, dim, L) first: the kernels then load 16-byte vectors along time, and the
 # copy costs far less than scanning with time spread across threads.
 COPY_TIME_MAJOR = True
