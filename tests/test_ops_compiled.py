@@ -137,6 +137,22 @@ def test_exp2_inline_accuracy():
     assert rel < 4e-7, rel  # a few float32 ulps
     assert (ours[x < -127] == 0).all() and (ours[x <= -126] < 2e-38).all()  # underflow: 0 instead of a denormal
     assert torch.isnan(compiled_ops.exp2_inline(torch.tensor([float("nan")]))).all()
+    # without the upper clamp (the scan's form when dt >= 0 and A <= 0): the same values wherever x <= 127
+    below = x <= 127
+    assert torch.equal(compiled_ops.exp2_inline(x[below], clamp_upper=False), ours[below])
+
+
+@compiled_ops_available
+def test_compiled_scan_softplus_with_positive_A():
+    """Some A > 0 (growing states): the scan keeps the exponential's upper clamp and still matches the reference."""
+    inputs = make_inputs(1, 8, 45, 4, time_major=True, initial_state=True, seed=7)
+    inputs["A"] = inputs["A"].abs() * 0.05
+    with torch.no_grad():
+        y, h = compiled_scan(**inputs, return_final_state=True)
+        y_ref, h_ref = selective_scan_ref(**inputs, return_final_state=True)
+    assert torch.isfinite(y_ref).all()
+    assert_close_scaled(y, y_ref, what="y")
+    assert_close_scaled(h, h_ref, what="final state")
 
 
 def _lm_pair(seed=0):
