@@ -56,7 +56,7 @@ def naive_ops():
     return naive
 
 
-def compare_steps(model, ops, batch, steps=3, atol=1e-5, rtol=1e-4, prompt=6):
+def compare_steps(model, ops, batch, steps=3, atol=1e-5, rtol=1e-4, prompt=6, scaled=False):
     """Prefill two caches identically, then decode ``steps`` tokens module by module on one and through
     ``_fused_decode_step(..., ops)`` on the other: the final hidden states and both states must agree."""
     device = model.backbone.embeddings.weight.device
@@ -77,9 +77,20 @@ def compare_steps(model, ops, batch, steps=3, atol=1e-5, rtol=1e-4, prompt=6):
             out = backbone._fused_decode_step(embeds, cache_b, ops)
             cache_b.seqlen_offset += 1
             assert out.shape == ref.shape and out.dtype == ref.dtype
-            torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-        torch.testing.assert_close(cache_b.ssm_states, cache_a.ssm_states, atol=atol, rtol=rtol)
-        torch.testing.assert_close(cache_b.conv_states, cache_a.conv_states, atol=atol, rtol=rtol)
+            close(out, ref, atol, rtol, scaled)
+        close(cache_b.ssm_states, cache_a.ssm_states, atol, rtol, scaled)
+        close(cache_b.conv_states, cache_a.conv_states, atol, rtol, scaled)
+
+
+def close(actual, expected, atol, rtol, scaled):
+    """assert_close, or with ``scaled``: max |actual - expected| <= atol * max |expected| (bf16 after several steps
+    through several layers: the two paths' rounding differences grow along the residual stream, and a single
+    element near zero can differ by more than any elementwise relative tolerance)."""
+    if not scaled:
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+        return
+    error = (actual.float() - expected.float()).abs().max().item()
+    assert error <= atol * expected.float().abs().max().item(), (error, expected.float().abs().max().item())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,7 +105,7 @@ def test_fused_step_on_naive_ops_equals_the_module_path(batch, residual_in_fp32)
 def test_fused_step_keeps_the_residual_in_the_model_dtype_when_asked():
     """bf16 with residual_in_fp32=False: the residual is rounded to bf16 after every add, as the module path does."""
     model = small_lm(dtype=torch.bfloat16, residual_in_fp32=False)
-    compare_steps(model, naive_ops(), 2, steps=2, atol=2e-2, rtol=2e-2)
+    compare_steps(model, naive_ops(), 2, steps=2, atol=2e-2, rtol=2e-2, scaled=True)
 
 
 def test_which_models_take_the_fused_path():
@@ -190,6 +201,9 @@ def test_interpreter_decode_step_kernels():
         # small blocks: several x_proj splits, partial channel and output blocks, several rounds of the partial sums
         "from multimodal_mamba.kernels.decode_step import fused; "
         "fused.CONV_X_PROJ_CONFIG = (32, 16, 4); fused.SSM_STEP_CONFIG = (16, 2, 4); "
+        "t.check_kernels_against_naive('cpu'); t.check_interpreted_model_step(); "
+        # several rows per program (batch 2 and 3: one full and one partial group of 2 rows)
+        "fused.BATCHED_FROM = 2; fused.ROWS_BATCHED = 2; fused.SSM_STEP_CONFIG_BATCHED = (16, 4, 4); "
         "t.check_kernels_against_naive('cpu'); t.check_interpreted_model_step(); print('OK')" % os.getcwd()
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -213,7 +227,7 @@ def test_fused_step_matches_the_module_path(dtype, batch):
     kernels = modeling_mamba_lm._package_kernels()
     ops = model.backbone._fused_decode_ops(torch.zeros(1, 1, 256, device="cuda", dtype=dtype))
     assert ops is kernels["decode_step"]  # the model takes the fused path on its own
-    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=0, scaled=True)
     compare_steps(model, ops, batch, steps=4, **tol)
 
 
