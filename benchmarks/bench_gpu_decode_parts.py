@@ -103,13 +103,11 @@ def main():
     # GPU step for block configurations of the fused kernels, one setting changed at a time from the default
     from multimodal_mamba.kernels.decode_step import fused as fused_kernels
 
-    knobs = ("CONV_X_PROJ_CONFIG", "SSM_STEP_CONFIG", "SSM_STEP_CONFIG_BATCHED", "ROWS_BATCHED")
+    knobs = ("CONV_X_PROJ_CONFIG", "SSM_STEP_CONFIG")
     defaults = {name: getattr(fused_kernels, name) for name in knobs}
-    variants = [{}, {"CONV_X_PROJ_CONFIG": (256, 32, 4)}, {"CONV_X_PROJ_CONFIG": (512, 64, 8)},
-                {"CONV_X_PROJ_CONFIG": (1024, 32, 8)}, {"SSM_STEP_CONFIG": (64, 8, 4)},
-                {"SSM_STEP_CONFIG": (32, 4, 2)}, {"SSM_STEP_CONFIG_BATCHED": (32, 8, 4)},
-                {"SSM_STEP_CONFIG_BATCHED": (128, 8, 8)}, {"ROWS_BATCHED": 1}, {"ROWS_BATCHED": 2},
-                {"ROWS_BATCHED": 8}]
+    variants = [{}, {"CONV_X_PROJ_CONFIG": (256, 32, 4)}, {"CONV_X_PROJ_CONFIG": (1024, 32, 8)},
+                {"CONV_X_PROJ_CONFIG": (512, 64, 8)}, {"SSM_STEP_CONFIG": (64, 8, 4)},
+                {"SSM_STEP_CONFIG": (32, 4, 2)}, {"SSM_STEP_CONFIG": (16, 8, 4)}]
     sweep_rows = []
     for variant in variants:
         for name in knobs:
@@ -139,8 +137,7 @@ def main():
         "|---|---|---|---|---|", *rows, "",
         "GPU step (ms, graph replays back to back) of the fused step per block configuration of "
         "kernels/decode_step/fused.py (conv + x_proj: (block_c, block_p, warps); state update: (block_d, "
-        f"split_block, warps); the batched ones from batch {fused_kernels.BATCHED_FROM}), one changed at a time from "
-        f"the default {defaults}:", "",
+        f"split_block, warps)), one changed at a time from the default {defaults}:", "",
         "| change | batch 1 | batch 16 |", "|---|---|---|", *sweep_rows, "",
         f"GEMV choices on this GPU (N x K: None = cuBLAS, else (block_n, block_k, split_k, warps)): {choices}", ""])
     (args.out / "gpu_decode_parts.md").write_text(text)

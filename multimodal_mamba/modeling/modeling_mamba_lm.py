@@ -606,17 +606,18 @@ class MambaBackbone(MambaLMPreTrainedModel):
         Kept per (device, dtypes, batch) so that eager steps allocate nothing and a captured graph keeps its buffers
         (up to ``_MAX_WORKSPACES`` shapes; beyond that a step allocates its own, never freeing one a graph may use)."""
         config = self.config
-        key = (str(device), dtype, residual_dtype, batch, id(ops))
+        mixer = self.layers[0].mixer
+        splits = ops.split_count(mixer.intermediate_size)  # (follows the kernels' block configuration)
+        key = (str(device), dtype, residual_dtype, batch, id(ops), splits)
         workspaces = self.__dict__.setdefault("_decode_workspaces", {})
         found = workspaces.get(key)
         if found is not None:
             return found
-        mixer = self.layers[0].mixer
         n_proj = mixer.time_step_rank + 2 * mixer.state_size
         found = (
             torch.empty(batch, config.hidden_size, device=device, dtype=residual_dtype),
             torch.empty(batch, config.hidden_size, device=device, dtype=dtype),
-            torch.empty(ops.split_count(mixer.intermediate_size), batch, n_proj, device=device, dtype=torch.float32),
+            torch.empty(splits, batch, n_proj, device=device, dtype=torch.float32),
             torch.empty(batch, mixer.intermediate_size, device=device, dtype=dtype),
         )
         if len(workspaces) < self._MAX_WORKSPACES:

@@ -7,7 +7,7 @@ kernels costs 2-4 us of latency whatever its work, 64 layers over. Here the same
 - ``add_rms_norm``: the residual add of layer i (residual in float32 when ``residual_in_fp32``) and the RMSNorm of
   layer i + 1 (or ``norm_f``) in one program per row;
 - ``mixer_decode_step`` = ``_conv_x_proj_kernel`` + ``_ssm_step_kernel``:
-  1. conv update + SiLU for a block of channels (of one or a few rows), and that block's share of x_proj (a split-K GEMV: each program
+  1. conv update + SiLU for a block of channels, and that block's share of x_proj (a split-K GEMV: each program
      writes its partial products of one block of x_proj's outputs into a float32 partials buffer; no atomics, so the
      result does not depend on scheduling and eager and graph decoding give the same tokens);
   2. per block of channels: the sum of the partials in a fixed order (each program sums all of them: cheaper than a
@@ -107,32 +107,28 @@ def _conv_silu(xz_row, state_row, conv_w_ptr, conv_b_ptr, offs_c, mask_c, stride
 @triton.jit
 def _conv_x_proj_kernel(
     xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr,
-    dim, n_proj, batch,
+    dim, n_proj,
     stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
     stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
-    W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
+    W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_CONV_BIAS: tl.constexpr,
 ):
-    """Program (channel block s, output block p, rows b0..b0+ROWS): for each row, x = silu(conv) of the block's
-    channels (the conv state is only read here) and part[s, b, p-block] = x_proj.weight[p-block, channels] @ x
-    (float32). The weight tile is loaded once for the ROWS rows (at batch 16 re-reading it per row was most of the
-    kernel's time: the same 2 MB of x_proj from L2 sixteen times)."""
+    """Program (channel block s, output block p, row b): x = silu(conv) of the block's channels (the conv state is only
+    read here), part[s, b, p-block] = x_proj.weight[p-block, channels] @ x (float32)."""
     pid_s = tl.program_id(0)
     pid_p = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
     offs_c = pid_s * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < dim
+    x, _, _, _ = _conv_silu(xz_ptr + row * stride_xz_b, conv_state_ptr + row * stride_s_b, conv_w_ptr, conv_b_ptr,
+                            offs_c, mask_c, stride_xz_d, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+                            W, W_PAD, HAS_CONV_BIAS)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < n_proj
     xw = tl.load(xw_ptr + offs_p[:, None].to(tl.int64) * stride_xw_n + offs_c[None, :] * stride_xw_k,
-                 mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-    for r in tl.static_range(ROWS):
-        row = tl.program_id(2).to(tl.int64) * ROWS + r
-        if row < batch:
-            x, _, _, _ = _conv_silu(xz_ptr + row * stride_xz_b, conv_state_ptr + row * stride_s_b, conv_w_ptr,
-                                    conv_b_ptr, offs_c, mask_c, stride_xz_d, stride_s_d, stride_s_w, stride_cw_d,
-                                    stride_cw_k, W, W_PAD, HAS_CONV_BIAS)
-            partial = tl.sum(xw * x[None, :], axis=1)
-            tl.store(part_ptr + pid_s * stride_part_s + row * stride_part_b + offs_p, partial, mask=mask_p)
+                 mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+    partial = tl.sum(xw.to(tl.float32) * x[None, :], axis=1)
+    tl.store(part_ptr + pid_s * stride_part_s + row * stride_part_b + offs_p, partial, mask=mask_p)
 
 
 @triton.jit
@@ -151,81 +147,68 @@ def _sum_partials(part_row, stride_part_s, n_splits, start, count, COUNT_PAD: tl
 @triton.jit
 def _ssm_step_kernel(
     part_ptr, xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, ssm_state_ptr, y_ptr,
-    dim, rank, n_splits, batch,
+    dim, rank, n_splits,
     stride_part_s, stride_part_b, stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w,
     stride_cw_d, stride_cw_k, stride_dtw_d, stride_dtw_r, stride_A_d, stride_A_n,
     stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    HAS_D: tl.constexpr,
 ):
-    """Program (channel block, rows b0..b0+ROWS), per row: time_step, B, C = sums of the x_proj partials (rounded to
-    the model dtype, as x_proj's output is); dt = softplus(round(dt_proj(time_step) + bias)); x = silu(conv) with the
-    conv state rolled; h = exp(dt A) h + dt B x with A = -exp(A_log); y = (<C, h> + D x) * silu(z). dt_proj's weight
-    tile, A and D are loaded once for the ROWS rows."""
+    """Program (channel block, row b): time_step, B, C = sums of the x_proj partials (rounded to the model dtype, as
+    x_proj's output is); dt = softplus(round(dt_proj(time_step) + bias)); x = silu(conv) with the conv state rolled;
+    h = exp(dt A) h + dt B x with A = -exp(A_log); y = (<C, h> + D x) * silu(z)."""
     pid_d = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     dtype = y_ptr.dtype.element_ty
+    part_row = part_ptr + row * stride_part_b
+    time_step = _sum_partials(part_row, stride_part_s, n_splits, 0, rank, R_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
+    Bv = _sum_partials(part_row, stride_part_s, n_splits, rank, N, N_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
+    Cv = _sum_partials(part_row, stride_part_s, n_splits, rank + N, N, N_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
+
     offs_r = tl.arange(0, R_PAD)
     dtw = tl.load(dtw_ptr + offs_d[:, None] * stride_dtw_d + offs_r[None, :] * stride_dtw_r,
-                  mask=mask_d[:, None] & (offs_r < rank)[None, :], other=0.0).to(tl.float32)
+                  mask=mask_d[:, None] & (offs_r < rank)[None, :], other=0.0)
+    dt = tl.sum(dtw.to(tl.float32) * time_step[None, :], axis=1)
     if HAS_DT_BIAS:
-        dtb = tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = softplus(dt.to(dtype).to(tl.float32))
+
+    xz_row = xz_ptr + row * stride_xz_b
+    x, window, state_ptrs, offs_k = _conv_silu(
+        xz_row, conv_state_ptr + row * stride_s_b, conv_w_ptr, conv_b_ptr, offs_d, mask_d, stride_xz_d, stride_s_d,
+        stride_s_w, stride_cw_d, stride_cw_k, W, W_PAD, HAS_CONV_BIAS)
+    # roll the conv state here, not in the first kernel: there other programs (other output blocks) read it too
+    tl.store(state_ptrs + offs_k[None, :] * stride_s_w, window, mask=mask_d[:, None] & (offs_k < W)[None, :])
+
     offs_n = tl.arange(0, N_PAD)
     mask_h = mask_d[:, None] & (offs_n < N)[None, :]
     A = -tl.exp(tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_h,
                         other=0.0).to(tl.float32))
+    h_ptrs = ssm_state_ptr + row * stride_h_b + offs_d[:, None] * stride_h_d + offs_n[None, :] * stride_h_n
+    h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
+    tl.store(h_ptrs, h.to(ssm_state_ptr.dtype.element_ty), mask=mask_h)
+    y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for r in tl.static_range(ROWS):
-        row = tl.program_id(1).to(tl.int64) * ROWS + r
-        if row < batch:
-            part_row = part_ptr + row * stride_part_b
-            time_step = _sum_partials(part_row, stride_part_s, n_splits, 0, rank, R_PAD, SPLIT_BLOCK)
-            time_step = time_step.to(dtype).to(tl.float32)
-            Bv = _sum_partials(part_row, stride_part_s, n_splits, rank, N, N_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
-            Cv = _sum_partials(part_row, stride_part_s, n_splits, rank + N, N, N_PAD, SPLIT_BLOCK)
-            Cv = Cv.to(dtype).to(tl.float32)
-
-            dt = tl.sum(dtw * time_step[None, :], axis=1)
-            if HAS_DT_BIAS:
-                dt += dtb
-            dt = softplus(dt.to(dtype).to(tl.float32))
-
-            xz_row = xz_ptr + row * stride_xz_b
-            x, window, state_ptrs, offs_k = _conv_silu(
-                xz_row, conv_state_ptr + row * stride_s_b, conv_w_ptr, conv_b_ptr, offs_d, mask_d, stride_xz_d,
-                stride_s_d, stride_s_w, stride_cw_d, stride_cw_k, W, W_PAD, HAS_CONV_BIAS)
-            # roll the conv state here, not in the first kernel: there other programs (other output blocks) read it
-            tl.store(state_ptrs + offs_k[None, :] * stride_s_w, window, mask=mask_d[:, None] & (offs_k < W)[None, :])
-
-            h_ptrs = ssm_state_ptr + row * stride_h_b + offs_d[:, None] * stride_h_d + offs_n[None, :] * stride_h_n
-            h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
-            tl.store(h_ptrs, h.to(ssm_state_ptr.dtype.element_ty), mask=mask_h)
-            y = tl.sum(h * Cv[None, :], axis=1)
-            if HAS_D:
-                y += x * Dv
-            z = tl.load(xz_row + (dim + offs_d) * stride_xz_d, mask=mask_d, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-            tl.store(y_ptr + row * stride_y_b + offs_d * stride_y_d, y.to(dtype), mask=mask_d)
+        y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    z = tl.load(xz_row + (dim + offs_d) * stride_xz_d, mask=mask_d, other=0.0).to(tl.float32)
+    y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + row * stride_y_b + offs_d * stride_y_d, y.to(dtype), mask=mask_d)
 
 
 _CONV_X_PROJ = CachedLaunch(_conv_x_proj_kernel)
 _SSM_STEP = CachedLaunch(_ssm_step_kernel)
 
-# (block_c, block_p, warps) of the conv + x_proj kernel, (block_d, split_block, warps) of the state-update kernel,
-# and from BATCHED_FROM rows on, the state-update configuration and rows per program of both kernels. Measured on an
-# H200 with the mamba-2.8b shape (benchmarks/results/gpu_decode_parts.md): block_c = 512 (10 partial sums per
-# output, which every program of the second kernel adds up) was the fastest of 128-512 at batch 1; at batch 16 the
-# kernels were bound by re-reading the weight tiles and partials from L2 once per row, hence wider channel blocks and
-# several rows per program there.
+# (block_c, block_p, warps) of the conv + x_proj kernel, (block_d, split_block, warps) of the state-update kernel.
+# Measured on an H200 with the mamba-2.8b shape (benchmarks/results/gpu_decode_parts.md): block_c = 512 (10 partial
+# sums per output, which every program of the second kernel adds up) was the fastest of 128-1024 at batch 1 and 16.
+# Loading the weight tiles once for several rows per program (a static loop over rows) made batch 16 slower, not
+# faster (8.9 ms per step against 3.9), so each program owns one row.
 CONV_X_PROJ_CONFIG = (512, 32, 4)
 SSM_STEP_CONFIG = (32, 8, 4)
-SSM_STEP_CONFIG_BATCHED = (64, 8, 4)
-ROWS_BATCHED = 4
-BATCHED_FROM = 8
 
 
 def split_count(dim: int) -> int:
@@ -263,9 +246,7 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
     if ssm_state.dtype != torch.float32:
         raise ValueError(f"mixer_decode_step: ssm_state must be float32, got {ssm_state.dtype}")
     block_c, block_p, warps_1 = CONV_X_PROJ_CONFIG
-    batched = batch >= BATCHED_FROM
-    block_d, split_block, warps_2 = SSM_STEP_CONFIG_BATCHED if batched else SSM_STEP_CONFIG
-    rows = ROWS_BATCHED if batched else 1
+    block_d, split_block, warps_2 = SSM_STEP_CONFIG
     splits = triton.cdiv(dim, block_c)
     if partials is None:
         partials = torch.empty(splits, batch, n_proj, device=xz.device, dtype=torch.float32)
@@ -279,20 +260,19 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
         return out
     w_pad = next_pow2(width)
     conv_b = conv_bias if conv_bias is not None else conv_weight
-    row_groups = triton.cdiv(batch, rows)
     _CONV_X_PROJ(
-        (splits, triton.cdiv(n_proj, block_p), row_groups),
+        (splits, triton.cdiv(n_proj, block_p), batch),
         (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
-        (dim, n_proj, batch, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
+        (dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
          partials.stride(0), partials.stride(1)),
-        (width, w_pad, block_c, block_p, rows, conv_bias is not None), warps_1)
+        (width, w_pad, block_c, block_p, conv_bias is not None), warps_1)
     _SSM_STEP(
-        (triton.cdiv(dim, block_d), row_groups, 1),
+        (triton.cdiv(dim, block_d), batch, 1),
         (partials, xz, conv_state, conv_weight, conv_b, dt_proj_weight,
          dt_proj_bias if dt_proj_bias is not None else conv_weight, A_log, D if D is not None else conv_weight,
          ssm_state, out),
-        (dim, rank, splits, batch, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
+        (dim, rank, splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
          *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
-        (state_size, next_pow2(state_size), next_pow2(rank), width, w_pad, block_d, split_block, rows,
+        (state_size, next_pow2(state_size), next_pow2(rank), width, w_pad, block_d, split_block,
          conv_bias is not None, dt_proj_bias is not None, D is not None), warps_2)
     return out
