@@ -105,8 +105,8 @@ _PACKAGE_KERNELS = []
 
 def _package_kernels():
     """This package's Triton RMSNorm, (batch, L, C) -> (batch, C, L) transposes (one tensor, differentiable;
-    several same-shaped tensors in one launch) and one-row GEMV (self-measured, see kernels/gemv) as a dict, when
-    they can run here (CUDA, Triton); else None.
+    several same-shaped tensors in one launch), one-row GEMV (self-measured, see kernels/gemv) and fused decode step
+    (``"decode_step"``, kernels/decode_step) as a dict, when they can run here (CUDA, Triton); else None.
     Imported on first use."""
     if not _PACKAGE_KERNELS:
         kernels = None
@@ -120,6 +120,13 @@ def _package_kernels():
                            "time_contiguous_group": time_contiguous_group, "linear_one_row": linear_one_row}
             except Exception:
                 kernels = None
+            if kernels is not None:
+                try:  # the fused decode step (kernels/decode_step); its absence only turns that path off
+                    from multimodal_mamba.kernels.decode_step import fused as decode_step
+
+                    kernels["decode_step"] = decode_step
+                except Exception:
+                    pass
         _PACKAGE_KERNELS.append(kernels)
     return _PACKAGE_KERNELS[0]
 
@@ -478,6 +485,47 @@ class MambaLMPreTrainedModel(AdapterLoadingMixin, PreTrainedModel):
         init_mamba_module_weights(module, self.config)
 
 
+_PLAIN_LINEARS = (DecodeLinear, nn.Linear)
+
+
+def _no_hooks(module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def _plain_decode_modules(backbone, dtype, device) -> bool:
+    """Whether every module a decode step runs is this package's own (or a plain ``nn.Linear`` / ``nn.Conv1d``), with
+    no hooks, its weights in ``dtype`` (A_log and D: any float dtype) and on ``device`` (see
+    ``MambaBackbone._fused_decode_ops``)."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    norm_f = backbone.norm_f
+    if type(norm_f) is not MambaRMSNorm or not _no_hooks(norm_f) or norm_f.weight.dtype != dtype:
+        return False
+    residual_in_fp32 = None
+    for block in backbone.layers:
+        if type(block) is not MambaBlock or not _no_hooks(block):
+            return False
+        if residual_in_fp32 is not None and block.residual_in_fp32 != residual_in_fp32:
+            return False
+        residual_in_fp32 = block.residual_in_fp32
+        mixer, norm = block.mixer, block.norm
+        if type(mixer) is not MambaMixer or type(norm) is not MambaRMSNorm or not (_no_hooks(mixer) and _no_hooks(norm)):
+            return False
+        projections = (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj)
+        if any(type(p) not in _PLAIN_LINEARS or not _no_hooks(p) for p in projections):
+            return False
+        conv = mixer.conv1d
+        if type(conv) is not nn.Conv1d or not _no_hooks(conv) or mixer.x_proj.bias is not None:
+            return False
+        weights = (norm.weight, conv.weight, conv.bias, *(p.weight for p in projections), mixer.dt_proj.bias)
+        if any(w is not None and w.dtype != dtype for w in weights) or mixer.layer_idx is None:
+            return False
+    # One device check: a model spread over devices (accelerate's device_map) carries hooks, caught above.
+    return norm_f.weight.device == device
+
+
 @dataclass
 class MambaLMOutput(ModelOutput):
     """last_hidden_state (batch, L, hidden); cache_params: the ``MambaStateCache`` after this call."""
@@ -521,6 +569,93 @@ class MambaBackbone(MambaLMPreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Fused decode step
+    # ------------------------------------------------------------------------------------------------------------
+    # A one-token step with a cache on CUDA runs per layer as: residual add + RMSNorm (one kernel), in_proj (module
+    # call), conv + x_proj + dt_proj + state update + gate (two kernels, kernels/decode_step), out_proj (module call):
+    # about half the launches of the module-by-module path, in eager decoding and in the captured CUDA graph alike
+    # (so both give the same tokens). Set ``backbone.fused_decode = False`` to run decode steps module by module.
+    fused_decode = True
+    _MAX_WORKSPACES = 8
+
+    def _fused_decode_ops(self, inputs_embeds):
+        """The fused decode-step kernels (kernels/decode_step) if they may run this step, else None.
+
+        They read x_proj's, dt_proj's and conv1d's raw weights, so they run only when nothing could see or change
+        those modules' calls: every block, norm, mixer and projection is this package's own class (or a plain
+        ``nn.Linear`` / ``nn.Conv1d``) without forward hooks, no global module hooks are set, no op backend is forced
+        (a forced backend must run the ops it names) and every weight has the step's device and dtype. PEFT / LoRA
+        wrappers, quantized linears and accelerate's offloading hooks all fall back to the module-call path.
+        """
+        if not self.fused_decode or not inputs_embeds.is_cuda:
+            return None
+        kernels = _package_kernels()
+        if kernels is None or "decode_step" not in kernels:
+            return None
+        if forced_backend() != "auto" or (getattr(self.config, "ssm_backend", None) or "auto") != "auto":
+            return None
+        if not _plain_decode_modules(self, inputs_embeds.dtype, inputs_embeds.device):
+            return None
+        return kernels["decode_step"]
+
+    def _decode_workspace(self, batch, device, dtype, residual_dtype, ops):
+        """Buffers the fused decode step reuses across layers and steps: residual (batch, hidden) in residual_dtype,
+        normed (batch, hidden) and y (batch, intermediate) in dtype, x_proj partials (splits, batch, rank + 2N) float32.
+        Kept per (device, dtypes, batch) so that eager steps allocate nothing and a captured graph keeps its buffers
+        (up to ``_MAX_WORKSPACES`` shapes; beyond that a step allocates its own, never freeing one a graph may use)."""
+        config = self.config
+        mixer = self.layers[0].mixer
+        splits = ops.split_count(mixer.intermediate_size)  # (follows the kernels' block configuration)
+        key = (str(device), dtype, residual_dtype, batch, id(ops), splits)
+        workspaces = self.__dict__.setdefault("_decode_workspaces", {})
+        found = workspaces.get(key)
+        if found is not None:
+            return found
+        n_proj = mixer.time_step_rank + 2 * mixer.state_size
+        found = (
+            torch.empty(batch, config.hidden_size, device=device, dtype=residual_dtype),
+            torch.empty(batch, config.hidden_size, device=device, dtype=dtype),
+            torch.empty(splits, batch, n_proj, device=device, dtype=torch.float32),
+            torch.empty(batch, mixer.intermediate_size, device=device, dtype=dtype),
+        )
+        if len(workspaces) < self._MAX_WORKSPACES:
+            workspaces[key] = found
+        return found
+
+    def _fused_decode_step(self, inputs_embeds, cache_params, ops):
+        """inputs_embeds (batch, 1, hidden) -> norm_f's output (batch, 1, hidden), the cache's states advanced.
+
+        Same rounding steps as the module path (``MambaBlock.forward``): the residual in float32 when
+        ``residual_in_fp32`` (else in the embeddings' dtype), each norm's input rounded to its weight's dtype, norm_f
+        normalizing the residual in its own dtype. ``ops``: ``kernels.decode_step`` or its ``naive`` reference.
+        """
+        batch, _, hidden = inputs_embeds.shape
+        x = inputs_embeds.reshape(batch, hidden)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        dtype = x.dtype
+        residual_dtype = torch.float32 if self.layers[0].residual_in_fp32 else dtype
+        residual, normed, partials, y = self._decode_workspace(batch, x.device, dtype, residual_dtype, ops)
+        residual_in, delta = x, None
+        for block in self.layers:
+            mixer = block.mixer
+            ops.add_rms_norm(residual_in, delta, block.norm.weight, block.norm.variance_epsilon, residual, normed,
+                             block.norm.weight.dtype)
+            xz = mixer.in_proj(normed)
+            layer = mixer.layer_idx
+            ops.mixer_decode_step(
+                xz, cache_params.conv_states[layer], cache_params.ssm_states[layer], mixer.conv1d.weight[:, 0],
+                mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
+                mixer.D, partials, y,
+            )
+            delta = mixer.out_proj(y)
+            residual_in = residual
+        norm_f = self.norm_f
+        out = torch.empty(batch, hidden, device=x.device, dtype=torch.promote_types(norm_f.weight.dtype, residual_dtype))
+        ops.add_rms_norm(residual_in, delta, norm_f.weight, norm_f.variance_epsilon, residual, out, residual_dtype)
+        return out[:, None, :]
 
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaStateCache:
         """A zeroed ``MambaStateCache`` for ``batch_size`` sequences on the model's device and dtype."""
@@ -566,6 +701,16 @@ class MambaBackbone(MambaLMPreTrainedModel):
                 raise ValueError(f"attention_mask must be (batch, L) = {(batch, length)}, got {tuple(attention_mask.shape)}")
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing to mask: skip the multiplications
+
+        if (cache_params is not None and cache_params.seqlen_offset > 0 and length == 1 and attention_mask is None
+                and not output_hidden_states and not torch.is_grad_enabled()):
+            ops = self._fused_decode_ops(inputs_embeds)
+            if ops is not None:  # a decode step on the fused kernels (same math, fewer launches)
+                hidden_states = self._fused_decode_step(inputs_embeds, cache_params, ops)
+                cache_params.seqlen_offset += length
+                if not return_dict:
+                    return hidden_states, cache_params
+                return MambaLMOutput(last_hidden_state=hidden_states, cache_params=cache_params)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -721,9 +866,10 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
 
     def _decode_graph_signature(self):
-        """Changes whenever a captured decode graph would be stale: parameter storage, dtype, op backend."""
+        """Changes whenever a captured decode graph would be stale: parameter storage, dtype, op backend, and whether
+        the fused decode step is switched on."""
         tensors = tuple((t.data_ptr(), t.dtype) for t in (*self.parameters(), *self.buffers()))
-        return tensors, forced_backend(), getattr(self.config, "ssm_backend", None)
+        return tensors, forced_backend(), getattr(self.config, "ssm_backend", None), self.backbone.fused_decode
 
     def forward(
         self, input_ids=None, attention_mask=None, inputs_embeds=None, cache_params=None, labels=None,

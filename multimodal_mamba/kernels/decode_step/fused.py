@@ -1,0 +1,278 @@
+"""Triton kernels of the fused Mamba decode step: three small kernels per layer instead of seven.
+
+A decode step of the Mamba LM, per layer and unfused, is: RMSNorm, in_proj, conv update, x_proj (two launches at batch
+1: a split-K GEMV and its sum), dt_proj, state update, out_proj, residual add. Inside a CUDA graph each of these small
+kernels costs 2-4 us of latency whatever its work, 64 layers over. Here the same math runs as
+
+- ``add_rms_norm``: the residual add of layer i (residual in float32 when ``residual_in_fp32``) and the RMSNorm of
+  layer i + 1 (or ``norm_f``) in one program per row;
+- ``mixer_decode_step`` = ``_conv_x_proj_kernel`` + ``_ssm_step_kernel``:
+  1. conv update + SiLU for a block of channels, and that block's share of x_proj (a split-K GEMV: each program
+     writes its partial products of one block of x_proj's outputs into a float32 partials buffer; no atomics, so the
+     result does not depend on scheduling and eager and graph decoding give the same tokens);
+  2. per block of channels: the sum of the partials in a fixed order (each program sums all of them: cheaper than a
+     launch for the sum), dt_proj + bias + softplus, the conv again (its state rolled here, after step 1 read it),
+     the state update, the D skip and the silu(z) gate, writing y;
+- in_proj and out_proj stay module calls (the one-row GEMV of kernels/gemv at batch 1, cuBLAS above).
+
+Rounding follows the unfused path's steps: the conv output, x_proj's output (time_step, B, C) and dt_proj's output
+are rounded to the model dtype where the unfused path stores them in it; only float32 summation orders differ.
+Reference: ``naive.py`` (the same steps with the package's existing ops). Inference only (no autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import CachedLaunch, next_pow2, softplus
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Residual add + RMSNorm
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hidden,
+                         stride_in, stride_delta, stride_res, stride_out, eps,
+                         NORM_DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    """res_out = round_res(res_in + delta) (float32 sum); out = w * round_norm(normalize(round_norm(res_out)))."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    res = tl.load(res_in_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        res += tl.load(delta_ptr + row * stride_delta + offs, mask=mask, other=0.0).to(tl.float32)
+    res = res.to(res_out_ptr.dtype.element_ty)  # the residual's own rounding (bf16 when not residual_in_fp32)
+    tl.store(res_out_ptr + row * stride_res + offs, res, mask=mask)
+    # MambaRMSNorm(x, input_dtype): x rounded to input_dtype, normalized in float32, rounded again, times the weight
+    x = res.to(NORM_DTYPE).to(tl.float32)
+    mean_square = tl.sum(x * x, axis=0) / hidden
+    normed = (x * tl.rsqrt(mean_square + eps)).to(NORM_DTYPE).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_ADD_NORM = CachedLaunch(_add_rms_norm_kernel)
+
+
+def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype):
+    """residual_out = residual_in + delta (float32 sum, stored in residual_out's dtype), then
+    out = ``MambaRMSNorm(residual_out, input_dtype=norm_dtype)`` stored in out's dtype.
+
+    residual_in, delta (optional), residual_out, out: (rows, hidden) with unit stride along hidden (residual_out may be
+    residual_in: each element is read before it is written, by the same program); weight (hidden,). Returns out.
+    """
+    rows, hidden = residual_out.shape
+    for name, t in (("residual_in", residual_in), ("delta", delta), ("out", out)):
+        if t is not None and (tuple(t.shape) != (rows, hidden) or t.stride(-1) != 1):
+            raise ValueError(f"add_rms_norm: {name} must be ({rows}, {hidden}) with unit stride, got {tuple(t.shape)}")
+    if tuple(weight.shape) != (hidden,) or residual_out.stride(-1) != 1:
+        raise ValueError(f"add_rms_norm: weight must be ({hidden},), got {tuple(weight.shape)}")
+    block = next_pow2(hidden)
+    if rows:
+        has_delta = delta is not None
+        delta_arg = delta if has_delta else residual_in
+        _ADD_NORM((rows, 1, 1), (residual_in, delta_arg, residual_out, weight, out),
+                  (hidden, residual_in.stride(0), delta_arg.stride(0), residual_out.stride(0), out.stride(0), float(eps)),
+                  (_TL_DTYPES[norm_dtype], has_delta, block), 4 if block <= 4096 else 8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixer: conv + x_proj partials, then partial sums + dt_proj + state update + gate
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_silu(xz_row, state_row, conv_w_ptr, conv_b_ptr, offs_c, mask_c, stride_xz_d, stride_s_d, stride_s_w,
+               stride_cw_d, stride_cw_k, W: tl.constexpr, W_PAD: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+    """The conv update's window (old state shifted by one, the new input last) and silu(conv) rounded to the input
+    dtype, for channels ``offs_c`` of one row. Shared by both kernels, so both compute bit-identical x."""
+    offs_k = tl.arange(0, W_PAD)
+    state_ptrs = state_row + offs_c[:, None] * stride_s_d
+    shifted = tl.load(state_ptrs + (offs_k + 1)[None, :] * stride_s_w,
+                      mask=mask_c[:, None] & (offs_k < W - 1)[None, :], other=0.0)
+    x_in = tl.load(xz_row + offs_c * stride_xz_d, mask=mask_c, other=0.0)
+    window = tl.where(offs_k[None, :] == W - 1, x_in.to(shifted.dtype)[:, None], shifted)
+    w = tl.load(conv_w_ptr + offs_c[:, None] * stride_cw_d + offs_k[None, :] * stride_cw_k,
+                mask=mask_c[:, None] & (offs_k < W)[None, :], other=0.0)
+    pre = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_CONV_BIAS:
+        pre += tl.load(conv_b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    x = (pre * tl.sigmoid(pre)).to(x_in.dtype).to(tl.float32)
+    return x, window, state_ptrs, offs_k
+
+
+@triton.jit
+def _conv_x_proj_kernel(
+    xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr,
+    dim, n_proj,
+    stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+    stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
+    W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr,
+):
+    """Program (channel block s, output block p, row b): x = silu(conv) of the block's channels (the conv state is only
+    read here), part[s, b, p-block] = x_proj.weight[p-block, channels] @ x (float32)."""
+    pid_s = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    offs_c = pid_s * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < dim
+    x, _, _, _ = _conv_silu(xz_ptr + row * stride_xz_b, conv_state_ptr + row * stride_s_b, conv_w_ptr, conv_b_ptr,
+                            offs_c, mask_c, stride_xz_d, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+                            W, W_PAD, HAS_CONV_BIAS)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < n_proj
+    xw = tl.load(xw_ptr + offs_p[:, None].to(tl.int64) * stride_xw_n + offs_c[None, :] * stride_xw_k,
+                 mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+    partial = tl.sum(xw.to(tl.float32) * x[None, :], axis=1)
+    tl.store(part_ptr + pid_s * stride_part_s + row * stride_part_b + offs_p, partial, mask=mask_p)
+
+
+@triton.jit
+def _sum_partials(part_row, stride_part_s, n_splits, start, count, COUNT_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """sum over splits of part[s, start:start + count] (float32, in a fixed order) -> (COUNT_PAD,)."""
+    offs = tl.arange(0, COUNT_PAD)
+    offs_s = tl.arange(0, SPLIT_BLOCK)
+    acc = tl.zeros((SPLIT_BLOCK, COUNT_PAD), dtype=tl.float32)
+    for s0 in range(0, n_splits, SPLIT_BLOCK):
+        ss = s0 + offs_s
+        acc += tl.load(part_row + ss[:, None] * stride_part_s + (start + offs)[None, :],
+                       mask=(ss < n_splits)[:, None] & (offs < count)[None, :], other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _ssm_step_kernel(
+    part_ptr, xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, ssm_state_ptr, y_ptr,
+    dim, rank, n_splits,
+    stride_part_s, stride_part_b, stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w,
+    stride_cw_d, stride_cw_k, stride_dtw_d, stride_dtw_r, stride_A_d, stride_A_n,
+    stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
+    N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    HAS_D: tl.constexpr,
+):
+    """Program (channel block, row b): time_step, B, C = sums of the x_proj partials (rounded to the model dtype, as
+    x_proj's output is); dt = softplus(round(dt_proj(time_step) + bias)); x = silu(conv) with the conv state rolled;
+    h = exp(dt A) h + dt B x with A = -exp(A_log); y = (<C, h> + D x) * silu(z)."""
+    pid_d = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    dtype = y_ptr.dtype.element_ty
+    part_row = part_ptr + row * stride_part_b
+    time_step = _sum_partials(part_row, stride_part_s, n_splits, 0, rank, R_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
+    Bv = _sum_partials(part_row, stride_part_s, n_splits, rank, N, N_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
+    Cv = _sum_partials(part_row, stride_part_s, n_splits, rank + N, N, N_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
+
+    offs_r = tl.arange(0, R_PAD)
+    dtw = tl.load(dtw_ptr + offs_d[:, None] * stride_dtw_d + offs_r[None, :] * stride_dtw_r,
+                  mask=mask_d[:, None] & (offs_r < rank)[None, :], other=0.0)
+    dt = tl.sum(dtw.to(tl.float32) * time_step[None, :], axis=1)
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = softplus(dt.to(dtype).to(tl.float32))
+
+    xz_row = xz_ptr + row * stride_xz_b
+    x, window, state_ptrs, offs_k = _conv_silu(
+        xz_row, conv_state_ptr + row * stride_s_b, conv_w_ptr, conv_b_ptr, offs_d, mask_d, stride_xz_d, stride_s_d,
+        stride_s_w, stride_cw_d, stride_cw_k, W, W_PAD, HAS_CONV_BIAS)
+    # roll the conv state here, not in the first kernel: there other programs (other output blocks) read it too
+    tl.store(state_ptrs + offs_k[None, :] * stride_s_w, window, mask=mask_d[:, None] & (offs_k < W)[None, :])
+
+    offs_n = tl.arange(0, N_PAD)
+    mask_h = mask_d[:, None] & (offs_n < N)[None, :]
+    A = -tl.exp(tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_h,
+                        other=0.0).to(tl.float32))
+    h_ptrs = ssm_state_ptr + row * stride_h_b + offs_d[:, None] * stride_h_d + offs_n[None, :] * stride_h_n
+    h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
+    tl.store(h_ptrs, h.to(ssm_state_ptr.dtype.element_ty), mask=mask_h)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    z = tl.load(xz_row + (dim + offs_d) * stride_xz_d, mask=mask_d, other=0.0).to(tl.float32)
+    y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + row * stride_y_b + offs_d * stride_y_d, y.to(dtype), mask=mask_d)
+
+
+_CONV_X_PROJ = CachedLaunch(_conv_x_proj_kernel)
+_SSM_STEP = CachedLaunch(_ssm_step_kernel)
+
+# (block_c, block_p, warps) of the conv + x_proj kernel, (block_d, split_block, warps) of the state-update kernel.
+# Measured on an H200 with the mamba-2.8b shape (benchmarks/results/gpu_decode_parts.md): block_c = 512 (10 partial
+# sums per output, which every program of the second kernel adds up) was the fastest of 128-1024 at batch 1 and 16.
+# Loading the weight tiles once for several rows per program (a static loop over rows) made batch 16 slower, not
+# faster (8.9 ms per step against 3.9), so each program owns one row.
+CONV_X_PROJ_CONFIG = (512, 32, 4)
+SSM_STEP_CONFIG = (32, 8, 4)
+
+
+def split_count(dim: int) -> int:
+    """Number of partial x_proj sums ``mixer_decode_step`` writes per row (the first dim of its partials buffer)."""
+    return triton.cdiv(dim, CONV_X_PROJ_CONFIG[0])
+
+
+def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                      A_log, D, partials=None, out=None):
+    """One decode step of a Mamba mixer between in_proj and out_proj, the states updated in place.
+
+    xz: (batch, 2 * dim) in_proj's output (x, then the gate z); conv_state: (batch, dim, W) in xz's dtype;
+    ssm_state: (batch, dim, N) float32; conv_weight: (dim, W); conv_bias: (dim,) or None; x_proj_weight:
+    (rank + 2N, dim); dt_proj_weight: (dim, rank); dt_proj_bias: (dim,) or None; A_log: (dim, N) float32
+    (A = -exp(A_log)); D: (dim,) or None. partials: optional float32 (split_count(dim), >= batch, rank + 2N)
+    workspace; out: optional (batch, dim) in xz's dtype. Returns y (batch, dim) in xz's dtype, gated by silu(z).
+    """
+    batch, two_dim = xz.shape
+    dim = two_dim // 2
+    width = conv_weight.shape[-1]
+    n_proj = x_proj_weight.shape[0]
+    state_size = ssm_state.shape[-1]
+    rank = n_proj - 2 * state_size
+    if (two_dim != 2 * dim or tuple(conv_state.shape) != (batch, dim, width)
+            or tuple(ssm_state.shape) != (batch, dim, state_size) or tuple(conv_weight.shape) != (dim, width)
+            or tuple(x_proj_weight.shape) != (n_proj, dim) or rank < 1 or tuple(dt_proj_weight.shape) != (dim, rank)
+            or tuple(A_log.shape) != (dim, state_size)):
+        raise ValueError(
+            "mixer_decode_step: expected xz (batch, 2 * dim), conv_state (batch, dim, W), ssm_state (batch, dim, N), "
+            "conv_weight (dim, W), x_proj_weight (rank + 2N, dim), dt_proj_weight (dim, rank), A_log (dim, N); got "
+            f"{[tuple(t.shape) for t in (xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, A_log)]}")
+    for name, vec in (("conv_bias", conv_bias), ("dt_proj_bias", dt_proj_bias), ("D", D)):
+        if vec is not None and tuple(vec.shape) != (dim,):
+            raise ValueError(f"mixer_decode_step: {name} must be ({dim},), got {tuple(vec.shape)}")
+    if ssm_state.dtype != torch.float32:
+        raise ValueError(f"mixer_decode_step: ssm_state must be float32, got {ssm_state.dtype}")
+    block_c, block_p, warps_1 = CONV_X_PROJ_CONFIG
+    block_d, split_block, warps_2 = SSM_STEP_CONFIG
+    splits = triton.cdiv(dim, block_c)
+    if partials is None:
+        partials = torch.empty(splits, batch, n_proj, device=xz.device, dtype=torch.float32)
+    elif (partials.dim() != 3 or partials.shape[0] != splits or partials.shape[1] < batch or partials.shape[2] < n_proj
+          or partials.dtype != torch.float32 or partials.stride(-1) != 1):
+        raise ValueError(f"mixer_decode_step: partials must be float32 ({splits}, >= {batch}, >= {n_proj}), "
+                         f"got {tuple(partials.shape)} {partials.dtype}")
+    if out is None:
+        out = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
+    if batch == 0:
+        return out
+    w_pad = next_pow2(width)
+    conv_b = conv_bias if conv_bias is not None else conv_weight
+    _CONV_X_PROJ(
+        (splits, triton.cdiv(n_proj, block_p), batch),
+        (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
+        (dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
+         partials.stride(0), partials.stride(1)),
+        (width, w_pad, block_c, block_p, conv_bias is not None), warps_1)
+    _SSM_STEP(
+        (triton.cdiv(dim, block_d), batch, 1),
+        (partials, xz, conv_state, conv_weight, conv_b, dt_proj_weight,
+         dt_proj_bias if dt_proj_bias is not None else conv_weight, A_log, D if D is not None else conv_weight,
+         ssm_state, out),
+        (dim, rank, splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
+         *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
+        (state_size, next_pow2(state_size), next_pow2(rank), width, w_pad, block_d, split_block,
+         conv_bias is not None, dt_proj_bias is not None, D is not None), warps_2)
+    return out

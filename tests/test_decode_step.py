@@ -1,0 +1,317 @@
+"""The fused Mamba LM decode step (kernels/decode_step and ``MambaBackbone._fused_decode_step``).
+
+CPU: the step's orchestration on the naive reference ops equals the module-by-module decode step (float32, batch 1 and
+3, residual in float32 or not, several steps, states included); which models may take the fused path (PEFT LoRA,
+hooks, a forced backend, ``fused_decode = False`` fall back); the Triton kernels against the naive reference through
+Triton's interpreter on small shapes, in a child process (when Triton is installed).
+GPU (marked ``gpu``): the fused step against the module path at batch 1 and 16 in bf16 and float32, per layer on a
+mamba-2.8b-shaped mixer; greedy tokens identical with and without CUDA graphs on the fused path; a LoRA-wrapped
+model falls back to the module path and still decodes the same tokens either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import MambaConfig
+
+from multimodal_mamba import MambaCausalLM
+from multimodal_mamba.modeling import modeling_mamba_lm
+from multimodal_mamba.modeling.modeling_mamba_lm import _plain_decode_modules
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def small_lm(device="cpu", dtype=torch.float32, seed=0, layers=3, hidden=64, residual_in_fp32=True, vocab=300):
+    config = MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=16, expand=2,
+                         conv_kernel=4, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                         residual_in_fp32=residual_in_fp32)
+    torch.manual_seed(seed)
+    model = MambaCausalLM(config).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():  # non-trivial conv biases, D and A, so that every term of the step is exercised
+        for block in model.backbone.layers:
+            block.mixer.conv1d.bias.normal_(0, 0.1)
+            block.mixer.D.normal_(1, 0.3)
+            block.mixer.A_log.add_(torch.randn_like(block.mixer.A_log) * 0.2)
+            block.norm.weight.normal_(1, 0.2)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def naive_ops():
+    from multimodal_mamba.kernels.decode_step import naive
+
+    return naive
+
+
+def compare_steps(model, ops, batch, steps=3, atol=1e-5, rtol=1e-4, prompt=6, scaled=False):
+    """Prefill two caches identically, then decode ``steps`` tokens module by module on one and through
+    ``_fused_decode_step(..., ops)`` on the other: the final hidden states and both states must agree."""
+    device = model.backbone.embeddings.weight.device
+    generator = torch.Generator().manual_seed(batch)
+    ids = torch.randint(2, model.config.vocab_size, (batch, prompt + steps), generator=generator).to(device)
+    backbone = model.backbone
+    with torch.no_grad():
+        cache_a = model.allocate_cache(batch)
+        model(ids[:, :prompt], cache_params=cache_a, use_cache=True)
+        cache_b = copy.deepcopy(cache_a)
+        for t in range(prompt, prompt + steps):
+            backbone.fused_decode = False
+            try:
+                ref = backbone(ids[:, t:t + 1], cache_params=cache_a, use_cache=True).last_hidden_state
+            finally:
+                backbone.fused_decode = True
+            embeds = backbone.embeddings(ids[:, t:t + 1])
+            out = backbone._fused_decode_step(embeds, cache_b, ops)
+            cache_b.seqlen_offset += 1
+            assert out.shape == ref.shape and out.dtype == ref.dtype
+            close(out, ref, atol, rtol, scaled)
+        close(cache_b.ssm_states, cache_a.ssm_states, atol, rtol, scaled)
+        close(cache_b.conv_states, cache_a.conv_states, atol, rtol, scaled)
+
+
+def close(actual, expected, atol, rtol, scaled):
+    """assert_close, or with ``scaled``: max |actual - expected| <= atol * max |expected| (bf16 after several steps
+    through several layers: the two paths' rounding differences grow along the residual stream, and a single
+    element near zero can differ by more than any elementwise relative tolerance)."""
+    if not scaled:
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+        return
+    error = (actual.float() - expected.float()).abs().max().item()
+    assert error <= atol * expected.float().abs().max().item(), (error, expected.float().abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_fused_step_on_naive_ops_equals_the_module_path(batch, residual_in_fp32):
+    compare_steps(small_lm(residual_in_fp32=residual_in_fp32), naive_ops(), batch)
+
+
+def test_fused_step_keeps_the_residual_in_the_model_dtype_when_asked():
+    """bf16 with residual_in_fp32=False: the residual is rounded to bf16 after every add, as the module path does."""
+    model = small_lm(dtype=torch.bfloat16, residual_in_fp32=False)
+    compare_steps(model, naive_ops(), 2, steps=2, atol=2e-2, rtol=2e-2, scaled=True)
+
+
+def test_which_models_take_the_fused_path():
+    model = small_lm()
+    backbone = model.backbone
+    x = torch.zeros(1, 1, 64)
+    assert _plain_decode_modules(backbone, torch.float32, x.device)
+    assert not _plain_decode_modules(backbone, torch.bfloat16, x.device)  # weights in another dtype
+    handle = backbone.layers[1].mixer.x_proj.register_forward_hook(lambda *args: None)
+    assert not _plain_decode_modules(backbone, torch.float32, x.device)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
+    try:
+        assert not _plain_decode_modules(backbone, torch.float32, x.device)
+    finally:
+        handle.remove()
+    assert _plain_decode_modules(backbone, torch.float32, x.device)
+    assert backbone._fused_decode_ops(x) is None  # a CPU tensor: the kernels need CUDA
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["x_proj"]))
+    assert not _plain_decode_modules(lora.base_model.model.backbone, torch.float32, x.device)
+
+
+def check_kernels_against_naive(device):
+    """The Triton kernels (fused) against the naive reference on small shapes and odd sizes (interpreter or GPU)."""
+    from multimodal_mamba.kernels.decode_step import fused, naive
+
+    torch.manual_seed(0)
+    for batch, dim, rank, state, width, with_bias in [(1, 64, 4, 16, 4, True), (3, 96, 5, 8, 4, False),
+                                                         (2, 300, 20, 16, 3, True)]:
+        xz = torch.randn(batch, 2 * dim, device=device)
+        conv_state = torch.randn(batch, dim, width, device=device)
+        ssm_state = torch.randn(batch, dim, state, device=device)
+        conv_w = torch.randn(dim, width, device=device) * 0.5
+        conv_b = torch.randn(dim, device=device) * 0.1 if with_bias else None
+        x_w = torch.randn(rank + 2 * state, dim, device=device) / dim**0.5
+        dt_w = torch.randn(dim, rank, device=device) / rank**0.5
+        dt_b = torch.randn(dim, device=device) - 2 if with_bias else None
+        A_log = torch.randn(dim, state, device=device) * 0.5
+        D = torch.randn(dim, device=device) if with_bias else None
+        states = [(conv_state.clone(), ssm_state.clone()) for _ in range(2)]
+        ref = naive.mixer_decode_step_ref(xz, *states[0], conv_w, conv_b, x_w, dt_w, dt_b, A_log, D)
+        out = fused.mixer_decode_step(xz, *states[1], conv_w, conv_b, x_w, dt_w, dt_b, A_log, D)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(states[1][0], states[0][0])
+        torch.testing.assert_close(states[1][1], states[0][1], atol=1e-4, rtol=1e-4)
+        # a preallocated, larger partials buffer and output give the same
+        partials = torch.full((fused.split_count(dim), batch + 2, rank + 2 * state + 3), float("nan"), device=device)
+        again = torch.empty(batch, dim, device=device)
+        states2 = (conv_state.clone(), ssm_state.clone())
+        fused.mixer_decode_step(xz, *states2, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, partials, again)
+        torch.testing.assert_close(again, out, atol=1e-6, rtol=1e-6)
+
+        for hidden, has_delta, res_dtype in [(64, True, torch.float32), (100, False, torch.float32),
+                                             (64, True, torch.bfloat16)]:
+            res_in = torch.randn(batch, hidden, device=device)
+            delta = torch.randn(batch, hidden, device=device).to(torch.bfloat16) if has_delta else None
+            weight = torch.randn(hidden, device=device).to(torch.bfloat16)
+            results = []
+            for fn in (naive.add_rms_norm_ref, fused.add_rms_norm):
+                res_out = torch.empty(batch, hidden, device=device, dtype=res_dtype)
+                normed = torch.empty(batch, hidden, device=device, dtype=torch.bfloat16)
+                fn(res_in, delta, weight, 1e-5, res_out, normed, torch.bfloat16)
+                results.append((res_out, normed))
+            torch.testing.assert_close(results[1][0], results[0][0])
+            torch.testing.assert_close(results[1][1].float(), results[0][1].float(), atol=1.6e-2, rtol=1.6e-2)
+    # bad shapes: a clear ValueError
+    with pytest.raises(ValueError, match="mixer_decode_step"):
+        fused.mixer_decode_step(xz[:, :-1], *states[1], conv_w, conv_b, x_w, dt_w, dt_b, A_log, D)
+    with pytest.raises(ValueError, match="partials"):
+        fused.mixer_decode_step(xz, *states[1], conv_w, conv_b, x_w, dt_w, dt_b, A_log, D,
+                                torch.empty(1, 1, 1, device=device))
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        fused.add_rms_norm(res_in, None, weight[:-1], 1e-5, res_in.clone(), res_in.clone(), torch.float32)
+
+
+def check_interpreted_model_step():
+    """The whole decode step of a small LM on the Triton kernels (interpreter, CPU tensors) equals the module path."""
+    from multimodal_mamba.kernels.decode_step import fused
+
+    compare_steps(small_lm(layers=2), fused, 2, steps=2, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_interpreter_decode_step_kernels():
+    """The kernels and the whole step through Triton's interpreter (a child process: it must be switched on before
+    Triton is first imported)."""
+    code = (
+        "import sys; sys.path.insert(0, %r); import tests.test_decode_step as t; "
+        "t.check_kernels_against_naive('cpu'); t.check_interpreted_model_step(); "
+        # small blocks: several x_proj splits, partial channel and output blocks, several rounds of the partial sums
+        "from multimodal_mamba.kernels.decode_step import fused; "
+        "fused.CONV_X_PROJ_CONFIG = (32, 16, 4); fused.SSM_STEP_CONFIG = (16, 2, 4); "
+        "t.check_kernels_against_naive('cpu'); t.check_interpreted_model_step(); print('OK')" % os.getcwd()
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------------------------
+@gpu
+def test_kernels_match_the_reference_on_the_gpu():
+    check_kernels_against_naive("cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_fused_step_matches_the_module_path(dtype, batch):
+    model = small_lm("cuda", dtype, layers=4, hidden=256, vocab=1000)
+    kernels = modeling_mamba_lm._package_kernels()
+    ops = model.backbone._fused_decode_ops(torch.zeros(1, 1, 256, device="cuda", dtype=dtype))
+    assert ops is kernels["decode_step"]  # the model takes the fused path on its own
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=0, scaled=True)
+    compare_steps(model, ops, batch, steps=4, **tol)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_fused_mixer_matches_the_module_path_on_a_mamba_2_8b_layer(dtype, batch):
+    """One mamba-2.8b-shaped layer (d_model 2560, d_inner 5120, dt_rank 160): the fused mixer step against the
+    unfused mixer's decode step (its own ops, cuBLAS / GEMV projections), output and states."""
+    from multimodal_mamba.modeling.modeling_mamba_lm import MambaMixer
+
+    torch.manual_seed(0)
+    mixer = MambaMixer(2560, 16, 2, 4, layer_idx=0).to("cuda", dtype).eval()
+    mixer.A_log.data = mixer.A_log.data.float()
+    mixer.D.data = mixer.D.data.float()
+    with torch.no_grad():
+        mixer.conv1d.bias.normal_(0, 0.1)
+    cache = modeling_mamba_lm.MambaStateCache(1, batch, 5120, 16, 4, device="cuda", dtype=dtype)
+    cache.conv_states.normal_()
+    cache.ssm_states.normal_()
+    cache.seqlen_offset = 5
+    other = copy.deepcopy(cache)
+    hidden = torch.randn(batch, 1, 2560, device="cuda", dtype=dtype)
+    ops = modeling_mamba_lm._package_kernels()["decode_step"]
+    with torch.no_grad():
+        ref = mixer(hidden, cache_params=cache)
+        xz = mixer.in_proj(hidden[:, 0])
+        y = ops.mixer_decode_step(xz, other.conv_states[0], other.ssm_states[0], mixer.conv1d.weight[:, 0],
+                                  mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
+                                  mixer.A_log, mixer.D)
+        out = mixer.out_proj(y)[:, None]
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    scale = ref.float().abs().max().item()
+    assert (out.float() - ref.float()).abs().max().item() <= tol["atol"] * max(scale, 1.0) * 4, scale
+    torch.testing.assert_close(other.conv_states, cache.conv_states)
+    torch.testing.assert_close(other.ssm_states, cache.ssm_states, **tol)
+
+
+def _count_fused_steps(model, monkeypatch):
+    calls = []
+    original = type(model.backbone)._fused_decode_step
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.backbone), "_fused_decode_step", counting)
+    return calls
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_greedy_tokens_identical_with_and_without_graphs_on_the_fused_step(dtype, batch, monkeypatch):
+    model = small_lm("cuda", dtype, layers=4, hidden=128)
+    calls = _count_fused_steps(model, monkeypatch)
+    ids = torch.randint(2, 300, (batch, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    eager = model.generate(ids, decode_cuda_graph=False, max_new_tokens=16, do_sample=False)
+    eager_calls = len(calls)
+    graphed = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(eager, graphed)
+    assert eager_calls >= 15  # every eager decode step took the fused path
+    assert len(calls) > eager_calls  # and the captured graph was recorded from it
+
+
+@gpu
+def test_lora_model_falls_back_to_the_module_path(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = small_lm("cuda", torch.float32, layers=3)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["in_proj", "x_proj", "dt_proj"],
+                                            init_lora_weights=False)).eval()
+    calls = _count_fused_steps(model, monkeypatch)
+    ids = torch.randint(2, 300, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    eager = lora.generate(ids, decode_cuda_graph=False, max_new_tokens=12, do_sample=False)
+    graphed = lora.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(eager, graphed) and not calls
+    # The LoRA terms count on the module path: the merged model (plain modules again, so the fused path) gives the
+    # LoRA model's decode-step logits.
+    with torch.no_grad():
+        cache = model.allocate_cache(2)
+        lora(ids, cache_params=cache, use_cache=True)
+        step = lora(eager[:, 7:8], cache_params=cache, use_cache=True).logits
+        merged = lora.merge_and_unload()
+        assert merged.backbone._fused_decode_ops(torch.zeros(1, 1, 64, device="cuda")) is not None
+        cache = merged.allocate_cache(2)
+        merged(ids, cache_params=cache, use_cache=True)
+        merged_step = merged(eager[:, 7:8], cache_params=cache, use_cache=True).logits
+    assert calls
+    torch.testing.assert_close(merged_step, step, atol=1e-4, rtol=1e-4)
