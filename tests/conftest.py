@@ -20,6 +20,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def run_in_triton_interpreter(code: str, timeout: int = 600) -> None:
+    """Runs ``code`` in a child Python with TRITON_INTERPRET=1 (the interpreter must be on before Triton is first
+    imported, so it cannot run in the test process) and asserts that it finished and printed OK."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.fixture
+def triton_interpreter():
+    """``run_in_triton_interpreter``, for the kernels' interpreter tests."""
+    return run_in_triton_interpreter
+
+
 WORDS = "what color is the shape red green blue square circle triangle a how many shapes one two three".split()
 
 

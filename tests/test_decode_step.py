@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -192,7 +190,7 @@ def check_interpreted_model_step():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-def test_interpreter_decode_step_kernels():
+def test_interpreter_decode_step_kernels(triton_interpreter):
     """The kernels and the whole step through Triton's interpreter (a child process: it must be switched on before
     Triton is first imported)."""
     code = (
@@ -203,9 +201,7 @@ def test_interpreter_decode_step_kernels():
         "fused.CONV_X_PROJ_CONFIG = (32, 16, 4); fused.SSM_STEP_CONFIG = (16, 2, 4); "
         "t.check_kernels_against_naive('cpu'); t.check_interpreted_model_step(); print('OK')" % os.getcwd()
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+    triton_interpreter(code)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ capture; a decode step through DecodeLinear equals ``F.linear`` to rounding.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -90,16 +88,14 @@ def test_model_projections_are_decode_linears_and_peft_wraps_them():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-def test_interpreter_gemv_kernel():
+def test_interpreter_gemv_kernel(triton_interpreter):
     """All kernel configurations on small shapes, through Triton's interpreter (a child process: it must be switched on
     before Triton is first imported)."""
     code = (
         "import sys; sys.path.insert(0, %r); import tests.test_gemv as t; "
         "t.check_all_configs(t.SMALL_SHAPES, 'cpu'); print('OK')" % os.getcwd()
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+    triton_interpreter(code)
 
 
 # ----------------------------------------------------------------------------------------------------------------
