@@ -56,6 +56,31 @@ def check_all_configs(shapes, device):
                 assert err <= tol * (ref.float().abs().max().item() + 1), (n, k, dtype, config, err)
 
 
+def check_few_rows_configs(shapes, device, row_counts=(2, 5, 16, 24, 32)):
+    """Every few-rows configuration (kernels/gemv ``linear_few_rows_triton``) against the float32 reference; a clear
+    ValueError for too many rows."""
+    from multimodal_mamba.kernels.gemv import linear_few_rows_triton
+    from multimodal_mamba.kernels.gemv.fused import FEW_ROWS_CANDIDATES, MAX_FEW_ROWS
+    from multimodal_mamba.kernels.gemv.naive import linear_ref
+
+    torch.manual_seed(0)
+    for n, k, with_bias in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            weight = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+            bias = torch.randn(n, device=device, dtype=dtype) if with_bias else None
+            for rows in row_counts:
+                x = torch.randn(rows, 1, k, device=device, dtype=dtype)
+                ref = linear_ref(x, weight, bias)
+                for config in FEW_ROWS_CANDIDATES:
+                    out = linear_few_rows_triton(x, weight, bias, *config)
+                    assert out.shape == ref.shape and out.dtype == ref.dtype
+                    err = (out.float() - ref.float()).abs().max().item()
+                    tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+                    assert err <= tol * (ref.float().abs().max().item() + 1), (n, k, rows, dtype, config, err)
+    with pytest.raises(ValueError, match="rows"):
+        linear_few_rows_triton(torch.zeros(MAX_FEW_ROWS + 1, k, device=device, dtype=dtype), weight)
+
+
 def test_decode_linear_is_an_nn_linear_with_the_same_results():
     torch.manual_seed(0)
     layer = DecodeLinear(16, 24)
@@ -95,7 +120,8 @@ def test_interpreter_gemv_kernel():
     before Triton is first imported)."""
     code = (
         "import sys; sys.path.insert(0, %r); import tests.test_gemv as t; "
-        "t.check_all_configs(t.SMALL_SHAPES, 'cpu'); print('OK')" % os.getcwd()
+        "t.check_all_configs(t.SMALL_SHAPES, 'cpu'); t.check_few_rows_configs(t.SMALL_SHAPES[:2], 'cpu', (3, 20)); "
+        "print('OK')" % os.getcwd()
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -108,6 +134,31 @@ def test_interpreter_gemv_kernel():
 @gpu
 def test_every_config_matches_the_reference_on_model_shapes():
     check_all_configs(MODEL_SHAPES, "cuda")
+
+
+@gpu
+def test_every_few_rows_config_matches_the_reference_on_model_shapes():
+    check_few_rows_configs(MODEL_SHAPES[:4], "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_linear_few_rows_matches_f_linear(dtype):
+    from multimodal_mamba.kernels.gemv import fused
+
+    torch.manual_seed(0)
+    for n, k, with_bias in MODEL_SHAPES[:4]:
+        layer = DecodeLinear(k, n, bias=with_bias).to("cuda", dtype)
+        for rows in (2, 16):
+            x = torch.randn(rows, k, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                out, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+            tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+            assert out.shape == ref.shape and (out.float() - ref.float()).abs().max().item() <= tol * (
+                ref.float().abs().max().item() + 1)
+            key = (0 if x.device.index is None else x.device.index, (n, k), dtype, with_bias,
+                   dtype if with_bias else None, rows)
+            assert key in fused.measured_few_rows_choices()  # the route was measured (and kept) for this row count
 
 
 @gpu

@@ -112,12 +112,13 @@ def _package_kernels():
         kernels = None
         if torch.cuda.is_available():
             try:  # absent from remote-code copies and machines without Triton: the PyTorch paths run instead
-                from multimodal_mamba.kernels.gemv import linear_one_row
+                from multimodal_mamba.kernels.gemv import linear_few_rows, linear_one_row
                 from multimodal_mamba.kernels.rms_norm import rms_norm_triton
                 from multimodal_mamba.kernels.transpose import channel_major_triton, time_contiguous_group
 
                 kernels = {"rms_norm": rms_norm_triton, "transpose": channel_major_triton,
-                           "time_contiguous_group": time_contiguous_group, "linear_one_row": linear_one_row}
+                           "time_contiguous_group": time_contiguous_group, "linear_one_row": linear_one_row,
+                           "linear_few_rows": linear_few_rows}
             except Exception:
                 kernels = None
             if kernels is not None:
@@ -134,15 +135,22 @@ def _package_kernels():
 class DecodeLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same results up to float32 summation order) whose one-row calls on CUDA
     without gradients (a decode step at batch 1) go to this package's GEMV, which picks per shape the fastest of
-    cuBLAS and its own Triton kernel (cuBLAS is slow on the small, odd shapes such as x_proj: kernels/gemv/fused.py).
-    Every other call is ``F.linear``. PEFT wraps it like any ``nn.Linear``."""
+    cuBLAS and its own Triton kernel (cuBLAS is slow on the small, odd shapes such as x_proj: kernels/gemv/fused.py);
+    calls of 2 - ``FEW_ROWS_MAX`` rows (a decode step at a small batch) likewise go to the fastest of cuBLAS and the
+    few-rows Triton kernel (``linear_few_rows``), measured per shape and row count. Every other call is ``F.linear``.
+    PEFT wraps it like any ``nn.Linear``."""
+
+    FEW_ROWS_MAX = 32  # (kernels/gemv MAX_FEW_ROWS); 1 turns the few-rows route off
 
     def forward(self, x):
-        if (x.is_cuda and x.shape[-1] == x.numel() and not torch.is_grad_enabled() and x.dtype == self.weight.dtype
-                and self.weight.stride(-1) == 1):
-            kernels = _package_kernels()
-            if kernels is not None:
-                return kernels["linear_one_row"](x, self.weight, self.bias)
+        if (x.is_cuda and not torch.is_grad_enabled() and x.dtype == self.weight.dtype
+                and self.weight.stride(-1) == 1 and x.shape[-1] > 0):
+            rows = x.numel() // x.shape[-1]
+            if rows == 1 or 2 <= rows <= self.FEW_ROWS_MAX:
+                kernels = _package_kernels()
+                if kernels is not None:
+                    route = kernels["linear_one_row"] if rows == 1 else kernels["linear_few_rows"]
+                    return route(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

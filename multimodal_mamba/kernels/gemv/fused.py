@@ -198,3 +198,123 @@ def linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Te
 def measured_choices() -> dict:
     """{(device index, (N, K), dtype, has bias, bias dtype): None (F.linear) or (block_n, block_k, split_k, warps)}."""
     return dict(_choices)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A few rows (a decode step at batch 2 - 32): (rows, K) x (K, BLOCK_N) tiles by tl.dot, each weight tile read once
+# ----------------------------------------------------------------------------------------------------------------
+MAX_FEW_ROWS = 32
+
+
+@triton.jit
+def _few_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_w, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for all M rows (<= BLOCK_M, masked) and BLOCK_N outputs;
+    float32 accumulation over K in order, one program per output block (no split-K: no atomics, no second pass)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_w + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_k < K
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # Triton's interpreter computes 16-bit tl.dot wrong (seen with 3.9): exact float32 products there
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def linear_few_rows_triton(x: torch.Tensor, weight: torch.Tensor, bias=None, block_n: int = 64, block_k: int = 128,
+                           num_warps: int = 4) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x (..., K) holding 1 - MAX_FEW_ROWS rows, weight (N, K) with unit stride
+    along K, x's dtype = weight's dtype."""
+    n_out, k_in = weight.shape
+    rows = x.numel() // k_in if k_in else 0
+    if x.shape[-1] != k_in or not 1 <= rows <= MAX_FEW_ROWS:
+        raise ValueError(f"linear_few_rows_triton: x must hold 1 - {MAX_FEW_ROWS} rows of {k_in} features, "
+                         f"got shape {tuple(x.shape)}")
+    if weight.stride(-1) != 1:
+        raise ValueError("linear_few_rows_triton: the weight must be contiguous along its input features")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"linear_few_rows_triton: x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    matrix = x.reshape(rows, k_in)
+    if matrix.stride(-1) != 1:
+        matrix = matrix.contiguous()
+    out = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
+    block_m = max(16, triton.next_power_of_2(rows))
+    _few_rows_kernel[(triton.cdiv(n_out, block_n),)](
+        matrix, weight, bias if bias is not None else weight, out, rows, n_out, k_in, matrix.stride(0),
+        weight.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 or interpret_mode() else "tf32",
+        UPCAST=interpret_mode(), num_warps=num_warps)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+# (block_n, block_k, num_warps) tried per (shape, rows)
+FEW_ROWS_CANDIDATES = (
+    (16, 256, 4),
+    (32, 256, 4),
+    (32, 128, 4),
+    (64, 128, 4),
+    (64, 64, 4),
+    (16, 512, 4),
+    (128, 64, 8),
+)
+_few_choices = {}
+
+
+def _measure_few_rows(x, weight, bias):
+    """The fastest of F.linear and the few-rows candidates for this (shape, rows): None (F.linear) or a config."""
+    try:
+        timer = _graph_time_ms
+        best, best_ms = None, timer(lambda: F.linear(x, weight, bias))
+    except Exception:  # capture impossible here: compare eager times
+        timer = _time_ms
+        best, best_ms = None, timer(lambda: F.linear(x, weight, bias))
+    reference = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    scale = reference.abs().max().item() + 1e-6
+    for config in FEW_ROWS_CANDIDATES:
+        try:
+            out = linear_few_rows_triton(x, weight, bias, *config)
+            if not (out.float() - reference).abs().max().item() <= 2e-2 * scale:
+                continue  # never pick a configuration that computes something else
+            ms = timer(lambda: linear_few_rows_triton(x, weight, bias, *config))
+        except Exception:  # a configuration this GPU / Triton cannot compile: skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    return best
+
+
+def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x holding 2 - MAX_FEW_ROWS rows on CUDA, by the fastest measured route for
+    its (shape, rows): cuBLAS or ``linear_few_rows_triton`` (measured once per process, as ``linear_one_row``)."""
+    rows = x.numel() // weight.shape[1]
+    key = (x.device.index, tuple(weight.shape), weight.dtype, bias is not None, bias.dtype if bias is not None else None,
+           rows)
+    choice = _few_choices.get(key, False)
+    if choice is False:
+        if interpret_mode() or torch.cuda.is_current_stream_capturing():
+            return F.linear(x, weight, bias)
+        with _lock:
+            choice = _few_choices.get(key, False)
+            if choice is False:
+                choice = _few_choices[key] = _measure_few_rows(x.reshape(rows, -1), weight, bias)
+    if choice is None:
+        return F.linear(x, weight, bias)
+    return linear_few_rows_triton(x, weight, bias, *choice)
+
+
+def measured_few_rows_choices() -> dict:
+    """{(device index, (N, K), dtype, has bias, bias dtype, rows): None (F.linear) or (block_n, block_k, warps)}."""
+    return dict(_few_choices)

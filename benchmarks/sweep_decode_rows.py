@@ -1,0 +1,161 @@
+"""Batch-16 decode step: the several-rows-per-program mixer kernels (kernels/decode_step ``ROWS_*``) and the few-rows
+projections (kernels/gemv ``linear_few_rows``) against the one-row-per-program kernels and cuBLAS, in one process
+(mamba-2.8b shape, bf16, random weights; mamba-ssm's CUDA-graph decode re-run alongside).
+
+Prints and writes (``--out``, default benchmarks/results): the GPU step (graph replays back to back) per variant at
+batch 16 (and the default at batch 1), the GPU time of single ops at 16 rows inside a graph (in_proj, out_proj,
+lm_head: cuBLAS vs the measured few-rows route; the mixer: one-row vs rows kernels), and generate() ms / token of the
+default against mamba-ssm at batch 1 and 16.
+
+    python benchmarks/sweep_decode_rows.py [--out DIR]   (writes sweep_decode_rows.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import bench_gpu_generate as gen  # noqa: E402
+from multimodal_mamba.kernels.decode_step import fused as decode  # noqa: E402
+from multimodal_mamba.kernels.gemv import fused as gemv  # noqa: E402
+from multimodal_mamba.modeling import modeling_mamba_lm  # noqa: E402
+from multimodal_mamba.modeling.deferred_stop import allow_deferred_stop_check  # noqa: E402
+
+KNOBS = ("ROWS_MIN_BATCH", "ROWS_CONV_X_PROJ_CONFIG", "ROWS_SSM_STEP_CONFIG", "ROWS_REDUCE")
+OFF = {"ROWS_MIN_BATCH": 10**9}
+VARIANTS = [  # (label, decode knobs, few-rows projections on)
+    ("one row per program, cuBLAS projections (before)", OFF, False),
+    ("one row per program, few-rows projections", OFF, True),
+    ("rows default, cuBLAS projections", {}, False),
+    ("rows default, few-rows projections", {}, True),
+    ("rows conv (16, 256, 128, 64, 4)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 256, 128, 64, 4)}, True),
+    ("rows conv (16, 64, 64, 64, 4)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 64, 64, 64, 4)}, True),
+    ("rows conv (16, 128, 128, 32, 4)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 128, 128, 32, 4)}, True),
+    ("rows conv (16, 512, 128, 64, 4), no reduce",
+     {"ROWS_CONV_X_PROJ_CONFIG": (16, 512, 128, 64, 4), "ROWS_REDUCE": False}, True),
+    ("rows ssm (64, 32, 4)", {"ROWS_SSM_STEP_CONFIG": (64, 32, 4)}, True),
+    ("rows ssm (16, 32, 4)", {"ROWS_SSM_STEP_CONFIG": (16, 32, 4)}, True),
+    ("rows ssm (32, 32, 8)", {"ROWS_SSM_STEP_CONFIG": (32, 32, 8)}, True),
+    ("rows ssm (32, 64, 4)", {"ROWS_SSM_STEP_CONFIG": (32, 64, 4)}, True),
+]
+
+
+def graph_op_ms(fn, calls=32, replays=10):
+    """GPU time per call of ``calls`` back-to-back calls replayed from a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays / calls
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.skip_transformers = True
+    _, systems = gen.build_models(args)
+    ours = systems["ours"]
+    allow_deferred_stop_check()
+    kernels = modeling_mamba_lm._package_kernels()
+    few_rows = kernels["linear_few_rows"]
+    defaults = {name: getattr(decode, name) for name in KNOBS}
+    results = {"defaults": {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}}
+
+    def apply(knobs, use_few_rows):
+        for name in KNOBS:
+            setattr(decode, name, knobs.get(name, defaults[name]))
+        kernels["linear_few_rows"] = few_rows if use_few_rows else F.linear
+        ours.decode_graphs.clear()
+
+    def replay_ms():
+        bucket = next(iter(ours.decode_graphs._buckets.values()))
+        return gen.median_time(lambda: [bucket.graph.replay() for _ in range(50)], repeats=3) / 50 * 1e3
+
+    ids16 = torch.randint(1, 50000, (16, gen.PROMPT), device="cuda")
+    ids1 = ids16[:1]
+    steps = {}
+    for label, knobs, use_few in VARIANTS:
+        try:
+            apply(knobs, use_few)
+            gen.ours_generate(ours, ids16, True, 4)
+            steps[label] = round(replay_ms(), 4)
+        except Exception as error:  # a configuration that does not compile here: say so, go on
+            steps[label] = repr(error)[:300]
+        print(json.dumps({f"b16 GPU step ms: {label}": steps[label]}), flush=True)
+    results["b16_gpu_step_ms"] = steps
+
+    # single ops at 16 rows, inside a graph
+    apply({}, True)
+    mixer = ours.backbone.layers[0].mixer
+    ops = {}
+    x_in = torch.randn(16, 2560, device="cuda", dtype=torch.bfloat16)
+    y_in = torch.randn(16, 5120, device="cuda", dtype=torch.bfloat16)
+    for name, layer, x in (("in_proj", mixer.in_proj, x_in), ("out_proj", mixer.out_proj, y_in),
+                           ("lm_head", ours.lm_head, x_in)):
+        ops[f"{name} cuBLAS"] = graph_op_ms(lambda: F.linear(x, layer.weight))
+        ops[f"{name} few-rows route"] = graph_op_ms(lambda: few_rows(x, layer.weight))
+    cache = ours.allocate_cache(16)
+    xz = torch.randn(16, 10240, device="cuda", dtype=torch.bfloat16)
+    partials = torch.empty(decode.split_count(5120), 16, 192, device="cuda")
+    out = torch.empty(16, 5120, device="cuda", dtype=torch.bfloat16)
+
+    def mixer_step():
+        decode.mixer_decode_step(xz, cache.conv_states[0], cache.ssm_states[0], mixer.conv1d.weight[:, 0],
+                                 mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
+                                 mixer.A_log, mixer.D, partials, out)
+
+    for label, knobs in (("mixer one row per program", OFF), ("mixer rows default", {})):
+        apply(knobs, True)
+        ops[label] = graph_op_ms(mixer_step)
+    apply({}, True)
+    results["b16_op_us"] = {k: round(v * 1e3, 2) for k, v in ops.items()}
+    print(json.dumps(results["b16_op_us"]), flush=True)
+    results["few_rows_choices"] = {f"{k[1][0]}x{k[1][1]} rows {k[5]}": (None if c is None else list(c))
+                                   for k, c in gemv.measured_few_rows_choices().items()}
+
+    # generate() at the defaults against mamba-ssm
+    gen_rows = {}
+    for batch, ids in ((1, ids1), (16, ids16)):
+        apply({}, True)
+        graph_tokens = gen.ours_generate(ours, ids, True, 32)
+        eager_tokens = gen.ours_generate(ours, ids, False, 32)
+        gen_rows[f"b{batch} eager tokens == graph tokens"] = bool(torch.equal(graph_tokens, eager_tokens))
+        seconds = gen.median_time(lambda: gen.ours_generate(ours, ids, True), repeats=5)
+        gen_rows[f"b{batch} ours generate ms/token"] = round(seconds / gen.NEW * 1e3, 3)
+        gen_rows[f"b{batch} ours GPU step ms"] = round(replay_ms(), 4)
+        if "mamba_ssm" in systems:
+            m = systems["mamba_ssm"]
+            seconds = gen.median_time(lambda: m.generate(input_ids=ids, max_length=gen.PROMPT + gen.NEW, cg=True,
+                                                         top_k=1), repeats=5)
+            gen_rows[f"b{batch} mamba-ssm generate ms/token"] = round(seconds / gen.NEW * 1e3, 3)
+        print(json.dumps(gen_rows), flush=True)
+    results["generate"] = gen_rows
+    results["device"] = torch.cuda.get_device_name()
+    results["torch"] = torch.__version__
+    (args.out / "sweep_decode_rows.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
