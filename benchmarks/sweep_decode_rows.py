@@ -37,15 +37,13 @@ VARIANTS = [  # (label, decode knobs, few-rows projections on)
     ("one row per program, few-rows projections", OFF, True),
     ("rows default, cuBLAS projections", {}, False),
     ("rows default, few-rows projections", {}, True),
-    ("rows conv (16, 256, 128, 64, 4)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 256, 128, 64, 4)}, True),
-    ("rows conv (16, 64, 64, 64, 4)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 64, 64, 64, 4)}, True),
-    ("rows conv (16, 128, 128, 32, 4)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 128, 128, 32, 4)}, True),
-    ("rows conv (16, 512, 128, 64, 4), no reduce",
-     {"ROWS_CONV_X_PROJ_CONFIG": (16, 512, 128, 64, 4), "ROWS_REDUCE": False}, True),
-    ("rows ssm (64, 32, 4)", {"ROWS_SSM_STEP_CONFIG": (64, 32, 4)}, True),
-    ("rows ssm (16, 32, 4)", {"ROWS_SSM_STEP_CONFIG": (16, 32, 4)}, True),
-    ("rows ssm (32, 32, 8)", {"ROWS_SSM_STEP_CONFIG": (32, 32, 8)}, True),
-    ("rows ssm (32, 64, 4)", {"ROWS_SSM_STEP_CONFIG": (32, 64, 4)}, True),
+    ("rows ssm (32, 32, 4)", {"ROWS_SSM_STEP_CONFIG": (32, 32, 4)}, True),
+    ("rows ssm (16, 32, 2)", {"ROWS_SSM_STEP_CONFIG": (16, 32, 2)}, True),
+    ("rows ssm (16, 16, 4)", {"ROWS_SSM_STEP_CONFIG": (16, 16, 4)}, True),
+    ("rows ssm (16, 64, 4)", {"ROWS_SSM_STEP_CONFIG": (16, 64, 4)}, True),
+    ("rows conv (16, 128, 64, 64, 4)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 128, 64, 64, 4)}, True),
+    ("rows conv (16, 128, 128, 64, 8)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 128, 128, 64, 8)}, True),
+    ("rows conv (16, 128, 128, 64, 2)", {"ROWS_CONV_X_PROJ_CONFIG": (16, 128, 128, 64, 2)}, True),
 ]
 
 

@@ -380,7 +380,7 @@ SSM_STEP_CONFIG = (32, 8, 4)
 # kernel (in place, into split 0) instead of in every state-update program.
 ROWS_MIN_BATCH = 8
 ROWS_CONV_X_PROJ_CONFIG = (16, 128, 128, 64, 4)
-ROWS_SSM_STEP_CONFIG = (32, 32, 4)
+ROWS_SSM_STEP_CONFIG = (16, 32, 4)
 ROWS_REDUCE = True
 
 
