@@ -368,8 +368,8 @@ _SSM_STEP_ROWS = CachedLaunch(_ssm_step_rows_kernel)
 # (block_c, block_p, warps) of the conv + x_proj kernel, (block_d, split_block, warps) of the state-update kernel.
 # Measured on an H200 with the mamba-2.8b shape (benchmarks/results/gpu_decode_parts.md): block_c = 512 (10 partial
 # sums per output, which every program of the second kernel adds up) was the fastest of 128-1024 at batch 1 and 16.
-# Loading the weight tiles once for several rows per program (a static loop over rows) made batch 16 slower, not
-# faster (8.9 ms per step against 3.9), so each program owns one row.
+# Loading the weight tiles once for several rows per program by a static loop over rows made batch 16 slower (8.9 ms
+# per step against 3.9); the ROWS_* kernels below do it with tl.dot on (rows, K) tiles instead (batch 16: 3.52 ms).
 CONV_X_PROJ_CONFIG = (512, 32, 4)
 SSM_STEP_CONFIG = (32, 8, 4)
 
@@ -378,6 +378,8 @@ SSM_STEP_CONFIG = (32, 8, 4)
 # past the batch are masked). ROWS_CONV_X_PROJ_CONFIG: (block_b, block_c, block_k, block_p, warps);
 # ROWS_SSM_STEP_CONFIG: (block_d, block_r, warps); ROWS_REDUCE: sum the x_proj partials once per step in a small
 # kernel (in place, into split 0) instead of in every state-update program.
+# Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/sweep_decode_rows.json): GPU step 3.97 -> 3.52
+# ms, the mixer 27.2 -> 18.3 us per layer. Batch 8 - 15 takes this path unmeasured (its weight-tile reads are the same).
 ROWS_MIN_BATCH = 8
 ROWS_CONV_X_PROJ_CONFIG = (16, 128, 128, 64, 4)
 ROWS_SSM_STEP_CONFIG = (16, 32, 4)
