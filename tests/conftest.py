@@ -33,7 +33,11 @@ def run_in_triton_interpreter(code: str, timeout: int = 600) -> None:
 
 @pytest.fixture
 def triton_interpreter():
-    """``run_in_triton_interpreter``, for the kernels' interpreter tests."""
+    """``run_in_triton_interpreter``, for the kernels' interpreter tests: CPU machines only (a CUDA machine runs the
+    kernels themselves in the GPU tests; Triton 3.6's interpreter there also fails with numpy 2.5 on unchanged
+    kernels)."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter tests run where there is no CUDA device")
     return run_in_triton_interpreter
 
 

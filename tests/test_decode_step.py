@@ -135,7 +135,7 @@ def check_kernels_against_naive(device):
 
     torch.manual_seed(0)
     for batch, dim, rank, state, width, with_bias in [(1, 64, 4, 16, 4, True), (3, 96, 5, 8, 4, False),
-                                                         (2, 300, 20, 16, 3, True)]:
+                                                         (2, 300, 20, 16, 3, True), (20, 80, 6, 16, 4, True)]:
         xz = torch.randn(batch, 2 * dim, device=device)
         conv_state = torch.randn(batch, dim, width, device=device)
         ssm_state = torch.randn(batch, dim, state, device=device)
@@ -182,6 +182,23 @@ def check_kernels_against_naive(device):
         fused.add_rms_norm(res_in, None, weight[:-1], 1e-5, res_in.clone(), res_in.clone(), torch.float32)
 
 
+def check_rows_kernels_against_naive(device):
+    """The several-rows-per-program mixer kernels (``fused.ROWS_*``) at every batch size of the shapes above, with
+    small blocks (several splits, partial channel, output, rank and row blocks), partials summed in the state-update
+    kernel and by the separate reduction."""
+    from multimodal_mamba.kernels.decode_step import fused
+
+    saved = (fused.ROWS_MIN_BATCH, fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE)
+    try:
+        fused.ROWS_MIN_BATCH = 1
+        for conv_cfg, ssm_cfg, reduce in [((16, 64, 32, 16, 4), (16, 16, 4), True),
+                                          ((16, 32, 32, 32, 4), (32, 16, 4), False)]:
+            fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE = conv_cfg, ssm_cfg, reduce
+            check_kernels_against_naive(device)
+    finally:
+        fused.ROWS_MIN_BATCH, fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE = saved
+
+
 def check_interpreted_model_step():
     """The whole decode step of a small LM on the Triton kernels (interpreter, CPU tensors) equals the module path."""
     from multimodal_mamba.kernels.decode_step import fused
@@ -195,6 +212,7 @@ def test_interpreter_decode_step_kernels(triton_interpreter):
     Triton is first imported)."""
     code = (
         "import sys; sys.path.insert(0, %r); import tests.test_decode_step as t; "
+        "from multimodal_mamba.kernels.decode_step import fused; fused.ROWS_MIN_BATCH = 10**9; "  # one row per program
         "t.check_kernels_against_naive('cpu'); t.check_interpreted_model_step(); "
         # small blocks: several x_proj splits, partial channel and output blocks, several rounds of the partial sums
         "from multimodal_mamba.kernels.decode_step import fused; "
@@ -202,6 +220,14 @@ def test_interpreter_decode_step_kernels(triton_interpreter):
         "t.check_kernels_against_naive('cpu'); t.check_interpreted_model_step(); print('OK')" % os.getcwd()
     )
     triton_interpreter(code)
+    # the several-rows kernels (all batch sizes through them), in a second process
+    rows_code = (
+        "import sys; sys.path.insert(0, %r); import tests.test_decode_step as t; "
+        "from multimodal_mamba.kernels.decode_step import fused; "
+        "t.check_rows_kernels_against_naive('cpu'); fused.ROWS_MIN_BATCH = 2; t.check_interpreted_model_step(); "
+        "print('OK')" % os.getcwd()
+    )
+    triton_interpreter(rows_code)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,11 +236,12 @@ def test_interpreter_decode_step_kernels(triton_interpreter):
 @gpu
 def test_kernels_match_the_reference_on_the_gpu():
     check_kernels_against_naive("cuda")
+    check_rows_kernels_against_naive("cuda")
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("batch", [1, 2, 4, 16, 24])
 def test_fused_step_matches_the_module_path(dtype, batch):
     model = small_lm("cuda", dtype, layers=4, hidden=256, vocab=1000)
     kernels = modeling_mamba_lm._package_kernels()
@@ -273,7 +300,7 @@ def _count_fused_steps(model, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("batch", [1, 16, 24])
 def test_greedy_tokens_identical_with_and_without_graphs_on_the_fused_step(dtype, batch, monkeypatch):
     model = small_lm("cuda", dtype, layers=4, hidden=128)
     calls = _count_fused_steps(model, monkeypatch)

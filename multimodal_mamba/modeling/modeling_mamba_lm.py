@@ -135,7 +135,9 @@ class DecodeLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same results up to float32 summation order) whose one-row calls on CUDA
     without gradients (a decode step at batch 1) go to this package's GEMV, which picks per shape the fastest of
     cuBLAS and its own Triton kernel (cuBLAS is slow on the small, odd shapes such as x_proj: kernels/gemv/fused.py).
-    Every other call is ``F.linear``. PEFT wraps it like any ``nn.Linear``."""
+    Every other call is ``F.linear`` (a few-rows Triton route for small batches was measured: it won only on lm_head,
+    68 -> 63 us per step at batch 16, not worth a measurement per new row count; benchmarks/results/gpu_decode_parts.md).
+    PEFT wraps it like any ``nn.Linear``."""
 
     def forward(self, x):
         if (x.is_cuda and x.shape[-1] == x.numel() and not torch.is_grad_enabled() and x.dtype == self.weight.dtype

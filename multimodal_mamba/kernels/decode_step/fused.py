@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import CachedLaunch, next_pow2, softplus
+from ..utils import CachedLaunch, interpret_mode, next_pow2, softplus
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -199,21 +199,205 @@ def _ssm_step_kernel(
     tl.store(y_ptr + row * stride_y_b + offs_d * stride_y_d, y.to(dtype), mask=mask_d)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The mixer for several rows per program (batch >= ROWS_MIN_BATCH): weight tiles read once for BLOCK_B rows, tl.dot
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_silu_rows(xz_ptr, state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, offs_c, mask_c,
+                    stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+                    W: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, ROLL: tl.constexpr):
+    """silu(conv update) for rows ``offs_b`` x channels ``offs_c`` -> (rows, channels) in the input dtype, 0 where
+    masked. The window's taps are added in order (old state, then the new input). With ROLL the conv state is shifted
+    by one and the new input stored last (each element is read before this program overwrites it)."""
+    mask = mask_b[:, None] & mask_c[None, :]
+    rows = offs_b.to(tl.int64)[:, None]
+    state_ptrs = state_ptr + rows * stride_s_b + offs_c[None, :] * stride_s_d
+    x_in = tl.load(xz_ptr + rows * stride_xz_b + offs_c[None, :] * stride_xz_d, mask=mask, other=0.0)
+    pre = tl.zeros(x_in.shape, dtype=tl.float32)
+    for k in tl.static_range(W - 1):
+        tap = tl.load(state_ptrs + (k + 1) * stride_s_w, mask=mask, other=0.0)
+        if ROLL:
+            tl.store(state_ptrs + k * stride_s_w, tap, mask=mask)
+        w = tl.load(conv_w_ptr + offs_c * stride_cw_d + k * stride_cw_k, mask=mask_c, other=0.0).to(tl.float32)
+        pre += tap.to(tl.float32) * w[None, :]
+    if ROLL:
+        tl.store(state_ptrs + (W - 1) * stride_s_w, x_in.to(state_ptr.dtype.element_ty), mask=mask)
+    w = tl.load(conv_w_ptr + offs_c * stride_cw_d + (W - 1) * stride_cw_k, mask=mask_c, other=0.0).to(tl.float32)
+    pre += x_in.to(tl.float32) * w[None, :]
+    if HAS_CONV_BIAS:
+        pre += tl.load(conv_b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    x = tl.where(mask, pre * tl.sigmoid(pre), 0.0)
+    return x.to(x_in.dtype)
+
+
+@triton.jit
+def _conv_x_proj_rows_kernel(
+    xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr,
+    batch, dim, n_proj,
+    stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+    stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
+    W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Program (channel block s, output block p, row block): part[s, rows, p-block] = x[rows, channels] @
+    x_proj.weight[p-block, channels]^T (float32), x = silu(conv) (the conv state only read)."""
+    pid_s = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < batch
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < n_proj
+    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    for c0 in tl.static_range(0, BLOCK_C, BLOCK_K):
+        offs_c = pid_s * BLOCK_C + c0 + tl.arange(0, BLOCK_K)
+        mask_c = offs_c < dim
+        x = _conv_silu_rows(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, offs_c, mask_c,
+                            stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+                            W, HAS_CONV_BIAS, False)
+        xw = tl.load(xw_ptr + offs_p.to(tl.int64)[None, :] * stride_xw_n + offs_c[:, None] * stride_xw_k,
+                     mask=mask_c[:, None] & mask_p[None, :], other=0.0)
+        xw = xw.to(x.dtype)
+        if UPCAST:  # Triton's interpreter computes 16-bit tl.dot wrong (seen with 3.9): exact float32 products there
+            x = x.to(tl.float32)
+            xw = xw.to(tl.float32)
+        acc = tl.dot(x, xw, acc, input_precision=PRECISION)
+    tl.store(part_ptr + pid_s * stride_part_s + offs_b.to(tl.int64)[:, None] * stride_part_b + offs_p[None, :], acc,
+             mask=mask_b[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def _reduce_partials_kernel(part_ptr, n_proj, n_splits, stride_part_s, stride_part_b, BLOCK: tl.constexpr):
+    """part[0, row, cols] = sum over splits of part[s, row, cols] (float32, in split order), in place: each program
+    reads only the columns it writes."""
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_proj
+    ptrs = part_ptr + row * stride_part_b + cols
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(n_splits):
+        total += tl.load(ptrs + s * stride_part_s, mask=ok, other=0.0)
+    tl.store(ptrs, total, mask=ok)
+
+
+@triton.jit
+def _sum_partials_rows(part_rows, row_ok, stride_part_s, n_splits, cols, col_ok):
+    """sum over splits of part[s, rows, cols] (float32, in split order) -> (rows, cols)."""
+    ptrs = part_rows + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    total = tl.load(ptrs, mask=mask, other=0.0)
+    for s in range(1, n_splits):
+        total += tl.load(ptrs + s * stride_part_s, mask=mask, other=0.0)
+    return total
+
+
+@triton.jit
+def _ssm_step_rows_kernel(
+    part_ptr, xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, ssm_state_ptr, y_ptr,
+    batch, dim, rank, n_splits,
+    stride_part_s, stride_part_b, stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w,
+    stride_cw_d, stride_cw_k, stride_dtw_d, stride_dtw_r, stride_A_d, stride_A_n,
+    stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
+    N: tl.constexpr, N_PAD: tl.constexpr, W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """``_ssm_step_kernel`` for a block of rows: dt = time_step[rows] @ dt_proj.weight[channels]^T by tl.dot in
+    BLOCK_R chunks of the rank (time_step = the partial sums, rounded to the model dtype), the state update on
+    (rows, channels, N) tiles; the conv state rolled here."""
+    pid_d = tl.program_id(0)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < batch
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    dtype = y_ptr.dtype.element_ty
+    rows = offs_b.to(tl.int64)
+    part_rows = part_ptr + rows[:, None] * stride_part_b
+
+    offs_r = tl.arange(0, BLOCK_R)
+    dt = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < rank
+        time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rr, mask_r).to(dtype)
+        dtw = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + rr[:, None] * stride_dtw_r,
+                      mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        dtw = dtw.to(dtype)
+        if UPCAST:  # (as in _conv_x_proj_rows_kernel)
+            time_step = time_step.to(tl.float32)
+            dtw = dtw.to(tl.float32)
+        dt = tl.dot(time_step, dtw, dt, input_precision=PRECISION)
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    dt = softplus(dt.to(dtype).to(tl.float32))
+
+    offs_n = tl.arange(0, N_PAD)
+    mask_n = offs_n < N
+    Bv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + offs_n, mask_n).to(dtype).to(tl.float32)
+    Cv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + N + offs_n, mask_n)
+    Cv = Cv.to(dtype).to(tl.float32)
+
+    x = _conv_silu_rows(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, offs_d, mask_d,
+                        stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+                        W, HAS_CONV_BIAS, True).to(tl.float32)
+
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = -tl.exp(tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn,
+                        other=0.0).to(tl.float32))
+    h_ptrs = (ssm_state_ptr + rows[:, None, None] * stride_h_b + offs_d[None, :, None] * stride_h_d
+              + offs_n[None, None, :] * stride_h_n)
+    mask_h = mask_b[:, None, None] & mask_dn[None, :, :]
+    h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, :, None] * A[None, :, :]) * h + (dt * x)[:, :, None] * Bv[:, None, :]
+    tl.store(h_ptrs, h.to(ssm_state_ptr.dtype.element_ty), mask=mask_h)
+    y = tl.sum(h * Cv[:, None, :], axis=2)
+    if HAS_D:
+        y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    mask = mask_b[:, None] & mask_d[None, :]
+    z = tl.load(xz_ptr + rows[:, None] * stride_xz_b + (dim + offs_d)[None, :] * stride_xz_d, mask=mask,
+                other=0.0).to(tl.float32)
+    y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + rows[:, None] * stride_y_b + offs_d[None, :] * stride_y_d, y.to(dtype), mask=mask)
+
+
 _CONV_X_PROJ = CachedLaunch(_conv_x_proj_kernel)
 _SSM_STEP = CachedLaunch(_ssm_step_kernel)
+_CONV_X_PROJ_ROWS = CachedLaunch(_conv_x_proj_rows_kernel)
+_REDUCE_PARTIALS = CachedLaunch(_reduce_partials_kernel)
+_SSM_STEP_ROWS = CachedLaunch(_ssm_step_rows_kernel)
 
 # (block_c, block_p, warps) of the conv + x_proj kernel, (block_d, split_block, warps) of the state-update kernel.
 # Measured on an H200 with the mamba-2.8b shape (benchmarks/results/gpu_decode_parts.md): block_c = 512 (10 partial
 # sums per output, which every program of the second kernel adds up) was the fastest of 128-1024 at batch 1 and 16.
-# Loading the weight tiles once for several rows per program (a static loop over rows) made batch 16 slower, not
-# faster (8.9 ms per step against 3.9), so each program owns one row.
+# Loading the weight tiles once for several rows per program by a static loop over rows made batch 16 slower (8.9 ms
+# per step against 3.9); the ROWS_* kernels below do it with tl.dot on (rows, K) tiles instead (batch 16: 3.52 ms).
 CONV_X_PROJ_CONFIG = (512, 32, 4)
 SSM_STEP_CONFIG = (32, 8, 4)
 
+# From ROWS_MIN_BATCH rows on, the mixer runs on blocks of rows instead (``_conv_x_proj_rows_kernel``,
+# ``_ssm_step_rows_kernel``): each program reads its x_proj / dt_proj weight tile once for BLOCK_B rows (tl.dot; rows
+# past the batch are masked). ROWS_CONV_X_PROJ_CONFIG: (block_b, block_c, block_k, block_p, warps);
+# ROWS_SSM_STEP_CONFIG: (block_d, block_r, warps); ROWS_REDUCE: sum the x_proj partials once per step in a small
+# kernel (in place, into split 0) instead of in every state-update program.
+# Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/sweep_decode_rows.json): GPU step 3.97 -> 3.52
+# ms, the mixer 27.2 -> 18.3 us per layer. Batch 8 - 15 takes this path unmeasured (its weight-tile reads are the same).
+ROWS_MIN_BATCH = 8
+ROWS_CONV_X_PROJ_CONFIG = (16, 128, 128, 64, 4)
+ROWS_SSM_STEP_CONFIG = (16, 32, 4)
+ROWS_REDUCE = True
 
-def split_count(dim: int) -> int:
-    """Number of partial x_proj sums ``mixer_decode_step`` writes per row (the first dim of its partials buffer)."""
-    return triton.cdiv(dim, CONV_X_PROJ_CONFIG[0])
+
+def _uses_rows(batch) -> bool:
+    return batch is not None and batch >= ROWS_MIN_BATCH
+
+
+def split_count(dim: int, batch=None) -> int:
+    """Number of partial x_proj sums ``mixer_decode_step`` writes per row (the first dim of its partials buffer) at
+    this batch size; without a batch, enough for any batch."""
+    one_row = triton.cdiv(dim, CONV_X_PROJ_CONFIG[0])
+    rows = triton.cdiv(dim, ROWS_CONV_X_PROJ_CONFIG[1])
+    if batch is None:
+        return max(one_row, rows)
+    return rows if _uses_rows(batch) else one_row
 
 
 def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
@@ -223,7 +407,7 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
     xz: (batch, 2 * dim) in_proj's output (x, then the gate z); conv_state: (batch, dim, W) in xz's dtype;
     ssm_state: (batch, dim, N) float32; conv_weight: (dim, W); conv_bias: (dim,) or None; x_proj_weight:
     (rank + 2N, dim); dt_proj_weight: (dim, rank); dt_proj_bias: (dim,) or None; A_log: (dim, N) float32
-    (A = -exp(A_log)); D: (dim,) or None. partials: optional float32 (split_count(dim), >= batch, rank + 2N)
+    (A = -exp(A_log)); D: (dim,) or None. partials: optional float32 (>= split_count(dim, batch), >= batch, >= rank + 2N)
     workspace; out: optional (batch, dim) in xz's dtype. Returns y (batch, dim) in xz's dtype, gated by silu(z).
     """
     batch, two_dim = xz.shape
@@ -245,21 +429,25 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
             raise ValueError(f"mixer_decode_step: {name} must be ({dim},), got {tuple(vec.shape)}")
     if ssm_state.dtype != torch.float32:
         raise ValueError(f"mixer_decode_step: ssm_state must be float32, got {ssm_state.dtype}")
-    block_c, block_p, warps_1 = CONV_X_PROJ_CONFIG
-    block_d, split_block, warps_2 = SSM_STEP_CONFIG
-    splits = triton.cdiv(dim, block_c)
+    splits = split_count(dim, batch)
     if partials is None:
         partials = torch.empty(splits, batch, n_proj, device=xz.device, dtype=torch.float32)
-    elif (partials.dim() != 3 or partials.shape[0] != splits or partials.shape[1] < batch or partials.shape[2] < n_proj
+    elif (partials.dim() != 3 or partials.shape[0] < splits or partials.shape[1] < batch or partials.shape[2] < n_proj
           or partials.dtype != torch.float32 or partials.stride(-1) != 1):
-        raise ValueError(f"mixer_decode_step: partials must be float32 ({splits}, >= {batch}, >= {n_proj}), "
+        raise ValueError(f"mixer_decode_step: partials must be float32 (>= {splits}, >= {batch}, >= {n_proj}), "
                          f"got {tuple(partials.shape)} {partials.dtype}")
     if out is None:
         out = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
     if batch == 0:
         return out
-    w_pad = next_pow2(width)
     conv_b = conv_bias if conv_bias is not None else conv_weight
+    if _uses_rows(batch):
+        _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_proj_weight, dt_proj_weight,
+                    dt_proj_bias, A_log, D, partials, out, splits, rank, state_size)
+        return out
+    block_c, block_p, warps_1 = CONV_X_PROJ_CONFIG
+    block_d, split_block, warps_2 = SSM_STEP_CONFIG
+    w_pad = next_pow2(width)
     _CONV_X_PROJ(
         (splits, triton.cdiv(n_proj, block_p), batch),
         (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
@@ -276,3 +464,38 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
         (state_size, next_pow2(state_size), next_pow2(rank), width, w_pad, block_d, split_block,
          conv_bias is not None, dt_proj_bias is not None, D is not None), warps_2)
     return out
+
+
+def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_proj_weight, dt_proj_weight,
+                dt_proj_bias, A_log, D, partials, out, splits, rank, state_size):
+    """``mixer_decode_step`` on blocks of rows (checked arguments; see ROWS_MIN_BATCH)."""
+    batch, two_dim = xz.shape
+    dim = two_dim // 2
+    width = conv_weight.shape[-1]
+    n_proj = x_proj_weight.shape[0]
+    block_b, block_c, block_k, block_p, warps_1 = ROWS_CONV_X_PROJ_CONFIG
+    block_d, block_r, warps_2 = ROWS_SSM_STEP_CONFIG
+    upcast = interpret_mode()  # (see _conv_x_proj_rows_kernel)
+    precision = "ieee" if xz.dtype == torch.float32 or upcast else "tf32"  # (only float32 operands read it)
+    row_blocks = triton.cdiv(batch, block_b)
+    _CONV_X_PROJ_ROWS(
+        (splits, triton.cdiv(n_proj, block_p), row_blocks),
+        (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
+        (batch, dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
+         partials.stride(0), partials.stride(1)),
+        (width, block_b, block_c, min(block_k, block_c), block_p, conv_bias is not None, precision, upcast), warps_1)
+    summed_splits = splits
+    if ROWS_REDUCE and splits > 1:
+        block = min(256, next_pow2(n_proj))
+        _REDUCE_PARTIALS((triton.cdiv(n_proj, block), batch, 1), (partials,),
+                         (n_proj, splits, partials.stride(0), partials.stride(1)), (block,), 4)
+        summed_splits = 1
+    _SSM_STEP_ROWS(
+        (triton.cdiv(dim, block_d), row_blocks, 1),
+        (partials, xz, conv_state, conv_weight, conv_b, dt_proj_weight,
+         dt_proj_bias if dt_proj_bias is not None else conv_weight, A_log, D if D is not None else conv_weight,
+         ssm_state, out),
+        (batch, dim, rank, summed_splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
+         *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
+        (state_size, next_pow2(state_size), width, block_b, block_d, block_r, conv_bias is not None,
+         dt_proj_bias is not None, D is not None, precision, upcast), warps_2)
