@@ -5,8 +5,8 @@ re-run alongside).
 Prints and writes (``--out``, default benchmarks/results): the GPU step (graph replays back to back) per variant at
 batch 16, the GPU time of single ops at 16 rows inside a graph (in_proj, out_proj, lm_head on cuBLAS; the mixer:
 one-row vs rows kernels), and generate() ms / token of the default against mamba-ssm at batch 1 and 16.
-(``sweep_decode_rows.json`` in benchmarks/results is from a run of an earlier version that also tried a few-rows Triton
-route for the projections; it won only on lm_head and was dropped.)
+(An earlier version also tried a few-rows Triton route for the projections; it won only on lm_head and was dropped:
+benchmarks/results/gpu_decode_parts.md.)
 
     python benchmarks/sweep_decode_rows.py [--out DIR]   (writes sweep_decode_rows.json)
 """
