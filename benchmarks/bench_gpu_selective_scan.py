@@ -8,6 +8,7 @@ memory; mamba-ssm then needs contiguous copies, which its wrapper makes, so that
 
     python benchmarks/bench_gpu_selective_scan.py [--lengths 2048 8192] [--out DIR]
     python benchmarks/bench_gpu_selective_scan.py --sweep     # block-size sweep of the kernels (tuning)
+    python benchmarks/bench_gpu_selective_scan.py --saves     # the forward's state-save modes, backward chunk
 
 mamba-ssm must be importable (see ../shared/wheels/README.md for the H200 wheels). Results: a markdown table and
 a CSV in --out (default benchmarks/results/).
@@ -178,6 +179,37 @@ def sweep(length, dim, batch, state, focus=False):
     return results
 
 
+def saves_sweep(length, dim, batch, state):
+    """The forward's state-save modes (fused.FWD_SAVE_MODE) and the backward's chunk, kernel-only and in the step."""
+    results = []
+    mode0, bwd0 = fused.FWD_SAVE_MODE, dict(fused.BWD_CONFIGS)
+    t = make_inputs(batch, dim, length, state)
+    args = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    ms = do_bench(lambda: fused.selective_scan_fwd(*args, True, None), warmup=25, rep=100, return_mode="median")
+    results.append(dict(kind="fwd", L=length, ms=ms))
+    print(json.dumps(results[-1]), flush=True)
+    for mode in (0, 1):
+        fused.FWD_SAVE_MODE = mode
+        for every in (128, 256, 512):
+            ms = do_bench(lambda: fused.selective_scan_fwd(*args, True, None, save_states=True, save_every=every),
+                          warmup=25, rep=100, return_mode="median")
+            results.append(dict(kind="fwd_save", L=length, save_mode=mode, save_every=every, ms=ms))
+            print(json.dumps(results[-1]), flush=True)
+    for layout in ("lmajor", "tmajor"):
+        t = make_inputs(batch, dim, length, state, time_major=layout == "tmajor", requires_grad=True)
+        if selective_scan_fn is not None:
+            results.append(dict(kind="step", L=length, layout=layout, who="mamba-ssm", ms=time_fwd_bwd(theirs, t)))
+            print(json.dumps(results[-1]), flush=True)
+        for mode, bwd_t in ((0, 256), (1, 256), (0, 128), (1, 128)):
+            fused.FWD_SAVE_MODE = mode
+            fused.BWD_CONFIGS = {k: (1, bwd_t, 1, False) for k in bwd0}
+            results.append(dict(kind="step", L=length, layout=layout, save_mode=mode, bwd_t=bwd_t,
+                                ms=time_fwd_bwd(ours, t)))
+            print(json.dumps(results[-1]), flush=True)
+    fused.FWD_SAVE_MODE, fused.BWD_CONFIGS = mode0, bwd0
+    return results
+
+
 def profile_step(length, dim, batch, state, layout="lmajor"):
     """GPU time per kernel of ours' forward + backward autograd step (where the time outside the scan goes)."""
     t = make_inputs(batch, dim, length, state, time_major=layout == "tmajor", requires_grad=True)
@@ -243,6 +275,8 @@ def main():
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--sweep", action="store_true", help="time block-size configurations instead")
     parser.add_argument("--profile", action="store_true", help="with --sweep: per-kernel GPU time of one step")
+    parser.add_argument("--saves", action="store_true",
+                        help="the forward's state-save modes and the backward chunk (kernel-only and fwd + bwd)")
     parser.add_argument("--focus", action="store_true", help="with --sweep: the short backward list")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -250,6 +284,13 @@ def main():
           flush=True)
     if selective_scan_fn is None:
         print("mamba-ssm not importable:", MAMBA_ERROR, flush=True)
+    if args.saves:
+        results = []
+        for length in args.lengths:
+            results += saves_sweep(length, args.dim, args.batch, args.state)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_selective_scan_saves.json").write_text(json.dumps(results, indent=1))
+        return
     if args.sweep:
         if selective_scan_fn is not None:  # the bar, first (the sweep may be cut short)
             for length in args.lengths:

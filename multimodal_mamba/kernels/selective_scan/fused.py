@@ -6,7 +6,7 @@ Reference (the definition of correct): ``multimodal_mamba.modeling.ops_selective
 Design (measurements: ``benchmarks/results/gpu_selective_scan.md`` and ``gpu_kernels_notes.md``):
 
 - One program per (batch, block of ``BLOCK_D`` channels); by default one warp per channel. It walks the sequence in
-  chunks of ``BLOCK_T`` steps (512 forward, 256 backward: the whole chunk lies within the warp, so every scan and
+  chunks of ``BLOCK_T`` steps (512 forward, 128 backward: the whole chunk lies within the warp, so every scan and
   reduction is a shuffle, never a barrier). Inside a chunk, for each state index n, the decays a_t = exp(dt_t A_n)
   and drives b_t = dt_t B_{n,t} u_t of the (BLOCK_D, BLOCK_T) tile are combined by one ``tl.associative_scan`` along
   time (work-efficient: sequential inside a thread, shuffles across), the carried state is folded in, and y
@@ -48,7 +48,8 @@ def _load_BC(base, n, stride_n, stride_l, t, mask_t, mask, SAME_GROUP: tl.conste
 @triton.jit
 def _fwd_state(
     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l,
-    read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP: tl.constexpr,
+    read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP: tl.constexpr, offs_t=None,
+    SAVE_K: tl.constexpr = 0, BLOCK_T: tl.constexpr = 1, N: tl.constexpr = 1,
 ):
     """State index n over one chunk: scan its decays and drives, fold in the carried state, accumulate y."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -60,7 +61,11 @@ def _fwd_state(
     a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
     x = b_cum + a_cum * h_n[:, None]
     y += x * C_n
-    tl.store(write_ptrs + n, x, mask=last)  # the chunk's last state, for the next chunk (one element a row)
+    if SAVE_K > 0:  # one store per saved state, each through a pointer uniform over the tile (no pointer tile)
+        for k in tl.static_range(SAVE_K):
+            tl.store(write_ptrs + k * N + n, x, mask=last & (offs_t == (k + 1) * (BLOCK_T // SAVE_K) - 1)[None, :])
+    else:
+        tl.store(write_ptrs + n, x, mask=last)  # the chunk's last state, for the next chunk (one element a row)
     return y
 
 
@@ -79,13 +84,14 @@ def _selective_scan_fwd_kernel(
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, SAME_GROUP: tl.constexpr, UNROLL_N: tl.constexpr,
-    N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr, SAVE_MODE: tl.constexpr = 0,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     offs_t = tl.arange(0, BLOCK_T)
+    SAVE_K: tl.constexpr = BLOCK_T // SAVE_EVERY if (SAVE_STATES and SAVE_MODE == 1) else 0
     offs_n = tl.arange(0, N_PAD)
     mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
 
@@ -126,7 +132,10 @@ def _selective_scan_fwd_kernel(
         tl.debug_barrier()  # the previous chunk's state writes are visible to every thread
         if SAVE_STATES:  # slot k: the state before step k * SAVE_EVERY (SAVE_EVERY divides BLOCK_T)
             read_slot = chunk * (BLOCK_T // SAVE_EVERY)
-            write_ptrs = states_ptr + (slot_row[:, None] + read_slot + (offs_t[None, :] + 1) // SAVE_EVERY) * N
+            if SAVE_MODE == 1:  # slots read_slot + 1 + k: a pointer uniform over the tile, SAVE_K masked stores
+                write_ptrs = states_ptr + (slot_row[:, None] + read_slot + 1) * N + offs_t[None, :] * 0
+            else:
+                write_ptrs = states_ptr + (slot_row[:, None] + read_slot + (offs_t[None, :] + 1) // SAVE_EVERY) * N
         else:
             read_slot = chunk % 2
             write_ptrs = states_ptr + (slot_row[:, None] + 1 - read_slot) * N + offs_t[None, :] * 0
@@ -147,13 +156,15 @@ def _selective_scan_fwd_kernel(
             for n in tl.static_range(N):
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
-                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP,
+                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
+                    SAVE_K, BLOCK_T, N,
                 )
         else:
             for n in range(N):
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
-                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP,
+                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
+                    SAVE_K, BLOCK_T, N,
                 )
         if HAS_D:
             y += u * skip[:, None]
@@ -430,7 +441,12 @@ def _selective_scan_bwd_kernel(
 # N <= 32 (faster before the carry moved to memory, slower since: more registers, fewer resident warps). "lmajor": time contiguous ((batch, dim, L) memory, mamba-ssm's
 # layout); "tmajor": channels contiguous ((batch, L, dim), as the mixers pass their activations).
 FWD_CONFIGS = {"lmajor": (1, 512, 1, False), "tmajor": (1, 512, 1, False)}
-BWD_CONFIGS = {"lmajor": (1, 256, 1, False), "tmajor": (1, 256, 1, False)}
+BWD_CONFIGS = {"lmajor": (1, 128, 1, False), "tmajor": (1, 128, 1, False)}
+# How the forward writes the states it keeps for the backward (one every backward chunk, several per forward chunk):
+# 0: one masked store through a (BLOCK_D, BLOCK_T) tile of slot pointers (a 64-bit pointer per element, 26 - 31
+# registers more at 2 - 4 saves a chunk); 1: BLOCK_T // SAVE_EVERY masked stores, each through a pointer uniform over
+# the tile (registers as without saves).
+FWD_SAVE_MODE = 1
 # Time-major inputs are copied to (batch, dim, L) first: the kernels then load 16-byte vectors along time, and the
 # copy costs far less than scanning with time spread across threads.
 COPY_TIME_MAJOR = True
@@ -483,7 +499,7 @@ _FWD_PLANS = {}
 def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     layout = _layout(u)
     key = (tuple(u.shape), layout, state_size, groups, flags, bool(save_states), config, save_every,
-           FWD_CONFIGS[layout], BWD_CONFIGS[layout])  # (the tables too: tests and sweeps replace them)
+           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE)  # (the tables too: tests and sweeps replace them)
     plan = _FWD_PLANS.get(key)
     if plan is not None:
         return plan
@@ -502,7 +518,7 @@ def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     n_slots = n_chunks * (block_t // save_every) + 1 if save_states else 2
     has_d, has_z, has_bias, softplus, has_h0 = flags
     consts = (state_size, block_d, block_t, has_d, has_z, has_bias, softplus, has_h0, bool(save_states), same_group,
-              bool(unroll), next_pow2(state_size), save_every)
+              bool(unroll), next_pow2(state_size), save_every, int(FWD_SAVE_MODE))
     plan = dict(grid=(triton.cdiv(dim, block_d), batch, 1), consts=consts, num_warps=num_warps, n_chunks=n_chunks,
                 n_slots=n_slots, dim_per_group=dim_per_group, save_every=save_every,
                 final_slot=n_slots - 1 if save_states else n_chunks % 2)
