@@ -36,7 +36,6 @@ _MAX_STATE = 256  # largest N the register tiles are sized for (mamba-ssm's limi
 _MAX_CHAINS = 4  # chains unrolled in the coupled kernels
 _MAX_CONV_WIDTH = 8
 _INT32 = 2**31 - 1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def kernels_available() -> bool:
@@ -44,17 +43,18 @@ def kernels_available() -> bool:
     return HAS_TRITON and torch.cuda.is_available()
 
 
-_WANT_CUDA = []
+_DEVICE_AND_DTYPES = []  # (whether the kernels want CUDA tensors, the float dtypes they take), set on first use
 
 
 def _tensors_ok(*tensors) -> bool:
     """Every given tensor (None skipped) on the kernels' device (CUDA; the CPU under the interpreter), of a float
     dtype, and small enough for 32-bit element offsets within a batch row. Runs on every dispatched call: kept lean."""
-    if not _WANT_CUDA:
-        from .utils import interpret_mode
+    if not _DEVICE_AND_DTYPES:
+        from .utils import FLOAT_DTYPES, interpret_mode
 
-        _WANT_CUDA.append(not interpret_mode())  # (Triton reads TRITON_INTERPRET once, at import, too)
-    want_cuda = _WANT_CUDA[0]
+        # (Triton reads TRITON_INTERPRET once, at import, too)
+        _DEVICE_AND_DTYPES.append((not interpret_mode(), FLOAT_DTYPES))
+    want_cuda, float_dtypes = _DEVICE_AND_DTYPES[0]
     for t in tensors:
         if t is None:
             continue
@@ -63,7 +63,7 @@ def _tensors_ok(*tensors) -> bool:
                 return False
         elif t.device.type != "cpu":
             return False
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in float_dtypes:
             return False
         # element offsets inside one batch row are computed in 32 bits (the product bound first: it is cheap)
         shape = t.shape

@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: device checks, memory layouts, small jitted functions."""
+"""Helpers shared by the Triton kernels: the interpreter switch, memory layouts, small jitted functions, cached
+launches."""
 
 from __future__ import annotations
 
@@ -16,23 +17,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def interpret_mode() -> bool:
     """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``): the kernels then take CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def on_kernel_device(*tensors) -> bool:
-    """Whether every given tensor lives where the kernels can run: CUDA, or the CPU under the interpreter."""
-    want_cuda = not interpret_mode()
-    for t in tensors:
-        if t is None:
-            continue
-        if want_cuda and not t.is_cuda:
-            return False
-        if not want_cuda and t.device.type != "cpu":
-            return False
-    return True
-
-
-def float_dtypes(*tensors) -> bool:
-    return all(t is None or t.dtype in FLOAT_DTYPES for t in tensors)
 
 
 def empty_like_layout(reference: torch.Tensor, dtype=None) -> torch.Tensor:
