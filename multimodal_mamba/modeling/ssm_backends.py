@@ -109,8 +109,7 @@ def dispatch(op: str, *args, **kwargs):
     registered = _REGISTRY.get(op)
     if not registered:
         raise ValueError(f"no backend is registered for op {op!r}")
-    stack = getattr(_local, "stack", None)
-    forced = stack[-1] if stack else "auto"
+    forced = forced_backend()
     if forced == "auto":  # the common case first (this runs for every op call of every layer)
         for name in AUTO_PRIORITY:
             entry = registered.get(name)
