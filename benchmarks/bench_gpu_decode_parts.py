@@ -19,7 +19,6 @@ block configurations of the fused kernels (one changed at a time).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -38,12 +37,7 @@ from multimodal_mamba.modeling.deferred_stop import allow_deferred_stop_check  #
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.skip_transformers = True
-    _, systems = gen.build_models(args)
+    args, systems = gen.decode_bench_setup()
     ours = systems["ours"]
     original_check = generation_utils.DeferredStopCheck.__dict__["is_supported"]
     allow_deferred_stop_check()
@@ -60,11 +54,6 @@ def main():
         ours.backbone.fused_decode = fused
         ours.decode_graphs.clear()  # recapture with this setting's projections
 
-    def replay_ms():
-        """GPU time of one step: replays of the captured graph back to back."""
-        bucket = next(iter(ours.decode_graphs._buckets.values()))
-        return gen.median_time(lambda: [bucket.graph.replay() for _ in range(50)], repeats=3) / 50 * 1e3
-
     rows, results, replays = [], {}, {}
     settings = {"graphs only": (False, False, False), "+ deferred stop check": (True, False, False),
                 "+ GEMV": (False, True, False), "both": (True, True, False),
@@ -79,7 +68,7 @@ def main():
             same = bool(torch.equal(tokens, reference))
             seconds = gen.median_time(lambda: gen.ours_generate(ours, ids, True), repeats=5)
             results[f"b{batch} {name}"] = ms = seconds / gen.NEW * 1e3
-            replays[f"b{batch} {name}"] = step = replay_ms()
+            replays[f"b{batch} {name}"] = step = gen.graph_step_ms(ours, batch)
             rows.append(f"| {batch} | {name} | {ms:.3f} | {step:.3f} | {'yes' if same else 'NO'} |")
             print(rows[-1], flush=True)
         # the fused step without graphs: same kernels, so the same tokens as the graph
@@ -117,7 +106,7 @@ def main():
             setting(True, True, True)
             ids = torch.randint(1, 50000, (batch, gen.PROMPT), device="cuda")
             gen.ours_generate(ours, ids, True, 4)
-            times.append(replay_ms())
+            times.append(gen.graph_step_ms(ours, batch))
         label = ", ".join(f"{k} = {v}" for k, v in variant.items()) or "default"
         results[f"sweep {label}"] = times
         sweep_rows.append(f"| {label} | {times[0]:.3f} | {times[1]:.3f} |")

@@ -71,6 +71,27 @@ def ours_generate(model, ids, graph=True, new=NEW):
     return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, decode_cuda_graph=graph)
 
 
+def graph_step_ms(model, batch):
+    """GPU time (ms) of one decode step at ``batch`` rows: 50 back-to-back replays of the captured graph of the
+    first bucket that holds them (median of 3)."""
+    bucket = next(b for b in model.decode_graphs._buckets.values()
+                  if b.graph is not None and b.input_ids.shape[0] >= batch)
+    return median_time(lambda: [bucket.graph.replay() for _ in range(50)], repeats=3) / 50 * 1e3
+
+
+def decode_bench_setup(default_out=REPO_ROOT / "benchmarks" / "results"):
+    """The decode benchmarks' command line (``--out``) and models: ours and mamba-ssm where it imports, without
+    transformers. Returns (args, systems)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=default_out)
+    args = parser.parse_args()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    args.skip_transformers = True
+    _, systems = build_models(args)
+    return args, systems
+
+
 def profile_top(fn, label, out, rows=25):
     from torch.profiler import ProfilerActivity, profile
 

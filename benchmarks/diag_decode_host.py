@@ -10,7 +10,6 @@ keeps the host from running ahead of the GPU, so each step then pays its host ti
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import sys
@@ -53,19 +52,14 @@ def syncs_during(fn):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    args.skip_transformers = True
-    _, systems = gen.build_models(args)
+    args, systems = gen.decode_bench_setup(default_out=None)
     ours = systems["ours"]
     results = {}
     for batch in (1, 16):
         ids = torch.randint(1, 50000, (batch, gen.PROMPT), device="cuda")
         gen.ours_generate(ours, ids, True, 8)  # capture this bucket's graph
         per_token = gen.median_time(lambda: gen.ours_generate(ours, ids, True), repeats=5) / gen.NEW * 1e3
-        bucket = next(b for b in ours.decode_graphs._buckets.values() if b.graph is not None and b.input_ids.shape[0] >= batch)
-        step = gen.median_time(lambda: [bucket.graph.replay() for _ in range(50)], repeats=3) / 50 * 1e3
+        step = gen.graph_step_ms(ours, batch)
         with torch.no_grad():
             prefill = gen.median_time(lambda: ours(ids, use_cache=True, logits_to_keep=1), repeats=5) * 1e3
         new = 16

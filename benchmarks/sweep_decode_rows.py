@@ -13,7 +13,6 @@ benchmarks/results/gpu_decode_parts.md.)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import bench_gpu_generate as gen  # noqa: E402
 from multimodal_mamba.kernels.decode_step import fused as decode  # noqa: E402
+from multimodal_mamba.kernels.gemv.fused import _graph_time_ms  # noqa: E402
 from multimodal_mamba.modeling.deferred_stop import allow_deferred_stop_check  # noqa: E402
 
 KNOBS = ("ROWS_MIN_BATCH", "ROWS_CONV_X_PROJ_CONFIG", "ROWS_SSM_STEP_CONFIG", "ROWS_REDUCE")
@@ -44,32 +44,8 @@ VARIANTS = [  # (label, decode knobs)
 ]
 
 
-def graph_op_ms(fn, calls=32, replays=10):
-    """GPU time per call of ``calls`` back-to-back calls replayed from a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays / calls
-
-
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.skip_transformers = True
-    _, systems = gen.build_models(args)
+    args, systems = gen.decode_bench_setup()
     ours = systems["ours"]
     allow_deferred_stop_check()
     defaults = {name: getattr(decode, name) for name in KNOBS}
@@ -80,10 +56,6 @@ def main():
             setattr(decode, name, knobs.get(name, defaults[name]))
         ours.decode_graphs.clear()
 
-    def replay_ms():
-        bucket = next(iter(ours.decode_graphs._buckets.values()))
-        return gen.median_time(lambda: [bucket.graph.replay() for _ in range(50)], repeats=3) / 50 * 1e3
-
     ids16 = torch.randint(1, 50000, (16, gen.PROMPT), device="cuda")
     ids1 = ids16[:1]
     steps = {}
@@ -91,7 +63,7 @@ def main():
         try:
             apply(knobs)
             gen.ours_generate(ours, ids16, True, 4)
-            steps[label] = round(replay_ms(), 4)
+            steps[label] = round(gen.graph_step_ms(ours, 16), 4)
         except Exception as error:  # a configuration that does not compile here: say so, go on
             steps[label] = repr(error)[:300]
         print(json.dumps({f"b16 GPU step ms: {label}": steps[label]}), flush=True)
@@ -105,7 +77,7 @@ def main():
     y_in = torch.randn(16, 5120, device="cuda", dtype=torch.bfloat16)
     for name, layer, x in (("in_proj", mixer.in_proj, x_in), ("out_proj", mixer.out_proj, y_in),
                            ("lm_head", ours.lm_head, x_in)):
-        ops[f"{name} cuBLAS"] = graph_op_ms(lambda: F.linear(x, layer.weight))
+        ops[f"{name} cuBLAS"] = _graph_time_ms(lambda: F.linear(x, layer.weight), calls=32, replays=10)
     cache = ours.allocate_cache(16)
     xz = torch.randn(16, 10240, device="cuda", dtype=torch.bfloat16)
     partials = torch.empty(decode.split_count(5120), 16, 192, device="cuda")
@@ -118,7 +90,7 @@ def main():
 
     for label, knobs in (("mixer one row per program", OFF), ("mixer rows default", {})):
         apply(knobs)
-        ops[label] = graph_op_ms(mixer_step)
+        ops[label] = _graph_time_ms(mixer_step, calls=32, replays=10)
     apply({})
     results["b16_op_us"] = {k: round(v * 1e3, 2) for k, v in ops.items()}
     print(json.dumps(results["b16_op_us"]), flush=True)
@@ -132,7 +104,7 @@ def main():
         gen_rows[f"b{batch} eager tokens == graph tokens"] = bool(torch.equal(graph_tokens, eager_tokens))
         seconds = gen.median_time(lambda: gen.ours_generate(ours, ids, True), repeats=5)
         gen_rows[f"b{batch} ours generate ms/token"] = round(seconds / gen.NEW * 1e3, 3)
-        gen_rows[f"b{batch} ours GPU step ms"] = round(replay_ms(), 4)
+        gen_rows[f"b{batch} ours GPU step ms"] = round(gen.graph_step_ms(ours, batch), 4)
         if "mamba_ssm" in systems:
             m = systems["mamba_ssm"]
             seconds = gen.median_time(lambda: m.generate(input_ids=ids, max_length=gen.PROMPT + gen.NEW, cg=True,
