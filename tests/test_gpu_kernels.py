@@ -1015,3 +1015,22 @@ def test_interpreter_coupled_chains_and_layer(interpreted, monkeypatch):
     monkeypatch.setattr(fused, "BWD_CONFIGS", {"lmajor": (4, 16, 4), "tmajor": (4, 16, 4)})
     check_coupled(fused.coupled_selective_scan_triton, coupled_inputs(1, 3, 8, 37, 4, device="cpu", seed=2),
                   torch.float32, "mean")
+
+
+@interpreter
+def test_interpreter_grouped_transposes():
+    """Both grouped transposes (from (batch, L, C) tensors and from the mixers' (batch, C, L) views), one launch per
+    five tensors of two widths, and their shared input check."""
+    transpose = importlib.import_module("multimodal_mamba.kernels.transpose.fused")
+    wide, narrow = torch.randn(2, 30, 3 * 12), torch.randn(2, 30, 5 + 2 * 4)
+    parts = [wide[..., :12], wide[..., 12:24], wide[..., 24:], narrow[..., 5:9], narrow[..., 9:]]
+    for tensors in (parts, parts[3:], parts + parts[:3]):
+        for outs in (transpose.channel_major_group(*tensors),
+                     transpose.time_contiguous_group(*(t.transpose(1, 2) for t in tensors))):
+            assert len(outs) == len(tensors)
+            for out, part in zip(outs, tensors):
+                assert out.is_contiguous() and torch.equal(out, part.transpose(1, 2))
+    with pytest.raises(ValueError, match="channel_major_group: every tensor needs the same batch, length and dtype"):
+        transpose.channel_major_group(parts[0], narrow[:1, :, 5:9])
+    with pytest.raises(ValueError, match="time_contiguous_group: every tensor needs the same batch, length and dtype"):
+        transpose.time_contiguous_group(parts[0].transpose(1, 2), narrow[:, :20, 5:9].transpose(1, 2))

@@ -100,15 +100,21 @@ def time_contiguous_group(*views: torch.Tensor):
     """(batch, C_i, L) views of one batch, length and dtype (any strides; the mixers' are token-major) -> the same
     values as (batch, C_i, L) contiguous tensors: ``channel_major_group`` of the views' transposes, without forming
     them. Not differentiable."""
-    first = views[0]
-    batch, length = first.shape[0], first.shape[2]
-    for t in views:
-        if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != length or t.dtype != first.dtype:
-            raise ValueError("time_contiguous_group: every tensor needs the same batch, length and dtype, "
-                             f"got {[tuple(v.shape) for v in views]}")
-    outs = _outputs_by_width([t.shape[1] for t in views], batch, length, first)
-    for start in range(0, len(views), _MAX_GROUP):
-        _launch_group(views[start:start + _MAX_GROUP], outs[start:start + _MAX_GROUP], channel_major=True)
+    return _transpose_group("time_contiguous_group", views, length_dim=2, channel_major=True)
+
+
+def _transpose_group(name, tensors, length_dim, channel_major):
+    """Both grouped transposes: ``tensors`` (3-D, one batch, length and dtype; the length at ``length_dim``, the
+    channels at the other non-batch dim) -> (batch, C_i, L) contiguous outputs, one launch per ``_MAX_GROUP``."""
+    first = tensors[0]
+    batch, length = first.shape[0], first.shape[length_dim]
+    for t in tensors:
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[length_dim] != length or t.dtype != first.dtype:
+            raise ValueError(f"{name}: every tensor needs the same batch, length and dtype, "
+                             f"got {[tuple(v.shape) for v in tensors]}")
+    outs = _outputs_by_width([t.shape[3 - length_dim] for t in tensors], batch, length, first)
+    for start in range(0, len(tensors), _MAX_GROUP):
+        _launch_group(tensors[start:start + _MAX_GROUP], outs[start:start + _MAX_GROUP], channel_major=channel_major)
     return tuple(outs)
 
 
@@ -132,16 +138,7 @@ def channel_major_group(*tensors: torch.Tensor):
     """(batch, L, C_i) tensors of one batch, length, dtype and device (any strides, any C_i) -> a tuple of
     (batch, C_i, L) contiguous tensors, one kernel launch per five. Tensors of one shape share one allocation. Not
     differentiable: for inference (see ``channel_major_triton``)."""
-    first = tensors[0]
-    batch, length = first.shape[0], first.shape[1]
-    for t in tensors:
-        if t.dim() != 3 or t.shape[0] != batch or t.shape[1] != length or t.dtype != first.dtype:
-            raise ValueError("channel_major_group: every tensor needs the same batch, length and dtype, "
-                             f"got {[tuple(t.shape) for t in tensors]}")
-    outs = _outputs_by_width([t.shape[2] for t in tensors], batch, length, first)
-    for start in range(0, len(tensors), _MAX_GROUP):
-        _launch_group(tensors[start:start + _MAX_GROUP], outs[start:start + _MAX_GROUP])
-    return tuple(outs)
+    return _transpose_group("channel_major_group", tensors, length_dim=1, channel_major=False)
 
 
 def channel_major_many(*tensors: torch.Tensor):
