@@ -171,15 +171,10 @@ def _time_contiguous(*tensors):
             result[i] = one(tensors[i].transpose(1, 2))
         return tuple(result)
     group = kernels["time_contiguous_group"]
-    dtype = tensors[todo[0]].dtype
-    if all(tensors[i].dtype == dtype and tensors[i].shape[0] == tensors[todo[0]].shape[0] for i in todo):
-        batches = [todo]
-    else:
-        batches = {}
-        for i in todo:
-            batches.setdefault((tensors[i].dtype, tensors[i].shape[0]), []).append(i)
-        batches = list(batches.values())
-    for indices in batches:
+    batches = {}  # one launch per (dtype, batch): a prefill's five tensors share one
+    for i in todo:
+        batches.setdefault((tensors[i].dtype, tensors[i].shape[0]), []).append(i)
+    for indices in batches.values():
         for i, out in zip(indices, group(*(tensors[i] for i in indices))):
             result[i] = out
     return tuple(result)
