@@ -845,8 +845,12 @@ def test_interpreter_selective_scan(interpreted, shape):
 
 
 @interpreter
-def test_interpreter_selective_scan_several_chunks_and_partials(interpreted, monkeypatch):
+@pytest.mark.parametrize("save_mode", [1, 0], ids=["uniform-pointer-saves", "tile-saves"])
+def test_interpreter_selective_scan_several_chunks_and_partials(interpreted, save_mode, monkeypatch):
+    """Several chunks, states saved mid-chunk for the backward in both forward save modes (FWD_SAVE_MODE; 0 is the
+    earlier store, kept for bench_gpu_selective_scan.py's --saves comparison), atomics into shared partials."""
     fused = interpreted["selective_scan"]
+    monkeypatch.setattr(fused, "FWD_SAVE_MODE", save_mode)
     monkeypatch.setattr(fused, "FWD_CONFIGS", {"lmajor": (4, 16, 4, True), "tmajor": (4, 16, 4, False)})
     monkeypatch.setattr(fused, "BWD_CONFIGS", {"lmajor": (4, 32, 4, False), "tmajor": (4, 16, 4, False)})
     check_scan(fused.selective_scan_triton, scan_inputs(2, 8, 50, 4, device="cpu"), torch.float32)
