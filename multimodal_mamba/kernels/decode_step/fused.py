@@ -15,6 +15,9 @@ kernels costs 2-4 us of latency whatever its work, 64 layers over. Here the same
      the state update, the D skip and the silu(z) gate, writing y;
 - in_proj and out_proj stay module calls (the one-row GEMV of kernels/gemv at batch 1, cuBLAS above).
 
+From ``ROWS_MIN_BATCH`` rows on, the two mixer kernels are replaced by their ``_rows`` forms (blocks of rows per
+program, x_proj and dt_proj by ``tl.dot``), with a small kernel between them that sums the partials once per step.
+
 Rounding follows the unfused path's steps: the conv output, x_proj's output (time_step, B, C) and dt_proj's output
 are rounded to the model dtype where the unfused path stores them in it; only float32 summation orders differ.
 Reference: ``naive.py`` (the same steps with the package's existing ops). Inference only (no autograd).
