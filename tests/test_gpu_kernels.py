@@ -865,6 +865,22 @@ def test_interpreter_selective_scan_several_chunks_and_partials(interpreted, sav
 
 
 @interpreter
+@pytest.mark.parametrize("partials", [1, 16, 37])
+def test_interpreter_selective_scan_bc_partials_sum(interpreted, partials):
+    """The backward's epilogue: dB and dC partials summed in one launch (tiles of up to 16 partials, so 37 takes
+    three tiles, the last one masked), cast to B's and C's dtype, or to each one's own when they differ."""
+    fused = interpreted["selective_scan"]
+    gen = torch.Generator().manual_seed(partials)
+    part = torch.randn(2, partials, 2, 3, 4, 45, generator=gen)  # (dB / dC, partials, batch, G, N, L)
+    dB, dC = fused._sum_bc_partials(part, torch.float32, torch.float32)
+    torch.testing.assert_close(dB, part[0].sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dC, part[1].sum(0), rtol=1e-5, atol=1e-5)
+    dB, dC = fused._sum_bc_partials(part, torch.float32, torch.float64)
+    assert dB.dtype == torch.float32 and dC.dtype == torch.float64
+    torch.testing.assert_close(dC, part[1].sum(0).double(), rtol=1e-5, atol=1e-5)
+
+
+@interpreter
 @pytest.mark.parametrize("variant", [((False, False, False, False), 2), ((True, True, False, True), 2)], ids=str)
 def test_interpreter_selective_scan_backward_variants(interpreted, variant, monkeypatch):
     """The backward kernel's variants other than the default, several chunks, atomics into shared partials."""
