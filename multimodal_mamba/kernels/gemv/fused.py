@@ -15,7 +15,10 @@ replayed from a CUDA graph gives the same tokens as the eager one).
 ``linear_one_row``: which implementation is fastest depends on the shape and the GPU, so the first call for a
 (device, N, K, dtype, bias) outside CUDA-graph capture times cuBLAS (``F.linear``) and a few kernel configurations
 (their GPU time, replayed from a small CUDA graph, as a decode step runs them) and keeps the fastest for the rest of
-the process; cuBLAS is a candidate, so the choice is never slower than it inside a graph (up to timing noise).
+the process; cuBLAS is a candidate, so the choice is never slower than it inside a graph (up to timing noise). The
+timed calls rotate over distinct copies of the weight, together several times the L2 cache, so each call reads its
+weight from HBM as every layer of a decode step does (16 calls on one weight timed L2 hits instead: out_proj's 26 MB
+stayed L2-resident and "read" at 1.16x the copy bandwidth, and configurations were ranked by L2 speed).
 Outside a graph (``decode_cuda_graph=False``) each Triton call costs ~30-50 us of host time in Triton's launcher
 against ~20 us for cuBLAS (``benchmarks/results/gpu_gemv.md``), so eager one-row decoding gets slower: the same
 routes are used there so that eager and graph decoding give the same tokens. During capture, before a shape was
@@ -24,6 +27,7 @@ measured, it calls ``F.linear``.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import torch
@@ -114,7 +118,10 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias=None, block_n: int =
     return out.reshape(*x.shape[:-1], n_out)
 
 
-# Configurations tried per shape: (block_n, block_k, split_k, num_warps). Few enough to compile in seconds.
+# Configurations tried per shape: (block_n, block_k, split_k, num_warps). Few enough to compile in seconds. The wide
+# tiles (block_k 2048 - 8192) load a program's whole row range in 1 - 3 steps: more bytes in flight per SM, fewer
+# latencies in a row, for the layer-sized weights (26 - 52 MB) that read at only 3.0 - 3.5 TB/s with block_k 1024
+# against 4.06 for the LM head (benchmarks/results/gpu_decode_parts.md).
 CANDIDATES = (
     (8, 256, 1, 4),
     (16, 256, 1, 8),
@@ -124,6 +131,11 @@ CANDIDATES = (
     (8, 128, 8, 4),
     (1, 512, 8, 4),
     (32, 64, 1, 4),
+    (2, 2048, 1, 4),
+    (2, 4096, 1, 8),
+    (4, 2048, 1, 8),
+    (1, 4096, 1, 4),
+    (1, 8192, 1, 8),
 )
 _choices = {}
 _lock = threading.Lock()
@@ -156,14 +168,45 @@ def _graph_time_ms(fn, calls=16, replays=5):
     return ms
 
 
-def _measure(x, weight, bias):
-    """The fastest of F.linear and the candidate configurations for this shape: None (F.linear) or a config."""
+# The chooser times each candidate over distinct copies of the weight, COLD_FACTOR L2 caches (H200: 50 MiB) of them in
+# all, so that no copy is still cached when it is read again, as in a decode step (each layer reads its own weights
+# once). At most MAX_COLD_COPIES tensors: weights so small that 64 copies fit in L2 are timed from L2, as a model of
+# such weights would mostly read them there too.
+COLD_FACTOR = 4
+MAX_COLD_COPIES = 64
+
+
+def _cold_copies(weight) -> list:
+    """[weight] + copies of it: ``COLD_FACTOR`` L2 caches of bytes in all, 1 to ``MAX_COLD_COPIES`` tensors (fewer
+    when memory is short: the timing is then partly L2 hits, as before)."""
+    l2_bytes = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 0) or (50 << 20)
+    count = -(-COLD_FACTOR * l2_bytes // max(1, weight.numel() * weight.element_size()))
+    count = max(1, min(MAX_COLD_COPIES, count))
+    copies = [weight]
     try:
-        timer = _graph_time_ms
-        best, best_ms = None, timer(lambda: F.linear(x, weight, bias))
+        while len(copies) < count:
+            copies.append(weight.clone())
+    except torch.cuda.OutOfMemoryError:
+        pass
+    return copies
+
+
+def _measure(x, weight, bias):
+    """The fastest of F.linear and the candidate configurations for this shape: None (F.linear) or a config. Each is
+    timed over ``_cold_copies`` of the weight (its reads from HBM, as in a decode step)."""
+    weights = _cold_copies(weight)
+    calls = max(16, len(weights))
+    try:
+        def timer(fn):
+            rotation = itertools.cycle(weights)  # the captured calls read the copies in turn
+            return _graph_time_ms(lambda: fn(next(rotation)), calls=calls)
+
+        best, best_ms = None, timer(lambda w: F.linear(x, w, bias))
     except Exception:  # capture impossible here: compare eager times
-        timer = _time_ms
-        best, best_ms = None, timer(lambda: F.linear(x, weight, bias))
+        def timer(fn):
+            return _time_ms(lambda: fn(weight))
+
+        best, best_ms = None, timer(lambda w: F.linear(x, w, bias))
     reference = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     scale = reference.abs().max().item() + 1e-6
     for config in CANDIDATES:
@@ -171,11 +214,12 @@ def _measure(x, weight, bias):
             out = gemv_triton(x, weight, bias, *config)
             if not (out.float() - reference).abs().max().item() <= 2e-2 * scale:
                 continue  # never pick a configuration that computes something else
-            ms = timer(lambda: gemv_triton(x, weight, bias, *config))
+            ms = timer(lambda w: gemv_triton(x, w, bias, *config))
         except Exception:  # a configuration this GPU / Triton cannot compile: skip it
             continue
         if ms < best_ms:
             best, best_ms = config, ms
+    del weights
     return best
 
 
