@@ -5,8 +5,8 @@ CPU: the step's orchestration on the naive reference ops equals the module-by-mo
 hooks, a forced backend, ``fused_decode = False`` fall back); the Triton kernels against the naive reference through
 Triton's interpreter on small shapes, in a child process (when Triton is installed).
 GPU (marked ``gpu``): the fused step against the module path at batch 1 and 16 in bf16 and float32, per layer on a
-mamba-2.8b-shaped mixer; greedy tokens identical with and without CUDA graphs on the fused path; the L2 prefetches
-change no bit of the results; a LoRA-wrapped model falls back to the module path and still decodes the same tokens either way.
+mamba-2.8b-shaped mixer; greedy tokens identical with and without CUDA graphs on the fused path; a LoRA-wrapped
+model falls back to the module path and still decodes the same tokens either way.
 """
 
 from __future__ import annotations
@@ -122,12 +122,6 @@ def test_which_models_take_the_fused_path():
         handle.remove()
     assert _plain_decode_modules(backbone, torch.float32, x.device)
     assert backbone._fused_decode_ops(x) is None  # a CPU tensor: the kernels need CUDA
-    if HAS_TRITON:  # no L2 prefetch off the GPU (nor under the interpreter)
-        from multimodal_mamba.kernels.decode_step import fused
-
-        weights = [block.mixer.in_proj.weight for block in backbone.layers]
-        assert fused.l2_prefetch_span(weights[0], 0, 1024) is None
-        assert fused.prefetch_spans(weights, weights) == [(None, None, None)] * len(weights)
 
     from peft import LoraConfig, get_peft_model
 
@@ -317,61 +311,6 @@ def test_greedy_tokens_identical_with_and_without_graphs_on_the_fused_step(dtype
     assert torch.equal(eager, graphed)
     assert eager_calls >= 15  # every eager decode step took the fused path
     assert len(calls) > eager_calls  # and the captured graph was recorded from it
-
-
-@gpu
-@pytest.mark.parametrize("mode", ["bulk", "line"])
-@pytest.mark.parametrize("batch", [1, 16])
-def test_l2_prefetch_leaves_every_output_and_state_unchanged(batch, mode, monkeypatch):
-    """The L2 prefetches the fused step's kernels issue (out_proj's weight, the next in_proj's head, its own in_proj's
-    next bytes) cover the bytes asked for and change no bit of the output or the states, eager or replayed."""
-    from multimodal_mamba.kernels.decode_step import fused
-
-    if not fused.l2_prefetch_supported("cuda"):
-        pytest.skip("cp.async.bulk.prefetch.L2 needs compute capability 9.0")
-    model = small_lm("cuda", torch.bfloat16, layers=3, hidden=256, vocab=1000)
-    backbone = model.backbone
-    in_proj = [block.mixer.in_proj.weight for block in backbone.layers]
-    out_proj = [block.mixer.out_proj.weight for block in backbone.layers]
-    monkeypatch.setattr(fused, "PREFETCH_OUT_PROJ_BYTES", 1 << 40)
-    monkeypatch.setattr(fused, "PREFETCH_NEXT_IN_PROJ_BYTES", 4096)
-    monkeypatch.setattr(fused, "PREFETCH_NORM_IN_PROJ_BYTES", 8192 + 5)  # rounded down to 16 bytes
-    monkeypatch.setattr(fused, "PREFETCH_MODE", mode)
-    monkeypatch.setattr(fused, "PREFETCH_CHUNK", 1024)  # bulk: several chunks per lane on out_proj's 256 KiB
-    spans = fused.prefetch_spans(in_proj, out_proj)
-    weight_bytes = [(w.numel() * w.element_size(), w.data_ptr()) for w in in_proj]
-    for i, (norm_span, conv_span, update_span) in enumerate(spans):
-        start = 0 if i == 0 else 4096
-        assert norm_span.dtype == torch.uint8 and norm_span.data_ptr() == weight_bytes[i][1] + start
-        assert norm_span.numel() == 4096 + 8192 - start
-        assert conv_span.data_ptr() == out_proj[i].data_ptr() and conv_span.numel() == out_proj[i].numel() * 2
-        if i + 1 < len(spans):
-            assert update_span.data_ptr() == weight_bytes[i + 1][1] and update_span.numel() == 4096
-        else:
-            assert update_span is None
-    assert backbone._decode_prefetch_spans(fused) is backbone._decode_prefetch_spans(fused)  # kept between steps
-
-    ids = torch.randint(2, 1000, (batch, 8), generator=torch.Generator().manual_seed(3)).cuda()
-    outputs = []
-    for prefetch in (True, False):
-        if not prefetch:
-            for name in ("PREFETCH_OUT_PROJ_BYTES", "PREFETCH_NEXT_IN_PROJ_BYTES", "PREFETCH_NORM_IN_PROJ_BYTES"):
-                monkeypatch.setattr(fused, name, 0)
-            assert all(span is None for layer in backbone._decode_prefetch_spans(fused) for span in layer)
-        with torch.no_grad():
-            cache = model.allocate_cache(batch)
-            model(ids[:, :6], cache_params=cache, use_cache=True)
-            steps = []
-            for t in (6, 7):
-                embeds = backbone.embeddings(ids[:, t:t + 1])
-                steps.append(backbone._fused_decode_step(embeds, cache, fused).clone())
-                cache.seqlen_offset += 1
-        outputs.append((steps, cache.conv_states.clone(), cache.ssm_states.clone()))
-        model.decode_graphs.clear()  # captured again, with this setting
-        outputs.append(model.generate(ids, max_new_tokens=8, do_sample=False))  # graph replays
-    (steps_a, conv_a, ssm_a), graph_a, (steps_b, conv_b, ssm_b), graph_b = outputs
-    assert all(torch.equal(a, b) for a, b in zip(steps_a, steps_b))
-    assert torch.equal(conv_a, conv_b) and torch.equal(ssm_a, ssm_b) and torch.equal(graph_a, graph_b)
 
 
 @gpu

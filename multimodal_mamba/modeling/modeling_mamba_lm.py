@@ -621,21 +621,6 @@ class MambaBackbone(MambaLMPreTrainedModel):
             workspaces[key] = found
         return found
 
-    def _decode_prefetch_spans(self, ops):
-        """Per layer, the weight bytes the fused step's norm, conv and state-update kernels ask L2 to fetch while they
-        run (``ops.prefetch_spans``: out_proj's weight during the mixer, the head of the next in_proj's; views of the
-        weights, read by nothing else: the results do not depend on them). Kept while the weights and the knobs of
-        ``ops`` stay the same, so an eager step does not rebuild 3 x layers views."""
-        in_proj = [block.mixer.in_proj.weight for block in self.layers]
-        out_proj = [block.mixer.out_proj.weight for block in self.layers]
-        knobs = tuple(getattr(ops, name, None) for name in ("PREFETCH_OUT_PROJ_BYTES", "PREFETCH_NEXT_IN_PROJ_BYTES",
-                                                              "PREFETCH_NORM_IN_PROJ_BYTES", "PREFETCH_CHUNK"))
-        key = (id(ops), knobs, tuple((w.data_ptr(), w.device, w.dtype, w.shape) for w in in_proj + out_proj))
-        cached = self.__dict__.get("_prefetch_spans_cache")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_prefetch_spans_cache"] = (key, ops.prefetch_spans(in_proj, out_proj))
-        return cached[1]
-
     def _fused_decode_step(self, inputs_embeds, cache_params, ops):
         """inputs_embeds (batch, 1, hidden) -> norm_f's output (batch, 1, hidden), the cache's states advanced.
 
@@ -650,18 +635,17 @@ class MambaBackbone(MambaLMPreTrainedModel):
         dtype = x.dtype
         residual_dtype = torch.float32 if self.layers[0].residual_in_fp32 else dtype
         residual, normed, partials, y = self._decode_workspace(batch, x.device, dtype, residual_dtype, ops)
-        spans = self._decode_prefetch_spans(ops)
         residual_in, delta = x, None
-        for block, (norm_span, conv_span, state_update_span) in zip(self.layers, spans):
+        for block in self.layers:
             mixer = block.mixer
             ops.add_rms_norm(residual_in, delta, block.norm.weight, block.norm.variance_epsilon, residual, normed,
-                             block.norm.weight.dtype, prefetch=norm_span)
+                             block.norm.weight.dtype)
             xz = mixer.in_proj(normed)
             layer = mixer.layer_idx
             ops.mixer_decode_step(
                 xz, cache_params.conv_states[layer], cache_params.ssm_states[layer], mixer.conv1d.weight[:, 0],
                 mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
-                mixer.D, partials, y, prefetch_in_conv=conv_span, prefetch_in_state_update=state_update_span,
+                mixer.D, partials, y,
             )
             delta = mixer.out_proj(y)
             residual_in = residual

@@ -35,111 +35,13 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# L2 prefetch of upcoming weights (sm_90+): the latency-bound kernels below leave HBM idle while they run
-# ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _prefetch_l2(span_ptr, span_bytes, program, n_programs, MODE: tl.constexpr, CHUNK: tl.constexpr,
-                 LANES: tl.constexpr):
-    """Ask the L2 cache to fetch bytes [0, span_bytes) from span_ptr (uint8; span_bytes a multiple of 16): this
-    program takes chunks program * LANES + lane, stepping by n_programs * LANES, of CHUNK bytes each. MODE 1: one
-    ``cp.async.bulk.prefetch.L2`` per chunk (the SM's bulk-copy unit); 2: one ``prefetch.global.L2`` per 128-byte line
-    (CHUNK = 128; an ordinary memory instruction, no data returned); 3: the same with ``L2::evict_last``. Fire and
-    forget: nothing waits for it and nothing is written, so results do not change."""
-    n_chunks = tl.cdiv(span_bytes, CHUNK)
-    lanes = tl.arange(0, LANES)
-    for first in range(program * LANES, n_chunks, n_programs * LANES):
-        offset = (first + lanes).to(tl.int64) * CHUNK
-        size = tl.minimum(span_bytes - offset, CHUNK).to(tl.int32)  # <= 0 past the end: not issued
-        if MODE == 1:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                "=r,l,r", [span_ptr + offset, size], dtype=tl.int32, is_pure=False, pack=1)
-        elif MODE == 2:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                "=r,l,r", [span_ptr + offset, size], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-                "=r,l,r", [span_ptr + offset, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-# Which upcoming weight bytes the decode step's latency-bound kernels ask L2 to fetch (``prefetch_spans``), per layer:
-# - the conv + x_proj kernel: out_proj's weight of the same layer (read two kernels later), its first
-#   PREFETCH_OUT_PROJ_BYTES;
-# - the state-update kernel: the first PREFETCH_NEXT_IN_PROJ_BYTES of the next layer's in_proj weight (read after
-#   out_proj and the next norm);
-# - add_rms_norm: the PREFETCH_NORM_IN_PROJ_BYTES after those of its layer's in_proj (read right after it).
-# 0 bytes: no prefetch there. PREFETCH_MODE: "bulk" (PREFETCH_CHUNK bytes per cp.async.bulk.prefetch.L2), "line"
-# (prefetch.global.L2 per 128-byte line) or "line_evict_last".
-PREFETCH_OUT_PROJ_BYTES = 0  # off: slower in every setting measured (benchmarks/results/gpu_decode_parts.md)
-PREFETCH_NEXT_IN_PROJ_BYTES = 0
-PREFETCH_NORM_IN_PROJ_BYTES = 0
-PREFETCH_MODE = "line"
-PREFETCH_CHUNK = 4096
-_PF_LANES = 128
-_PF_MODES = {"bulk": 1, "line": 2, "line_evict_last": 3}
-
-
-def l2_prefetch_supported(device) -> bool:
-    """Whether the decode-step kernels can issue L2 prefetches on ``device``: a CUDA GPU of compute capability 9.0 or
-    later (``cp.async.bulk.prefetch.L2``), not under Triton's interpreter."""
-    device = torch.device(device)
-    return (device.type == "cuda" and not interpret_mode()
-            and torch.cuda.get_device_capability(device) >= (9, 0))
-
-
-def l2_prefetch_span(weight, start: int, stop: int):
-    """Bytes [start, stop) of ``weight``'s storage (clipped to its size, rounded down to multiples of 16) as a flat
-    uint8 view for the kernels' ``prefetch`` arguments, or None when there is nothing to fetch or no way to."""
-    if weight is None or not weight.is_contiguous() or not l2_prefetch_supported(weight.device):
-        return None
-    total = weight.numel() * weight.element_size()
-    start, stop = min(start, total) // 16 * 16, min(stop, total) // 16 * 16
-    if stop <= start or weight.data_ptr() % 16:
-        return None
-    return weight.view(-1).view(torch.uint8)[start:stop]
-
-
-def prefetch_spans(in_proj_weights, out_proj_weights):
-    """Per layer, the spans (``l2_prefetch_span`` or None) that add_rms_norm, the conv + x_proj kernel and the
-    state-update kernel prefetch (see PREFETCH_*): in_proj_weights, out_proj_weights: one (N, K) weight per layer."""
-    spans = []
-    layers = len(in_proj_weights)
-    for i in range(layers):
-        next_in = in_proj_weights[i + 1] if i + 1 < layers else None
-        spans.append((
-            l2_prefetch_span(in_proj_weights[i], PREFETCH_NEXT_IN_PROJ_BYTES if i else 0,
-                             PREFETCH_NEXT_IN_PROJ_BYTES + PREFETCH_NORM_IN_PROJ_BYTES),
-            l2_prefetch_span(out_proj_weights[i], 0, PREFETCH_OUT_PROJ_BYTES),
-            l2_prefetch_span(next_in, 0, PREFETCH_NEXT_IN_PROJ_BYTES),
-        ))
-    return spans
-
-
-def _prefetch_args(span, fallback):
-    """(tensor, bytes, PREFETCH mode (0: none), chunk bytes) kernel arguments for an optional span (fallback: any
-    tensor, never read)."""
-    if span is None:
-        return fallback, 0, 0, PREFETCH_CHUNK
-    if span.dtype != torch.uint8 or span.dim() != 1 or span.numel() % 16 or span.data_ptr() % 16:
-        raise ValueError("prefetch spans must come from l2_prefetch_span")
-    mode = _PF_MODES[PREFETCH_MODE]
-    return span, span.numel(), mode, PREFETCH_CHUNK if mode == 1 else 128
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Residual add + RMSNorm
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, pf_ptr, hidden,
-                         stride_in, stride_delta, stride_res, stride_out, eps, pf_bytes,
-                         NORM_DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-                         PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr):
-    """res_out = round_res(res_in + delta) (float32 sum); out = w * round_norm(normalize(round_norm(res_out))).
-    With PREFETCH (a _prefetch_l2 mode, 0: none), first asks L2 for pf_ptr[:pf_bytes]."""
-    if PREFETCH:
-        _prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), PREFETCH, PF_CHUNK, PF_LANES)
+def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hidden,
+                         stride_in, stride_delta, stride_res, stride_out, eps,
+                         NORM_DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    """res_out = round_res(res_in + delta) (float32 sum); out = w * round_norm(normalize(round_norm(res_out)))."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -159,13 +61,12 @@ def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, pf_
 _ADD_NORM = CachedLaunch(_add_rms_norm_kernel)
 
 
-def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype, prefetch=None):
+def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype):
     """residual_out = residual_in + delta (float32 sum, stored in residual_out's dtype), then
     out = ``MambaRMSNorm(residual_out, input_dtype=norm_dtype)`` stored in out's dtype.
 
     residual_in, delta (optional), residual_out, out: (rows, hidden) with unit stride along hidden (residual_out may be
-    residual_in: each element is read before it is written, by the same program); weight (hidden,). prefetch: optional
-    ``l2_prefetch_span`` the kernel asks L2 to fetch (no effect on the results). Returns out.
+    residual_in: each element is read before it is written, by the same program); weight (hidden,). Returns out.
     """
     rows, hidden = residual_out.shape
     for name, t in (("residual_in", residual_in), ("delta", delta), ("out", out)):
@@ -177,12 +78,9 @@ def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype,
     if rows:
         has_delta = delta is not None
         delta_arg = delta if has_delta else residual_in
-        pf, pf_bytes, pf_mode, pf_chunk = _prefetch_args(prefetch, weight)
-        _ADD_NORM((rows, 1, 1), (residual_in, delta_arg, residual_out, weight, out, pf),
-                  (hidden, residual_in.stride(0), delta_arg.stride(0), residual_out.stride(0), out.stride(0),
-                   float(eps), pf_bytes),
-                  (_TL_DTYPES[norm_dtype], has_delta, block, pf_mode, pf_chunk, _PF_LANES),
-                  4 if block <= 4096 else 8)
+        _ADD_NORM((rows, 1, 1), (residual_in, delta_arg, residual_out, weight, out),
+                  (hidden, residual_in.stride(0), delta_arg.stride(0), residual_out.stride(0), out.stride(0), float(eps)),
+                  (_TL_DTYPES[norm_dtype], has_delta, block), 4 if block <= 4096 else 8)
     return out
 
 
@@ -211,21 +109,17 @@ def _conv_silu(xz_row, state_row, conv_w_ptr, conv_b_ptr, offs_c, mask_c, stride
 
 @triton.jit
 def _conv_x_proj_kernel(
-    xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr, pf_ptr,
+    xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr,
     dim, n_proj,
     stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
-    stride_xw_n, stride_xw_k, stride_part_s, stride_part_b, pf_bytes,
+    stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
     W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_CONV_BIAS: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr,
 ):
     """Program (channel block s, output block p, row b): x = silu(conv) of the block's channels (the conv state is only
-    read here), part[s, b, p-block] = x_proj.weight[p-block, channels] @ x (float32). With PREFETCH, first asks L2 for
-    pf_ptr[:pf_bytes]."""
+    read here), part[s, b, p-block] = x_proj.weight[p-block, channels] @ x (float32)."""
     pid_s = tl.program_id(0)
     pid_p = tl.program_id(1)
-    if PREFETCH:
-        _prefetch_l2(pf_ptr, pf_bytes, pid_s + tl.num_programs(0) * (pid_p + tl.num_programs(1) * tl.program_id(2)),
-                     tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), PREFETCH, PF_CHUNK, PF_LANES)
     row = tl.program_id(2).to(tl.int64)
     offs_c = pid_s * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < dim
@@ -256,23 +150,18 @@ def _sum_partials(part_row, stride_part_s, n_splits, start, count, COUNT_PAD: tl
 @triton.jit
 def _ssm_step_kernel(
     part_ptr, xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, ssm_state_ptr, y_ptr,
-    pf_ptr,
     dim, rank, n_splits,
     stride_part_s, stride_part_b, stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w,
     stride_cw_d, stride_cw_k, stride_dtw_d, stride_dtw_r, stride_A_d, stride_A_n,
-    stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d, pf_bytes,
+    stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    HAS_D: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr,
+    HAS_D: tl.constexpr,
 ):
     """Program (channel block, row b): time_step, B, C = sums of the x_proj partials (rounded to the model dtype, as
     x_proj's output is); dt = softplus(round(dt_proj(time_step) + bias)); x = silu(conv) with the conv state rolled;
-    h = exp(dt A) h + dt B x with A = -exp(A_log); y = (<C, h> + D x) * silu(z). With PREFETCH, first asks L2 for
-    pf_ptr[:pf_bytes]."""
+    h = exp(dt A) h + dt B x with A = -exp(A_log); y = (<C, h> + D x) * silu(z)."""
     pid_d = tl.program_id(0)
-    if PREFETCH:
-        _prefetch_l2(pf_ptr, pf_bytes, pid_d + tl.num_programs(0) * tl.program_id(1),
-                     tl.num_programs(0) * tl.num_programs(1), PREFETCH, PF_CHUNK, PF_LANES)
     row = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
@@ -346,22 +235,17 @@ def _conv_silu_rows(xz_ptr, state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, o
 
 @triton.jit
 def _conv_x_proj_rows_kernel(
-    xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr, pf_ptr,
+    xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr,
     batch, dim, n_proj,
     stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
-    stride_xw_n, stride_xw_k, stride_part_s, stride_part_b, pf_bytes,
+    stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
     W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_CONV_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr,
 ):
     """Program (channel block s, output block p, row block): part[s, rows, p-block] = x[rows, channels] @
-    x_proj.weight[p-block, channels]^T (float32), x = silu(conv) (the conv state only read). With PREFETCH, first asks
-    L2 for pf_ptr[:pf_bytes]."""
+    x_proj.weight[p-block, channels]^T (float32), x = silu(conv) (the conv state only read)."""
     pid_s = tl.program_id(0)
     pid_p = tl.program_id(1)
-    if PREFETCH:
-        _prefetch_l2(pf_ptr, pf_bytes, pid_s + tl.num_programs(0) * (pid_p + tl.num_programs(1) * tl.program_id(2)),
-                     tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), PREFETCH, PF_CHUNK, PF_LANES)
     offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -412,23 +296,18 @@ def _sum_partials_rows(part_rows, row_ok, stride_part_s, n_splits, cols, col_ok)
 @triton.jit
 def _ssm_step_rows_kernel(
     part_ptr, xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, dtw_ptr, dtb_ptr, A_log_ptr, D_ptr, ssm_state_ptr, y_ptr,
-    pf_ptr,
     batch, dim, rank, n_splits,
     stride_part_s, stride_part_b, stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w,
     stride_cw_d, stride_cw_k, stride_dtw_d, stride_dtw_r, stride_A_d, stride_A_n,
-    stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d, pf_bytes,
+    stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
-    PF_LANES: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """``_ssm_step_kernel`` for a block of rows: dt = time_step[rows] @ dt_proj.weight[channels]^T by tl.dot in
     BLOCK_R chunks of the rank (time_step = the partial sums, rounded to the model dtype), the state update on
-    (rows, channels, N) tiles; the conv state rolled here. With PREFETCH, first asks L2 for pf_ptr[:pf_bytes]."""
+    (rows, channels, N) tiles; the conv state rolled here."""
     pid_d = tl.program_id(0)
-    if PREFETCH:
-        _prefetch_l2(pf_ptr, pf_bytes, pid_d + tl.num_programs(0) * tl.program_id(1),
-                     tl.num_programs(0) * tl.num_programs(1), PREFETCH, PF_CHUNK, PF_LANES)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -525,16 +404,14 @@ def split_count(dim: int, batch=None) -> int:
 
 
 def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                      A_log, D, partials=None, out=None, prefetch_in_conv=None, prefetch_in_state_update=None):
+                      A_log, D, partials=None, out=None):
     """One decode step of a Mamba mixer between in_proj and out_proj, the states updated in place.
 
     xz: (batch, 2 * dim) in_proj's output (x, then the gate z); conv_state: (batch, dim, W) in xz's dtype;
     ssm_state: (batch, dim, N) float32; conv_weight: (dim, W); conv_bias: (dim,) or None; x_proj_weight:
     (rank + 2N, dim); dt_proj_weight: (dim, rank); dt_proj_bias: (dim,) or None; A_log: (dim, N) float32
     (A = -exp(A_log)); D: (dim,) or None. partials: optional float32 (>= split_count(dim, batch), >= batch, >= rank + 2N)
-    workspace; out: optional (batch, dim) in xz's dtype. prefetch_in_conv, prefetch_in_state_update: optional
-    ``l2_prefetch_span``s the first / second kernel asks L2 to fetch (no effect on the results). Returns y (batch, dim)
-    in xz's dtype, gated by silu(z).
+    workspace; out: optional (batch, dim) in xz's dtype. Returns y (batch, dim) in xz's dtype, gated by silu(z).
     """
     batch, two_dim = xz.shape
     dim = two_dim // 2
@@ -567,38 +444,34 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
     if batch == 0:
         return out
     conv_b = conv_bias if conv_bias is not None else conv_weight
-    pf_1 = _prefetch_args(prefetch_in_conv, conv_weight)
-    pf_2 = _prefetch_args(prefetch_in_state_update, conv_weight)
     if _uses_rows(batch):
         _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_proj_weight, dt_proj_weight,
-                    dt_proj_bias, A_log, D, partials, out, splits, rank, state_size, pf_1, pf_2)
+                    dt_proj_bias, A_log, D, partials, out, splits, rank, state_size)
         return out
     block_c, block_p, warps_1 = CONV_X_PROJ_CONFIG
     block_d, split_block, warps_2 = SSM_STEP_CONFIG
     w_pad = next_pow2(width)
     _CONV_X_PROJ(
         (splits, triton.cdiv(n_proj, block_p), batch),
-        (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials, pf_1[0]),
+        (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
         (dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
-         partials.stride(0), partials.stride(1), pf_1[1]),
-        (width, w_pad, block_c, block_p, conv_bias is not None, pf_1[2], pf_1[3], _PF_LANES), warps_1)
+         partials.stride(0), partials.stride(1)),
+        (width, w_pad, block_c, block_p, conv_bias is not None), warps_1)
     _SSM_STEP(
         (triton.cdiv(dim, block_d), batch, 1),
         (partials, xz, conv_state, conv_weight, conv_b, dt_proj_weight,
          dt_proj_bias if dt_proj_bias is not None else conv_weight, A_log, D if D is not None else conv_weight,
-         ssm_state, out, pf_2[0]),
+         ssm_state, out),
         (dim, rank, splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
-         *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride(),
-         pf_2[1]),
+         *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
         (state_size, next_pow2(state_size), next_pow2(rank), width, w_pad, block_d, split_block,
-         conv_bias is not None, dt_proj_bias is not None, D is not None, pf_2[2], pf_2[3], _PF_LANES), warps_2)
+         conv_bias is not None, dt_proj_bias is not None, D is not None), warps_2)
     return out
 
 
 def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_proj_weight, dt_proj_weight,
-                dt_proj_bias, A_log, D, partials, out, splits, rank, state_size, pf_1, pf_2):
-    """``mixer_decode_step`` on blocks of rows (checked arguments; see ROWS_MIN_BATCH); pf_1, pf_2: the two kernels'
-    ``_prefetch_args``."""
+                dt_proj_bias, A_log, D, partials, out, splits, rank, state_size):
+    """``mixer_decode_step`` on blocks of rows (checked arguments; see ROWS_MIN_BATCH)."""
     batch, two_dim = xz.shape
     dim = two_dim // 2
     width = conv_weight.shape[-1]
@@ -610,11 +483,10 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
     row_blocks = triton.cdiv(batch, block_b)
     _CONV_X_PROJ_ROWS(
         (splits, triton.cdiv(n_proj, block_p), row_blocks),
-        (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials, pf_1[0]),
+        (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
         (batch, dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
-         partials.stride(0), partials.stride(1), pf_1[1]),
-        (width, block_b, block_c, min(block_k, block_c), block_p, conv_bias is not None, precision, upcast,
-         pf_1[2], pf_1[3], _PF_LANES), warps_1)
+         partials.stride(0), partials.stride(1)),
+        (width, block_b, block_c, min(block_k, block_c), block_p, conv_bias is not None, precision, upcast), warps_1)
     summed_splits = splits
     if ROWS_REDUCE and splits > 1:
         block = min(256, next_pow2(n_proj))
@@ -625,9 +497,8 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         (triton.cdiv(dim, block_d), row_blocks, 1),
         (partials, xz, conv_state, conv_weight, conv_b, dt_proj_weight,
          dt_proj_bias if dt_proj_bias is not None else conv_weight, A_log, D if D is not None else conv_weight,
-         ssm_state, out, pf_2[0]),
+         ssm_state, out),
         (batch, dim, rank, summed_splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
-         *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride(),
-         pf_2[1]),
+         *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
         (state_size, next_pow2(state_size), width, block_b, block_d, block_r, conv_bias is not None,
-         dt_proj_bias is not None, D is not None, precision, upcast, pf_2[2], pf_2[3], _PF_LANES), warps_2)
+         dt_proj_bias is not None, D is not None, precision, upcast), warps_2)

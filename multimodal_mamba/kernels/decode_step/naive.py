@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from ...modeling.ops_selective_scan import causal_conv1d_update_ref, selective_state_update_ref
 
 
-def add_rms_norm_ref(residual_in, delta, weight, eps, residual_out, out, norm_dtype, prefetch=None):
-    """Same contract as ``fused.add_rms_norm`` (``prefetch`` is ignored): residual_out = residual_in + delta
-    (float32 sum, in residual_out's dtype); out = ``MambaRMSNorm(residual_out, input_dtype=norm_dtype)`` in out's
-    dtype. Returns out."""
+def add_rms_norm_ref(residual_in, delta, weight, eps, residual_out, out, norm_dtype):
+    """Same contract as ``fused.add_rms_norm``: residual_out = residual_in + delta (float32 sum, in residual_out's
+    dtype); out = ``MambaRMSNorm(residual_out, input_dtype=norm_dtype)`` in out's dtype. Returns out."""
     total = residual_in.float() if delta is None else residual_in.float() + delta.float()
     residual_out.copy_(total.to(residual_out.dtype))
     # MambaRMSNorm(residual_out, input_dtype=norm_dtype) (as kernels/rms_norm/naive.py, which imports Triton's package)
@@ -29,10 +28,9 @@ def split_count(dim: int, batch=None) -> int:
 
 
 def mixer_decode_step_ref(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                          dt_proj_bias, A_log, D, partials=None, out=None, prefetch_in_conv=None,
-                          prefetch_in_state_update=None):
-    """Same contract as ``fused.mixer_decode_step`` (``partials`` and the prefetch spans are ignored):
-    xz (batch, 2 * dim) -> y (batch, dim), conv_state (batch, dim, W) and ssm_state (batch, dim, N) updated in place."""
+                          dt_proj_bias, A_log, D, partials=None, out=None):
+    """Same contract as ``fused.mixer_decode_step`` (``partials`` is ignored): xz (batch, 2 * dim) -> y (batch, dim),
+    conv_state (batch, dim, W) and ssm_state (batch, dim, N) updated in place."""
     dim = xz.shape[1] // 2
     state_size = ssm_state.shape[-1]
     x, z = xz[:, :dim], xz[:, dim:]
@@ -46,11 +44,6 @@ def mixer_decode_step_ref(xz, conv_state, ssm_state, conv_weight, conv_bias, x_p
         out.copy_(y)
         return out
     return y
-
-
-def prefetch_spans(in_proj_weights, out_proj_weights):
-    """Same contract as ``fused.prefetch_spans``: the reference prefetches nothing."""
-    return [(None, None, None)] * len(in_proj_weights)
 
 
 # The names the model's decode step calls on its kernel module (``MambaBackbone._fused_decode_step(..., ops)``), so
