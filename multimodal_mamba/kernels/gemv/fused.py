@@ -35,23 +35,31 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..utils import interpret_mode
+from ..utils import gdc_launch_dependents, gdc_wait, interpret_mode, pdl_available
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w, stride_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr):
     """DIRECT (one split): out[n] = sum_k x[k] w[n, k] (+ bias[n]) in out's dtype. Else out[split, n] = the sum over
-    this split's K range, float32, for ``_sum_splits_kernel``."""
+    this split's K range, float32, for ``_sum_splits_kernel``. PDL (launched with programmatic dependent launch): the
+    first weight tile is loaded before waiting for the kernel that writes x (the same sums in the same order)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = split * K_PER_SPLIT
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+    cols = k_start + tl.arange(0, BLOCK_K)
+    col_ok = (cols < K) & (tl.arange(0, BLOCK_K) < K_PER_SPLIT)
+    w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = w * x[None, :]
+    for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
         cols = k_start + k0 + tl.arange(0, BLOCK_K)
         col_ok = (cols < K) & (k0 + tl.arange(0, BLOCK_K) < K_PER_SPLIT)
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -101,15 +109,17 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias=None, block_n: int =
     splits = triton.cdiv(k_in, k_per_split)
     grid_n = triton.cdiv(n_out, block_n)
     bias_arg = bias if bias is not None else weight  # not read without HAS_BIAS
+    pdl = pdl_available(x.device)
+    launch = {"launch_pdl": True} if pdl else {}  # (see kernels/utils.pdl_available)
     if splits == 1:
         _gemv_kernel[(grid_n, 1)](vector, weight, bias_arg, out, n_out, k_in, weight.stride(0), 0,
                                   BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
-                                  HAS_BIAS=bias is not None, DIRECT=True, num_warps=num_warps)
+                                  HAS_BIAS=bias is not None, DIRECT=True, PDL=pdl, num_warps=num_warps, **launch)
         return out.reshape(*x.shape[:-1], n_out)
     partial = torch.empty(splits, n_out, device=x.device, dtype=torch.float32)
     _gemv_kernel[(grid_n, splits)](vector, weight, bias_arg, partial, n_out, k_in, weight.stride(0),
                                    partial.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
-                                   HAS_BIAS=False, DIRECT=False, num_warps=num_warps)
+                                   HAS_BIAS=False, DIRECT=False, PDL=pdl, num_warps=num_warps, **launch)
     block = min(1024, triton.next_power_of_2(n_out))
     _sum_splits_kernel[(triton.cdiv(n_out, block),)](
         partial, bias if bias is not None else partial, out, n_out, partial.stride(0),
