@@ -18,6 +18,10 @@ kernels costs 2-4 us of latency whatever its work, 64 layers over. Here the same
 From ``ROWS_MIN_BATCH`` rows on, the two mixer kernels are replaced by their ``_rows`` forms (blocks of rows per
 program, x_proj and dt_proj by ``tl.dot``), with a small kernel between them that sums the partials once per step.
 
+On sm_90+ every kernel here is launched with programmatic dependent launch (kernels/utils ``pdl_available``): it
+loads its weights, then waits for the kernel before it, so launch gaps and first loads overlap the previous kernel
+(batch-1 GPU step 2.51 -> 2.26 ms on an H200, benchmarks/results/gpu_decode_parts.md); results are unchanged.
+
 Rounding follows the unfused path's steps: the conv output, x_proj's output (time_step, B, C) and dt_proj's output
 are rounded to the model dtype where the unfused path stores them in it; only float32 summation orders differ.
 Reference: ``naive.py`` (the same steps with the package's existing ops). Inference only (no autograd).

@@ -12,6 +12,9 @@ tiles, float32 products accumulated in a (BLOCK_N, BLOCK_K) register tile and su
 by a second, tiny launch in a fixed order (no atomics: the result does not depend on scheduling, so a decode step
 replayed from a CUDA graph gives the same tokens as the eager one).
 
+On sm_90+ the kernel is launched with programmatic dependent launch (kernels/utils ``pdl_available``): it loads its
+first weight tile before waiting for the kernel that writes x.
+
 ``linear_one_row``: which implementation is fastest depends on the shape and the GPU, so the first call for a
 (device, N, K, dtype, bias) outside CUDA-graph capture times cuBLAS (``F.linear``) and a few kernel configurations
 (their GPU time, replayed from a small CUDA graph, as a decode step runs them) and keeps the fastest for the rest of
@@ -128,6 +131,25 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias=None, block_n: int =
     return out.reshape(*x.shape[:-1], n_out)
 
 
+@triton.jit
+def _rewrite_kernel(x_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """x[:n] = x[:n], one program: the chooser's stand-in for the small kernel that writes a decode step's GEMV input
+    (the norm before in_proj, the state update before out_proj)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+
+
+def _rewrite(x_row):
+    """Launch ``_rewrite_kernel`` on x_row (K,) as the decode step's kernels are launched (PDL where available)."""
+    pdl = pdl_available(x_row.device)
+    _rewrite_kernel[(1,)](x_row, x_row.numel(), BLOCK=triton.next_power_of_2(x_row.numel()), PDL=pdl, num_warps=4,
+                          **({"launch_pdl": True} if pdl else {}))
+
+
 # Configurations tried per shape: (block_n, block_k, split_k, num_warps). Few enough to compile in seconds. The wide
 # tiles (block_k 2048 - 8192) load a program's whole row range in 1 - 3 steps: more bytes in flight per SM, fewer
 # latencies in a row, for the layer-sized weights (26 - 52 MB) that read at only 3.0 - 3.5 TB/s with block_k 1024
@@ -203,13 +225,25 @@ def _cold_copies(weight) -> list:
 
 def _measure(x, weight, bias):
     """The fastest of F.linear and the candidate configurations for this shape: None (F.linear) or a config. Each is
-    timed over ``_cold_copies`` of the weight (its reads from HBM, as in a decode step)."""
+    timed over ``_cold_copies`` of the weight (its reads from HBM, as in a decode step), every call right after a
+    one-program kernel that rewrites x (``_rewrite_kernel``), as a decode step's GEMV follows the small kernel that
+    writes its input: with programmatic dependent launch a Triton route starts loading its weights during that kernel
+    and lets the next kernel start during its own last programs, which calls timed back to back do not show (batch
+    1, H200: timed back to back, in_proj picked (2, 1024, 1, 4), GPU step 2.255 ms, where (16, 256, 1, 8) gave 2.199;
+    timed after the stand-in, it picks (16, 256, 1, 8): 2.204 ms; benchmarks/results/gpu_decode_parts.md)."""
     weights = _cold_copies(weight)
     calls = max(16, len(weights))
+    x = x.clone()  # rewritten in place by the stand-in producer kernel (same values)
+    x_row = x.reshape(-1)
     try:
         def timer(fn):
             rotation = itertools.cycle(weights)  # the captured calls read the copies in turn
-            return _graph_time_ms(lambda: fn(next(rotation)), calls=calls)
+
+            def producer_then_call():
+                _rewrite(x_row)
+                fn(next(rotation))
+
+            return _graph_time_ms(producer_then_call, calls=calls)
 
         best, best_ms = None, timer(lambda w: F.linear(x, w, bias))
     except Exception:  # capture impossible here: compare eager times
