@@ -30,10 +30,12 @@ def pdl_available(device) -> bool:
 
     A kernel launched so may start while the kernel before it on the stream still runs (once all of that kernel's
     programs have called ``gdc_launch_dependents``, or ended); it must call ``gdc_wait`` (which returns once the kernel
-    before it has finished and its writes are visible) before it reads anything an earlier kernel writes, and may
-    read only never-written inputs (weights) before that. The kernels here load their weight tiles, then wait, so a
-    layer's kernels start and stream their weights while the one before finishes: the launch gap and the first load
-    latency of each small kernel overlap the previous one. Results are unchanged (same arithmetic)."""
+    before it has finished and its writes are visible) before it reads anything an earlier kernel writes, and before
+    that may read only inputs that the kernel right before it does not write (here: weights; a decode step starts with
+    the embedding lookup, an ordinary launch, so a weight update before the step is complete when it starts). The
+    kernels here load their weight tiles, then wait, so a layer's kernels start and stream their weights while the
+    one before finishes: the launch gap and the first load latency of each small kernel overlap the previous one.
+    Results are unchanged (same arithmetic)."""
     device = torch.device(device)
     if not PDL or device.type != "cuda" or interpret_mode() or gdc_wait is None:
         return False
