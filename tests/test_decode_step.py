@@ -5,8 +5,8 @@ CPU: the step's orchestration on the naive reference ops equals the module-by-mo
 hooks, a forced backend, ``fused_decode = False`` fall back); the Triton kernels against the naive reference through
 Triton's interpreter on small shapes, in a child process (when Triton is installed).
 GPU (marked ``gpu``): the fused step against the module path at batch 1 and 16 in bf16 and float32, per layer on a
-mamba-2.8b-shaped mixer; greedy tokens identical with and without CUDA graphs on the fused path; a LoRA-wrapped
-model falls back to the module path and still decodes the same tokens either way.
+mamba-2.8b-shaped mixer; greedy tokens identical with and without CUDA graphs on the fused path; programmatic
+dependent launch changes no bit of the results; a LoRA-wrapped model falls back to the module path and still decodes the same tokens either way.
 """
 
 from __future__ import annotations
@@ -311,6 +311,42 @@ def test_greedy_tokens_identical_with_and_without_graphs_on_the_fused_step(dtype
     assert torch.equal(eager, graphed)
     assert eager_calls >= 15  # every eager decode step took the fused path
     assert len(calls) > eager_calls  # and the captured graph was recorded from it
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 16])
+def test_programmatic_dependent_launch_changes_no_bit(batch, monkeypatch):
+    """The fused step's kernels and the one-row GEMV launched with programmatic dependent launch (each loads its
+    weights before waiting for the kernel before it) give bit-identical outputs, states and greedy tokens, eager and
+    replayed from a CUDA graph, to the same kernels launched the ordinary way."""
+    from multimodal_mamba.kernels import utils
+
+    monkeypatch.setattr(utils, "_PDL_DEVICES", {})
+    monkeypatch.setattr(utils, "PDL", True)
+    if not utils.pdl_available("cuda"):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 and Triton >= 3.4")
+    model = small_lm("cuda", torch.bfloat16, layers=3, hidden=256, vocab=1000)
+    backbone = model.backbone
+    ops = modeling_mamba_lm._package_kernels()["decode_step"]
+    ids = torch.randint(2, 1000, (batch, 8), generator=torch.Generator().manual_seed(3)).cuda()
+    results = []
+    for pdl in (True, False):
+        monkeypatch.setattr(utils, "PDL", pdl)
+        monkeypatch.setattr(utils, "_PDL_DEVICES", {})
+        assert utils.pdl_available("cuda") == pdl
+        with torch.no_grad():
+            cache = model.allocate_cache(batch)
+            model(ids[:, :6], cache_params=cache, use_cache=True)
+            steps = []
+            for t in (6, 7):
+                steps.append(backbone._fused_decode_step(backbone.embeddings(ids[:, t:t + 1]), cache, ops).clone())
+                cache.seqlen_offset += 1
+        model.decode_graphs.clear()  # captured again with this launch mode
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+        results.append((steps, cache.conv_states.clone(), cache.ssm_states.clone(), tokens))
+    (steps_a, conv_a, ssm_a, tokens_a), (steps_b, conv_b, ssm_b, tokens_b) = results
+    assert all(torch.equal(a, b) for a, b in zip(steps_a, steps_b))
+    assert torch.equal(conv_a, conv_b) and torch.equal(ssm_a, ssm_b) and torch.equal(tokens_a, tokens_b)
 
 
 @gpu

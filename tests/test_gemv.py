@@ -3,8 +3,8 @@
 CPU: ``DecodeLinear`` is an ``nn.Linear`` (same parameters and state_dict, same results, PEFT LoRA wraps it and trains);
 the Triton kernel through Triton's interpreter (when Triton is installed) in a child process.
 GPU (marked ``gpu``): every kernel configuration against the float32 reference on the mamba-2.8b projection shapes;
-the self-measured dispatch keeps one choice per shape and is never used for a shape first seen during CUDA-graph
-capture; a decode step through DecodeLinear equals ``F.linear`` to rounding.
+programmatic dependent launch changes no bit; the self-measured dispatch keeps one choice per shape and is never used
+for a shape first seen during CUDA-graph capture; a decode step through DecodeLinear equals ``F.linear`` to rounding.
 """
 
 from __future__ import annotations
@@ -104,6 +104,27 @@ def test_interpreter_gemv_kernel(triton_interpreter):
 @gpu
 def test_every_config_matches_the_reference_on_model_shapes():
     check_all_configs(MODEL_SHAPES, "cuda")
+
+
+@gpu
+def test_every_config_gives_the_same_bits_with_programmatic_dependent_launch(monkeypatch):
+    from multimodal_mamba.kernels import utils
+    from multimodal_mamba.kernels.gemv import gemv_triton
+    from multimodal_mamba.kernels.gemv.fused import CANDIDATES
+
+    monkeypatch.setattr(utils, "_PDL_DEVICES", {})
+    if not utils.pdl_available("cuda"):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 and Triton >= 3.4")
+    torch.manual_seed(0)
+    for n, k, with_bias in MODEL_SHAPES[:4] + SMALL_SHAPES:
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if with_bias else None
+        for config in CANDIDATES:
+            monkeypatch.setattr(utils, "PDL", True)
+            with_pdl = gemv_triton(x, weight, bias, *config)
+            monkeypatch.setattr(utils, "PDL", False)
+            assert torch.equal(gemv_triton(x, weight, bias, *config), with_pdl), (n, k, config)
 
 
 @gpu

@@ -13,6 +13,45 @@ import triton.language as tl
 LOG2_E = 1.0 / math.log(2.0)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+try:  # grid dependency control for programmatic dependent launch (Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: pdl_available() is False, the kernels never call them
+    gdc_launch_dependents = gdc_wait = None
+
+# Programmatic dependent launch (PDL) of the decode-step kernels and the one-row GEMV: set False to launch them the
+# ordinary way (MULTIMODAL_MAMBA_PDL=0 at import does the same).
+PDL = os.environ.get("MULTIMODAL_MAMBA_PDL", "1") not in ("0", "")
+_PDL_DEVICES = {}
+
+
+def pdl_available(device) -> bool:
+    """Whether kernels may be launched with programmatic dependent launch on ``device``: ``PDL`` on, a CUDA GPU of
+    compute capability 9.0 or later, not the interpreter, and a Triton with ``launch_pdl`` and the gdc functions.
+
+    A kernel launched so may start while the kernel before it on the stream still runs (once all of that kernel's
+    programs have called ``gdc_launch_dependents``, or ended); it must call ``gdc_wait`` (which returns once the kernel
+    before it has finished and its writes are visible) before it reads anything an earlier kernel writes, and before
+    that may read only inputs that the kernel right before it does not write (here: weights; a decode step starts with
+    the embedding lookup, an ordinary launch, so a weight update before the step is complete when it starts). The
+    kernels here load their weight tiles, then wait, so a layer's kernels start and stream their weights while the
+    one before finishes: the launch gap and the first load latency of each small kernel overlap the previous one.
+    Results are unchanged (same arithmetic)."""
+    device = torch.device(device)
+    if not PDL or device.type != "cuda" or interpret_mode() or gdc_wait is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _PDL_DEVICES.get(index)
+    if found is None:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+
+            found = ("launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+                     and torch.cuda.get_device_capability(index) >= (9, 0))
+        except Exception:
+            found = False
+        _PDL_DEVICES[index] = found
+    return found
+
 
 def interpret_mode() -> bool:
     """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``): the kernels then take CPU tensors."""
@@ -100,8 +139,9 @@ class CachedLaunch:
 
     Calling convention: the kernel's parameters must be ``tensors`` (pointers, no None), then ``scalars`` (a tuple of
     ints and floats), then the constexprs, in signature order (``consts``: a tuple of their values); ``grid`` has
-    three entries. Under the interpreter, or where the
-    Triton version is not one this was written for (``fast_launch_supported``), every call is an ordinary launch.
+    three entries; ``launch_pdl``: launch with programmatic dependent launch (only where ``pdl_available``). Under
+    the interpreter, or where the Triton version is not one this was written for (``fast_launch_supported``), every
+    call is an ordinary launch.
     """
 
     __slots__ = ("kernel", "cache", "max_entries")
@@ -111,17 +151,20 @@ class CachedLaunch:
         self.cache = {}
         self.max_entries = max_entries
 
-    def __call__(self, grid, tensors, scalars, consts, num_warps):
+    def __call__(self, grid, tensors, scalars, consts, num_warps, launch_pdl=False):
+        options = {"num_warps": num_warps}
+        if launch_pdl:  # (only then: a Triton without the option never sees it)
+            options["launch_pdl"] = True
         if not fast_launch_supported():
-            self.kernel[grid](*tensors, *scalars, *consts, num_warps=num_warps)
+            self.kernel[grid](*tensors, *scalars, *consts, **options)
             return
         device = _current_device()
-        key = (device, scalars, consts, num_warps, tuple([t.dtype for t in tensors]),
+        key = (device, scalars, consts, num_warps, launch_pdl, tuple([t.dtype for t in tensors]),
                tuple([t.data_ptr() & 15 == 0 for t in tensors]))
         entry = self.cache.get(key)
         runtime = triton.knobs.runtime
         if entry is None or _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook):
-            compiled = self.kernel[grid](*tensors, *scalars, *consts, num_warps=num_warps)
+            compiled = self.kernel[grid](*tensors, *scalars, *consts, **options)
             if compiled is not None and len(self.cache) < self.max_entries:
                 self.cache[key] = (compiled.run, compiled.function, compiled.packed_metadata)
             return

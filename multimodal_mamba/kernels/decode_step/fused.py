@@ -18,6 +18,10 @@ kernels costs 2-4 us of latency whatever its work, 64 layers over. Here the same
 From ``ROWS_MIN_BATCH`` rows on, the two mixer kernels are replaced by their ``_rows`` forms (blocks of rows per
 program, x_proj and dt_proj by ``tl.dot``), with a small kernel between them that sums the partials once per step.
 
+On sm_90+ every kernel here is launched with programmatic dependent launch (kernels/utils ``pdl_available``): it
+loads its weights, then waits for the kernel before it, so launch gaps and first loads overlap the previous kernel
+(batch-1 GPU step 2.51 -> 2.26 ms on an H200, benchmarks/results/gpu_decode_parts.md); results are unchanged.
+
 Rounding follows the unfused path's steps: the conv output, x_proj's output (time_step, B, C) and dt_proj's output
 are rounded to the model dtype where the unfused path stores them in it; only float32 summation orders differ.
 Reference: ``naive.py`` (the same steps with the package's existing ops). Inference only (no autograd).
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import CachedLaunch, interpret_mode, next_pow2, softplus
+from ..utils import CachedLaunch, gdc_launch_dependents, gdc_wait, interpret_mode, next_pow2, pdl_available, softplus
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -40,11 +44,17 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 @triton.jit
 def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hidden,
                          stride_in, stride_delta, stride_res, stride_out, eps,
-                         NORM_DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
-    """res_out = round_res(res_in + delta) (float32 sum); out = w * round_norm(normalize(round_norm(res_out)))."""
+                         NORM_DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """res_out = round_res(res_in + delta) (float32 sum); out = w * round_norm(normalize(round_norm(res_out))).
+    PDL: launched with programmatic dependent launch (kernels/utils.pdl_available): the norm weight is loaded before
+    waiting for the kernel before."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     res = tl.load(res_in_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
         res += tl.load(delta_ptr + row * stride_delta + offs, mask=mask, other=0.0).to(tl.float32)
@@ -54,7 +64,6 @@ def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hid
     x = res.to(NORM_DTYPE).to(tl.float32)
     mean_square = tl.sum(x * x, axis=0) / hidden
     normed = (x * tl.rsqrt(mean_square + eps)).to(NORM_DTYPE).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -76,11 +85,12 @@ def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype)
         raise ValueError(f"add_rms_norm: weight must be ({hidden},), got {tuple(weight.shape)}")
     block = next_pow2(hidden)
     if rows:
+        pdl = pdl_available(out.device)
         has_delta = delta is not None
         delta_arg = delta if has_delta else residual_in
         _ADD_NORM((rows, 1, 1), (residual_in, delta_arg, residual_out, weight, out),
                   (hidden, residual_in.stride(0), delta_arg.stride(0), residual_out.stride(0), out.stride(0), float(eps)),
-                  (_TL_DTYPES[norm_dtype], has_delta, block), 4 if block <= 4096 else 8)
+                  (_TL_DTYPES[norm_dtype], has_delta, block, pdl), 4 if block <= 4096 else 8, pdl)
     return out
 
 
@@ -114,22 +124,26 @@ def _conv_x_proj_kernel(
     stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
     stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
     W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_CONV_BIAS: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (channel block s, output block p, row b): x = silu(conv) of the block's channels (the conv state is only
-    read here), part[s, b, p-block] = x_proj.weight[p-block, channels] @ x (float32)."""
+    read here), part[s, b, p-block] = x_proj.weight[p-block, channels] @ x (float32). PDL: the x_proj tile is loaded
+    before waiting for the kernel before."""
     pid_s = tl.program_id(0)
     pid_p = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
     offs_c = pid_s * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < dim
-    x, _, _, _ = _conv_silu(xz_ptr + row * stride_xz_b, conv_state_ptr + row * stride_s_b, conv_w_ptr, conv_b_ptr,
-                            offs_c, mask_c, stride_xz_d, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
-                            W, W_PAD, HAS_CONV_BIAS)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < n_proj
     xw = tl.load(xw_ptr + offs_p[:, None].to(tl.int64) * stride_xw_n + offs_c[None, :] * stride_xw_k,
                  mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    x, _, _, _ = _conv_silu(xz_ptr + row * stride_xz_b, conv_state_ptr + row * stride_s_b, conv_w_ptr, conv_b_ptr,
+                            offs_c, mask_c, stride_xz_d, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+                            W, W_PAD, HAS_CONV_BIAS)
     partial = tl.sum(xw.to(tl.float32) * x[None, :], axis=1)
     tl.store(part_ptr + pid_s * stride_part_s + row * stride_part_b + offs_p, partial, mask=mask_p)
 
@@ -156,24 +170,31 @@ def _ssm_step_kernel(
     stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    HAS_D: tl.constexpr,
+    HAS_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (channel block, row b): time_step, B, C = sums of the x_proj partials (rounded to the model dtype, as
     x_proj's output is); dt = softplus(round(dt_proj(time_step) + bias)); x = silu(conv) with the conv state rolled;
-    h = exp(dt A) h + dt B x with A = -exp(A_log); y = (<C, h> + D x) * silu(z)."""
+    h = exp(dt A) h + dt B x with A = -exp(A_log); y = (<C, h> + D x) * silu(z). PDL: the dt_proj tile and A_log are
+    loaded before waiting for the kernel before."""
     pid_d = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     dtype = y_ptr.dtype.element_ty
+    offs_r = tl.arange(0, R_PAD)
+    dtw = tl.load(dtw_ptr + offs_d[:, None] * stride_dtw_d + offs_r[None, :] * stride_dtw_r,
+                  mask=mask_d[:, None] & (offs_r < rank)[None, :], other=0.0)
+    offs_n = tl.arange(0, N_PAD)
+    mask_h = mask_d[:, None] & (offs_n < N)[None, :]
+    A_log = tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_h, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     part_row = part_ptr + row * stride_part_b
     time_step = _sum_partials(part_row, stride_part_s, n_splits, 0, rank, R_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
     Bv = _sum_partials(part_row, stride_part_s, n_splits, rank, N, N_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
     Cv = _sum_partials(part_row, stride_part_s, n_splits, rank + N, N, N_PAD, SPLIT_BLOCK).to(dtype).to(tl.float32)
 
-    offs_r = tl.arange(0, R_PAD)
-    dtw = tl.load(dtw_ptr + offs_d[:, None] * stride_dtw_d + offs_r[None, :] * stride_dtw_r,
-                  mask=mask_d[:, None] & (offs_r < rank)[None, :], other=0.0)
     dt = tl.sum(dtw.to(tl.float32) * time_step[None, :], axis=1)
     if HAS_DT_BIAS:
         dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -186,10 +207,7 @@ def _ssm_step_kernel(
     # roll the conv state here, not in the first kernel: there other programs (other output blocks) read it too
     tl.store(state_ptrs + offs_k[None, :] * stride_s_w, window, mask=mask_d[:, None] & (offs_k < W)[None, :])
 
-    offs_n = tl.arange(0, N_PAD)
-    mask_h = mask_d[:, None] & (offs_n < N)[None, :]
-    A = -tl.exp(tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_h,
-                        other=0.0).to(tl.float32))
+    A = -tl.exp(A_log.to(tl.float32))
     h_ptrs = ssm_state_ptr + row * stride_h_b + offs_d[:, None] * stride_h_d + offs_n[None, :] * stride_h_n
     h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
     h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
@@ -240,10 +258,14 @@ def _conv_x_proj_rows_kernel(
     stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
     stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
     W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_CONV_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (channel block s, output block p, row block): part[s, rows, p-block] = x[rows, channels] @
-    x_proj.weight[p-block, channels]^T (float32), x = silu(conv) (the conv state only read)."""
+    x_proj.weight[p-block, channels]^T (float32), x = silu(conv) (the conv state only read). PDL: waits for the
+    kernel before first."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid_s = tl.program_id(0)
     pid_p = tl.program_id(1)
     offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -269,9 +291,13 @@ def _conv_x_proj_rows_kernel(
 
 
 @triton.jit
-def _reduce_partials_kernel(part_ptr, n_proj, n_splits, stride_part_s, stride_part_b, BLOCK: tl.constexpr):
+def _reduce_partials_kernel(part_ptr, n_proj, n_splits, stride_part_s, stride_part_b, BLOCK: tl.constexpr,
+                            PDL: tl.constexpr):
     """part[0, row, cols] = sum over splits of part[s, row, cols] (float32, in split order), in place: each program
-    reads only the columns it writes."""
+    reads only the columns it writes. PDL: waits for the kernel before first."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_proj
@@ -302,11 +328,11 @@ def _ssm_step_rows_kernel(
     stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """``_ssm_step_kernel`` for a block of rows: dt = time_step[rows] @ dt_proj.weight[channels]^T by tl.dot in
     BLOCK_R chunks of the rank (time_step = the partial sums, rounded to the model dtype), the state update on
-    (rows, channels, N) tiles; the conv state rolled here."""
+    (rows, channels, N) tiles; the conv state rolled here. PDL: A_log is loaded before waiting for the kernel before."""
     pid_d = tl.program_id(0)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
@@ -315,6 +341,13 @@ def _ssm_step_rows_kernel(
     dtype = y_ptr.dtype.element_ty
     rows = offs_b.to(tl.int64)
     part_rows = part_ptr + rows[:, None] * stride_part_b
+    offs_n = tl.arange(0, N_PAD)
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A_log = tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
     offs_r = tl.arange(0, BLOCK_R)
     dt = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
@@ -333,8 +366,6 @@ def _ssm_step_rows_kernel(
         dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     dt = softplus(dt.to(dtype).to(tl.float32))
 
-    offs_n = tl.arange(0, N_PAD)
-    mask_n = offs_n < N
     Bv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + offs_n, mask_n).to(dtype).to(tl.float32)
     Cv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + N + offs_n, mask_n)
     Cv = Cv.to(dtype).to(tl.float32)
@@ -343,9 +374,7 @@ def _ssm_step_rows_kernel(
                         stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
                         W, HAS_CONV_BIAS, True).to(tl.float32)
 
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = -tl.exp(tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn,
-                        other=0.0).to(tl.float32))
+    A = -tl.exp(A_log.to(tl.float32))
     h_ptrs = (ssm_state_ptr + rows[:, None, None] * stride_h_b + offs_d[None, :, None] * stride_h_d
               + offs_n[None, None, :] * stride_h_n)
     mask_h = mask_b[:, None, None] & mask_dn[None, :, :]
@@ -444,9 +473,10 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
     if batch == 0:
         return out
     conv_b = conv_bias if conv_bias is not None else conv_weight
+    pdl = pdl_available(xz.device)
     if _uses_rows(batch):
         _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_proj_weight, dt_proj_weight,
-                    dt_proj_bias, A_log, D, partials, out, splits, rank, state_size)
+                    dt_proj_bias, A_log, D, partials, out, splits, rank, state_size, pdl)
         return out
     block_c, block_p, warps_1 = CONV_X_PROJ_CONFIG
     block_d, split_block, warps_2 = SSM_STEP_CONFIG
@@ -456,7 +486,7 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
         (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
         (dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
          partials.stride(0), partials.stride(1)),
-        (width, w_pad, block_c, block_p, conv_bias is not None), warps_1)
+        (width, w_pad, block_c, block_p, conv_bias is not None, pdl), warps_1, pdl)
     _SSM_STEP(
         (triton.cdiv(dim, block_d), batch, 1),
         (partials, xz, conv_state, conv_weight, conv_b, dt_proj_weight,
@@ -465,13 +495,14 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
         (dim, rank, splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
          *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
         (state_size, next_pow2(state_size), next_pow2(rank), width, w_pad, block_d, split_block,
-         conv_bias is not None, dt_proj_bias is not None, D is not None), warps_2)
+         conv_bias is not None, dt_proj_bias is not None, D is not None, pdl), warps_2, pdl)
     return out
 
 
 def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_proj_weight, dt_proj_weight,
-                dt_proj_bias, A_log, D, partials, out, splits, rank, state_size):
-    """``mixer_decode_step`` on blocks of rows (checked arguments; see ROWS_MIN_BATCH)."""
+                dt_proj_bias, A_log, D, partials, out, splits, rank, state_size, pdl):
+    """``mixer_decode_step`` on blocks of rows (checked arguments; see ROWS_MIN_BATCH); pdl: launch with programmatic
+    dependent launch."""
     batch, two_dim = xz.shape
     dim = two_dim // 2
     width = conv_weight.shape[-1]
@@ -486,12 +517,13 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
         (batch, dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
          partials.stride(0), partials.stride(1)),
-        (width, block_b, block_c, min(block_k, block_c), block_p, conv_bias is not None, precision, upcast), warps_1)
+        (width, block_b, block_c, min(block_k, block_c), block_p, conv_bias is not None, precision, upcast, pdl),
+        warps_1, pdl)
     summed_splits = splits
     if ROWS_REDUCE and splits > 1:
         block = min(256, next_pow2(n_proj))
         _REDUCE_PARTIALS((triton.cdiv(n_proj, block), batch, 1), (partials,),
-                         (n_proj, splits, partials.stride(0), partials.stride(1)), (block,), 4)
+                         (n_proj, splits, partials.stride(0), partials.stride(1)), (block, pdl), 4, pdl)
         summed_splits = 1
     _SSM_STEP_ROWS(
         (triton.cdiv(dim, block_d), row_blocks, 1),
@@ -501,4 +533,4 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         (batch, dim, rank, summed_splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
          *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
         (state_size, next_pow2(state_size), width, block_b, block_d, block_r, conv_bias is not None,
-         dt_proj_bias is not None, D is not None, precision, upcast), warps_2)
+         dt_proj_bias is not None, D is not None, precision, upcast, pdl), warps_2, pdl)

@@ -12,10 +12,16 @@ tiles, float32 products accumulated in a (BLOCK_N, BLOCK_K) register tile and su
 by a second, tiny launch in a fixed order (no atomics: the result does not depend on scheduling, so a decode step
 replayed from a CUDA graph gives the same tokens as the eager one).
 
+On sm_90+ the kernel is launched with programmatic dependent launch (kernels/utils ``pdl_available``): it loads its
+first weight tile before waiting for the kernel that writes x.
+
 ``linear_one_row``: which implementation is fastest depends on the shape and the GPU, so the first call for a
 (device, N, K, dtype, bias) outside CUDA-graph capture times cuBLAS (``F.linear``) and a few kernel configurations
 (their GPU time, replayed from a small CUDA graph, as a decode step runs them) and keeps the fastest for the rest of
-the process; cuBLAS is a candidate, so the choice is never slower than it inside a graph (up to timing noise).
+the process; cuBLAS is a candidate, so the choice is never slower than it inside a graph (up to timing noise). The
+timed calls rotate over distinct copies of the weight, together several times the L2 cache, so each call reads its
+weight from HBM as every layer of a decode step does (16 calls on one weight timed L2 hits instead: out_proj's 26 MB
+stayed L2-resident and "read" at 1.16x the copy bandwidth, and configurations were ranked by L2 speed).
 Outside a graph (``decode_cuda_graph=False``) each Triton call costs ~30-50 us of host time in Triton's launcher
 against ~20 us for cuBLAS (``benchmarks/results/gpu_gemv.md``), so eager one-row decoding gets slower: the same
 routes are used there so that eager and graph decoding give the same tokens. During capture, before a shape was
@@ -24,6 +30,7 @@ measured, it calls ``F.linear``.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import torch
@@ -31,23 +38,31 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..utils import interpret_mode
+from ..utils import gdc_launch_dependents, gdc_wait, interpret_mode, pdl_available
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w, stride_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr):
     """DIRECT (one split): out[n] = sum_k x[k] w[n, k] (+ bias[n]) in out's dtype. Else out[split, n] = the sum over
-    this split's K range, float32, for ``_sum_splits_kernel``."""
+    this split's K range, float32, for ``_sum_splits_kernel``. PDL (launched with programmatic dependent launch): the
+    first weight tile is loaded before waiting for the kernel that writes x (the same sums in the same order)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = split * K_PER_SPLIT
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+    cols = k_start + tl.arange(0, BLOCK_K)
+    col_ok = (cols < K) & (tl.arange(0, BLOCK_K) < K_PER_SPLIT)
+    w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = w * x[None, :]
+    for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
         cols = k_start + k0 + tl.arange(0, BLOCK_K)
         col_ok = (cols < K) & (k0 + tl.arange(0, BLOCK_K) < K_PER_SPLIT)
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -97,15 +112,17 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias=None, block_n: int =
     splits = triton.cdiv(k_in, k_per_split)
     grid_n = triton.cdiv(n_out, block_n)
     bias_arg = bias if bias is not None else weight  # not read without HAS_BIAS
+    pdl = pdl_available(x.device)
+    launch = {"launch_pdl": True} if pdl else {}  # (see kernels/utils.pdl_available)
     if splits == 1:
         _gemv_kernel[(grid_n, 1)](vector, weight, bias_arg, out, n_out, k_in, weight.stride(0), 0,
                                   BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
-                                  HAS_BIAS=bias is not None, DIRECT=True, num_warps=num_warps)
+                                  HAS_BIAS=bias is not None, DIRECT=True, PDL=pdl, num_warps=num_warps, **launch)
         return out.reshape(*x.shape[:-1], n_out)
     partial = torch.empty(splits, n_out, device=x.device, dtype=torch.float32)
     _gemv_kernel[(grid_n, splits)](vector, weight, bias_arg, partial, n_out, k_in, weight.stride(0),
                                    partial.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
-                                   HAS_BIAS=False, DIRECT=False, num_warps=num_warps)
+                                   HAS_BIAS=False, DIRECT=False, PDL=pdl, num_warps=num_warps, **launch)
     block = min(1024, triton.next_power_of_2(n_out))
     _sum_splits_kernel[(triton.cdiv(n_out, block),)](
         partial, bias if bias is not None else partial, out, n_out, partial.stride(0),
@@ -114,7 +131,29 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias=None, block_n: int =
     return out.reshape(*x.shape[:-1], n_out)
 
 
-# Configurations tried per shape: (block_n, block_k, split_k, num_warps). Few enough to compile in seconds.
+@triton.jit
+def _rewrite_kernel(x_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """x[:n] = x[:n], one program: the chooser's stand-in for the small kernel that writes a decode step's GEMV input
+    (the norm before in_proj, the state update before out_proj)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+
+
+def _rewrite(x_row):
+    """Launch ``_rewrite_kernel`` on x_row (K,) as the decode step's kernels are launched (PDL where available)."""
+    pdl = pdl_available(x_row.device)
+    _rewrite_kernel[(1,)](x_row, x_row.numel(), BLOCK=triton.next_power_of_2(x_row.numel()), PDL=pdl, num_warps=4,
+                          **({"launch_pdl": True} if pdl else {}))
+
+
+# Configurations tried per shape: (block_n, block_k, split_k, num_warps). Few enough to compile in seconds. The wide
+# tiles (block_k 2048 - 8192) load a program's whole row range in 1 - 3 steps: more bytes in flight per SM, fewer
+# latencies in a row, for the layer-sized weights (26 - 52 MB) that read at only 3.0 - 3.5 TB/s with block_k 1024
+# against 4.06 for the LM head (benchmarks/results/gpu_decode_parts.md).
 CANDIDATES = (
     (8, 256, 1, 4),
     (16, 256, 1, 8),
@@ -124,6 +163,11 @@ CANDIDATES = (
     (8, 128, 8, 4),
     (1, 512, 8, 4),
     (32, 64, 1, 4),
+    (2, 2048, 1, 4),
+    (2, 4096, 1, 8),
+    (4, 2048, 1, 8),
+    (1, 4096, 1, 4),
+    (1, 8192, 1, 8),
 )
 _choices = {}
 _lock = threading.Lock()
@@ -156,14 +200,57 @@ def _graph_time_ms(fn, calls=16, replays=5):
     return ms
 
 
-def _measure(x, weight, bias):
-    """The fastest of F.linear and the candidate configurations for this shape: None (F.linear) or a config."""
+# The chooser times each candidate over distinct copies of the weight, COLD_FACTOR L2 caches (H200: 50 MiB) of them in
+# all, so that no copy is still cached when it is read again, as in a decode step (each layer reads its own weights
+# once). At most MAX_COLD_COPIES tensors: weights so small that 64 copies fit in L2 are timed from L2, as a model of
+# such weights would mostly read them there too.
+COLD_FACTOR = 4
+MAX_COLD_COPIES = 64
+
+
+def _cold_copies(weight) -> list:
+    """[weight] + copies of it: ``COLD_FACTOR`` L2 caches of bytes in all, 1 to ``MAX_COLD_COPIES`` tensors (fewer
+    when memory is short: the timing is then partly L2 hits, as before)."""
+    l2_bytes = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 0) or (50 << 20)
+    count = -(-COLD_FACTOR * l2_bytes // max(1, weight.numel() * weight.element_size()))
+    count = max(1, min(MAX_COLD_COPIES, count))
+    copies = [weight]
     try:
-        timer = _graph_time_ms
-        best, best_ms = None, timer(lambda: F.linear(x, weight, bias))
+        while len(copies) < count:
+            copies.append(weight.clone())
+    except torch.cuda.OutOfMemoryError:
+        pass
+    return copies
+
+
+def _measure(x, weight, bias):
+    """The fastest of F.linear and the candidate configurations for this shape: None (F.linear) or a config. Each is
+    timed over ``_cold_copies`` of the weight (its reads from HBM, as in a decode step), every call right after a
+    one-program kernel that rewrites x (``_rewrite_kernel``), as a decode step's GEMV follows the small kernel that
+    writes its input: with programmatic dependent launch a Triton route starts loading its weights during that kernel
+    and lets the next kernel start during its own last programs, which calls timed back to back do not show (batch
+    1, H200: timed back to back, in_proj picked (2, 1024, 1, 4), GPU step 2.255 ms, where (16, 256, 1, 8) gave 2.199;
+    timed after the stand-in, it picks (16, 256, 1, 8): 2.204 ms; benchmarks/results/gpu_decode_parts.md)."""
+    weights = _cold_copies(weight)
+    calls = max(16, len(weights))
+    x = x.clone()  # rewritten in place by the stand-in producer kernel (same values)
+    x_row = x.reshape(-1)
+    try:
+        def timer(fn):
+            rotation = itertools.cycle(weights)  # the captured calls read the copies in turn
+
+            def producer_then_call():
+                _rewrite(x_row)
+                fn(next(rotation))
+
+            return _graph_time_ms(producer_then_call, calls=calls)
+
+        best, best_ms = None, timer(lambda w: F.linear(x, w, bias))
     except Exception:  # capture impossible here: compare eager times
-        timer = _time_ms
-        best, best_ms = None, timer(lambda: F.linear(x, weight, bias))
+        def timer(fn):
+            return _time_ms(lambda: fn(weight))
+
+        best, best_ms = None, timer(lambda w: F.linear(x, w, bias))
     reference = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     scale = reference.abs().max().item() + 1e-6
     for config in CANDIDATES:
@@ -171,11 +258,12 @@ def _measure(x, weight, bias):
             out = gemv_triton(x, weight, bias, *config)
             if not (out.float() - reference).abs().max().item() <= 2e-2 * scale:
                 continue  # never pick a configuration that computes something else
-            ms = timer(lambda: gemv_triton(x, weight, bias, *config))
+            ms = timer(lambda w: gemv_triton(x, w, bias, *config))
         except Exception:  # a configuration this GPU / Triton cannot compile: skip it
             continue
         if ms < best_ms:
             best, best_ms = config, ms
+    del weights
     return best
 
 
