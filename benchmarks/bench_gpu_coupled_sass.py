@@ -37,7 +37,8 @@ NVBIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 UNSPECIALIZED = ("length", "n_slots", "stride_A_n", "stride_A_d")
 
 
-def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16", bc="fp32", save_every=0):
+def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16", bc="fp32", save_every=0,
+                   prefetch_bc=False, bc_ahead=False):
     fn = sequential._coupled_seq_fwd_kernel
     sig, const = {}, {}
     for p in fn.arg_names:
@@ -55,7 +56,7 @@ def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16"
             sig[p] = "i32"
     const.update(M=chains, N=state, N_PAD=triton.next_power_of_2(state), LPC=max(1, 32 * num_warps // block_d),
                  BD=block_d, K=k, SAVE_EVERY=save_every, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
-                 HAS_H0=False, FAST=True)
+                 HAS_H0=False, FAST=True, PREFETCH_BC=prefetch_bc, BC_AHEAD=bc_ahead)
     ones = ["stride_bc_n"] + ([f"stride_{t}_l" for t in ("u", "dl", "z", "o")] if lmajor else
                               [f"stride_{t}_d" for t in ("u", "dl", "z", "o")])
     for p in ones:
@@ -91,15 +92,19 @@ def loop_mix(sass):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["16,1,4", "16,1,2", "8,1,4", "32,1,1", "16,1,1"])
+    parser.add_argument("--configs", nargs="+", default=["16,1,4", "16,1,2", "8,1,4", "32,1,1", "16,1,1"],
+                        help="block_d,num_warps,K[,prefetch_bc,bc_ahead] (0/1)")
     parser.add_argument("--layout", choices=["lmajor", "tmajor"], nargs="+", default=["lmajor", "tmajor"])
     args = parser.parse_args()
     print(f"triton {triton.__version__}, target sm_90; M 3, N 16, bf16 activations, float32 B / C", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layout:
             for text in args.configs:
-                block_d, num_warps, k = (int(v) for v in text.split(","))
-                compiled = compile_config(block_d, num_warps, k, layout == "lmajor")
+                values = [int(v) for v in text.split(",")]
+                block_d, num_warps, k = values[:3]
+                prefetch_bc, bc_ahead = (bool(v) for v in (values[3:5] if len(values) == 5 else (0, 0)))
+                compiled = compile_config(block_d, num_warps, k, layout == "lmajor", prefetch_bc=prefetch_bc,
+                                          bc_ahead=bc_ahead)
                 cubin = Path(tmp) / "k.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
                 usage = subprocess.run([f"{NVBIN}/cuobjdump", "-res-usage", str(cubin)], capture_output=True,
@@ -112,7 +117,7 @@ def main():
                 total = sum(mix.values())
                 lanes = max(1, 32 * num_warps // block_d)
                 mufu = sum(v for key, v in mix.items() if key.startswith("MUFU"))
-                print(f"{layout} {(block_d, num_warps, k)}: regs {regs}, spill {spill} B; per step per lane "
+                print(f"{layout} {tuple(values)}: regs {regs}, spill {spill} B; per step per lane "
                       f"{total / k:.0f} instr ({total / k / (16 / lanes):.1f} per (lane, state)), MUFU "
                       f"{mufu / k:.1f}, SHFL {mix['SHFL'] / k:.1f}, LDG {mix['LDG'] / k:.1f}", flush=True)
 

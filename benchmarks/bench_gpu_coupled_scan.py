@@ -136,7 +136,8 @@ FWD_SWEEP = [(1, 256, 1), (2, 256, 1), (1, 128, 1), (2, 128, 1), (4, 128, 1), (1
              (1, 512, 2)]  # the chunked forward's (block_d, block_t, num_warps)
 # the sequential forward's (block_d, num_warps, K): 32 / block_d lanes per channel when block_d < 32 per warp
 SEQ_SWEEP = [(16, 1, 4), (16, 1, 1), (16, 1, 2), (16, 1, 8), (8, 1, 4), (8, 1, 1), (8, 1, 2), (32, 1, 1), (32, 1, 2),
-             (32, 1, 4), (64, 2, 1), (64, 2, 2), (4, 1, 2), (4, 1, 4)]
+             (32, 1, 4), (64, 2, 1), (64, 2, 2), (4, 1, 2), (4, 1, 4), (16, 1, 4, True, True), (8, 1, 4, True, True),
+             (16, 1, 8, True, True), (4, 1, 4, True, True)]  # (..., prefetch_bc, bc_ahead); 3-tuples: the default
 BWD_SWEEP = [(1, 128, 1), (1, 64, 1), (2, 64, 1), (2, 128, 1), (1, 256, 2), (1, 128, 2), (4, 64, 2), (4, 128, 4)]
 
 

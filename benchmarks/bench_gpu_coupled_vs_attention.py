@@ -144,6 +144,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[100, 200, 300, 400, 500, 1000, 2000, 4000, 8000, 16000])
     parser.add_argument("--sdpa", action="store_true")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time Coupled Mamba with config.inference_cuda_graphs (columns coupled_graph_*)")
     parser.add_argument("--gpu-time-max-length", type=int, default=2000,
                         help="also measure the GPU kernel time (profiler) of one forward up to this length")
     parser.add_argument("--profile", type=int, default=0, metavar="L",
@@ -170,10 +172,24 @@ def main():
             row["coupled_s"], row["coupled_GiB"] = measure(coupled, feats)
             if length <= args.gpu_time_max_length:
                 row["coupled_gpu_s"], row["coupled_kernels"] = gpu_time(coupled, feats)
-        assert last_backend("coupled_selective_scan") == "triton"
+            assert last_backend("coupled_selective_scan") == "triton"
+            if args.graphs:
+                # the same model with config.inference_cuda_graphs: the first call captures (its peak counts)
+                coupled.config.inference_cuda_graphs = True
+                try:
+                    row["coupled_graph_s"], row["coupled_graph_GiB"] = measure(coupled, feats)
+                finally:
+                    coupled.config.inference_cuda_graphs = False
+                    captured = len(coupled._forward_graphs)
+                    coupled._forward_graphs.clear()
+                    torch.cuda.empty_cache()
+                if captured != 1:
+                    raise RuntimeError(f"L {length}: the graphed forward did not capture ({captured} graphs)")
         try:
             row["attention_s"], row["attention_GiB"] = measure(attention, feats)
             row["time_ratio"] = row["attention_s"] / row["coupled_s"]
+            if "coupled_graph_s" in row:
+                row["graph_time_ratio"] = row["attention_s"] / row["coupled_graph_s"]
             row["memory_ratio"] = row["attention_GiB"] / max(row["coupled_GiB"], 1e-9)
             if length <= args.gpu_time_max_length:
                 row["attention_gpu_s"], row["attention_kernels"] = gpu_time(attention, feats)
@@ -185,7 +201,8 @@ def main():
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     fields = ["L", "coupled_s", "attention_s", "time_ratio", "coupled_GiB", "attention_GiB", "memory_ratio",
-              "coupled_gpu_s", "attention_gpu_s", "gpu_time_ratio", "coupled_kernels", "attention_kernels"]
+              "coupled_gpu_s", "attention_gpu_s", "gpu_time_ratio", "coupled_kernels", "attention_kernels",
+              "coupled_graph_s", "graph_time_ratio", "coupled_graph_GiB"]
     with open(args.out / "gpu_coupled_vs_attention.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -198,8 +215,9 @@ def main():
         f"3 modalities {MODALITIES}; Coupled Mamba state {args.state}, coupling 'mean', Triton coupled scan; "
         f"attention: {args.heads} heads, {'SDPA' if args.sdpa else 'explicit (materialized) attention, as MulT'}. "
         f"Time: forward, no grad, median of 5 (wall clock, host launches included). Memory: peak above weights and "
-        f"inputs. *_gpu_s: GPU kernel time of one forward (torch.profiler), *_kernels: its kernel count. Ratios: "
-        f"attention / coupled.",
+        f"inputs. *_gpu_s: GPU kernel time of one forward (torch.profiler), *_kernels: its kernel count. "
+        f"coupled_graph_*: the same Coupled Mamba model with config.inference_cuda_graphs=True (one CUDA graph per "
+        f"input shape, captured on the first call, whose peak memory counts). Ratios: attention / coupled.",
         "",
         "Command: `python benchmarks/bench_gpu_coupled_vs_attention.py`",
         "",

@@ -456,7 +456,10 @@ def test_gpu_coupled_scan_chunked_forward_matches_reference(dtype, shape, monkey
 
 # = SEQ_SWEEP of benchmarks/bench_gpu_coupled_scan.py: (block_d, num_warps, K)
 SEQ_CONFIGS = [(16, 1, 4), (16, 1, 1), (16, 1, 2), (16, 1, 8), (8, 1, 4), (8, 1, 1), (8, 1, 2), (32, 1, 1), (32, 1, 2),
-               (32, 1, 4), (64, 2, 1), (64, 2, 2), (4, 1, 2), (4, 1, 4)]
+               (32, 1, 4), (64, 2, 1), (64, 2, 2), (4, 1, 2), (4, 1, 4),
+               # (block_d, num_warps, K, prefetch_bc, bc_ahead): how B / C reach the registers (the defaults use both)
+               (16, 1, 4, False, False), (16, 1, 4, True, False), (16, 1, 4, False, True), (8, 1, 4, True, True),
+               (4, 1, 4, True, True), (16, 1, 8, True, True)]
 
 
 @pytest.mark.gpu
@@ -562,6 +565,70 @@ def check_coupled_inference(coupling, dtype, backends, device="cuda", length=70,
     for backend in backends[1:]:
         for key in ("last_hidden_state", "pooler_output"):
             assert rel(outs[backend][key].float(), outs[backends[0]][key].float()) <= tol, (backend, key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["dict", "packed"])
+def test_gpu_coupled_mamba_inference_cuda_graphs(packed):
+    """config.inference_cuda_graphs: the replayed graph gives the eager forward's outputs for new inputs of the same
+    shape, captures again for a new shape, returns results that stay valid after the next call, sees parameters
+    updated in place, still rejects non-finite features, and leaves masked calls and gradients to the eager path."""
+    from multimodal_mamba import CoupledMambaConfig, CoupledMambaModel
+
+    config = CoupledMambaConfig(modality_dims={"text": 12, "audio": 6, "vision": 9}, hidden_size=32,
+                                num_hidden_layers=2, state_size=16)
+    torch.manual_seed(0)
+    model = CoupledMambaModel(config).to("cuda", torch.bfloat16).eval()
+
+    def features(length, seed):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        feats = {n: torch.randn(3, length, d, device="cuda", generator=gen).to(torch.bfloat16)
+                 for n, d in config.modality_dims.items()}
+        return torch.cat(list(feats.values()), dim=-1) if packed else feats
+
+    def run(feats, graphs):
+        model.config.inference_cuda_graphs = graphs
+        try:
+            with torch.no_grad():
+                return model(input_features=feats)
+        finally:
+            model.config.inference_cuda_graphs = False
+
+    first, second, longer = features(40, 1), features(40, 2), features(56, 3)
+    eager = [run(f, False) for f in (first, second, longer)]
+    graphed_first = run(first, True)  # captures
+    kept = graphed_first.last_hidden_state.clone()
+    graphed = [graphed_first, run(second, True), run(longer, True)]  # replay, then a new capture
+    assert len(model._forward_graphs) == 2
+    for ours, ref in zip(graphed, eager):  # same kernels on the same inputs (cuBLAS may pick other algorithms)
+        for key in ("last_hidden_state", "pooler_output", "modality_embeds"):
+            assert rel(ours[key].float(), ref[key].float()) <= 5e-3, key
+    assert torch.equal(graphed_first.last_hidden_state, kept)  # not overwritten by the later replays
+    with torch.no_grad():  # in place, as optimizers do: the replay reads the new values
+        model.norm_f["text"].weight.mul_(3.0)
+    changed = run(second, True).last_hidden_state.float()
+    assert rel(changed, run(second, False).last_hidden_state.float()) <= 5e-3
+    assert rel(changed, graphed[1].last_hidden_state.float()) > 0.3
+    bad = features(40, 4)
+    if packed:
+        bad[0, 3, 0] = float("nan")
+    else:
+        bad["audio"][0, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run(bad, True)
+    mask = torch.ones(3, 40, device="cuda")
+    mask[1, 30:] = 0
+    model.config.inference_cuda_graphs = True
+    try:
+        with torch.no_grad():
+            masked = model(input_features=first, attention_mask=mask)
+        out = model(input_features=first)  # gradients enabled: eager, with a graph
+        assert out.pooler_output.requires_grad
+    finally:
+        model.config.inference_cuda_graphs = False
+    with torch.no_grad():
+        assert torch.equal(masked.pooler_output, model(input_features=first, attention_mask=mask).pooler_output)
+    assert len(model._forward_graphs) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -961,6 +1028,14 @@ def test_interpreter_coupled_sequential_forward(interpreted):
         (2, 4, 12, 7, 8, False, (8, 1, 8), "sum", 8, True, True, True, True),
         (1, 3, 4, 1, 16, False, (4, 1, 1), "mean", 0, True, True, True, True),
         (1, 3, 40, 10, 4, True, (32, 1, 2), "mean", 4, True, True, True, False),
+        # B / C rows loaded a step ahead (and the L1 prefetch, a no-op under the interpreter): chunk ends, L = 1
+        (2, 3, 8, 21, 4, False, (8, 1, 4, True, True), "mean", 8, True, True, True, True),
+        (1, 4, 12, 7, 8, True, (4, 1, 2, False, True), "sum", 4, True, True, True, True),
+        (1, 3, 4, 1, 16, False, (4, 1, 1, True, True), "mean", 0, True, True, True, False),
+        # L a multiple of K: no padded step, the look-ahead rows of the last step clamped to L - 1
+        (2, 3, 8, 24, 16, False, (16, 1, 4, True, True), "mean", 8, True, True, True, True),
+        (1, 3, 12, 16, 16, True, (8, 1, 4, True, True), "sum", 8, True, True, True, False),
+        (1, 2, 6, 8, 4, False, (8, 1, 8), "mean", 0, False, True, False, True),
     ]
     for batch, chains, dim, length, state, time_major, config, coupling, save, with_z, with_d, with_bias, with_h0 in cases:
         inputs = coupled_inputs(batch, chains, dim, length, state, torch.float32, time_major, with_z, with_h0,

@@ -53,6 +53,9 @@ class CoupledMambaConfig(PretrainedConfig):
         use_bias, use_conv_bias (`bool`): biases of the mixers' projections / conv.
         initializer_range (`float`): std of the normal init of linear layers.
         ssm_backend (`str`): "auto", "triton", "mamba_ssm", "torch" or "reference": forces the scan backend.
+        inference_cuda_graphs (`bool`): run no-grad forwards on CUDA without an attention mask as CUDA graphs, one
+            captured per input shape and replayed (``forward_graphs.py``): removes the host's launch overhead
+            (~250 launches per forward); costs a capture per new shape and keeps each graph's activations allocated.
         num_labels (`int`): 1 (default) gives regression; more gives classification (see ``problem_type``).
     """
 
@@ -87,6 +90,7 @@ class CoupledMambaConfig(PretrainedConfig):
         use_conv_bias=True,
         initializer_range=0.02,
         ssm_backend="auto",
+        inference_cuda_graphs=False,
         **kwargs,
     ):
         modality_dims = dict(DEFAULT_MODALITY_DIMS if modality_dims is None else modality_dims)
@@ -140,6 +144,7 @@ class CoupledMambaConfig(PretrainedConfig):
         self.use_conv_bias = use_conv_bias
         self.initializer_range = initializer_range
         self.ssm_backend = ssm_backend
+        self.inference_cuda_graphs = bool(inference_cuda_graphs)
         if "num_labels" not in kwargs and kwargs.get("id2label") is None:
             kwargs["num_labels"] = 1  # the paper's main task is sentiment regression
         super().__init__(**kwargs)

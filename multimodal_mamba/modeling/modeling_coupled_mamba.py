@@ -37,9 +37,10 @@ from transformers.utils import ModelOutput
 from .configuration_coupled_mamba import CoupledMambaConfig
 from .peft_adapters import AdapterLoadingMixin
 from .modeling_mamba_lm import KEEP_IN_FP32, MambaMixer, init_mamba_module_weights
+from .forward_graphs import ForwardGraphs
 from .ops_coupled_scan import coupled_selective_scan_chains
 from .ops_selective_scan import selective_scan
-from .ssm_backends import config_backend
+from .ssm_backends import config_backend, forced_backend
 
 
 @dataclass
@@ -160,7 +161,11 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
     def _stacked_parameters(mixers):
         """A (M, dim, N) and D (M, dim) of the modalities' mixers. (Not cached by parameter version: PyTorch's fused
         AdamW, the Trainer's default, updates parameters without bumping their version counters.)"""
-        return torch.stack([m.ssm_A() for m in mixers]), torch.stack([m.D for m in mixers])
+        if any(m.__dict__.get("_A_override") is not None for m in mixers):
+            A = torch.stack([m.ssm_A() for m in mixers])
+        else:  # the same values as stacking every ssm_A(), in 3 kernels instead of 2 M + 1
+            A = -torch.exp(torch.stack([m.A_log for m in mixers]).float())
+        return A, torch.stack([m.D for m in mixers])
 
 
 class CoupledMambaPreTrainedModel(AdapterLoadingMixin, PreTrainedModel):
@@ -238,6 +243,7 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         )
         self.fusion_logits = nn.Parameter(torch.zeros(config.num_modalities))
         self.gradient_checkpointing = False
+        self._forward_graphs = ForwardGraphs()
         self.post_init()
 
     @property
@@ -306,9 +312,7 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
                 f"CoupledMambaModel: the modalities have different lengths {lengths}; the coupled scan needs one time "
                 f"axis: align them with CoupledMambaFeatureExtractor (segment averaging or padding)"
             )
-        for name, feat in zip(names, features):
-            if feat is not None and not bool(torch.isfinite(feat).all()):
-                raise ValueError(f"CoupledMambaModel: features of {name!r} contain NaN or inf")
+        self._check_finite(names, features)
         batch, length = present[0].shape[:2]
         dtype = self.projections[names[0]].fc1.weight.dtype
         device = present[0].device
@@ -317,10 +321,23 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             for name, f in zip(names, features)
         ]
         mask = self._prepare_mask(attention_mask, batch, length, device)
-        absent = torch.tensor([f is None for f in self._split_features(input_features)], device=device)
-        if bool(absent.any()):
-            mask = mask.masked_fill(absent[None, :, None], 0.0)
+        absent = [f is None for f in self._split_features(input_features)]
+        if any(absent):  # (decided on the host: no device round trip)
+            mask = mask.masked_fill(torch.tensor(absent, device=device)[None, :, None], 0.0)
         return features, mask
+
+    @staticmethod
+    def _check_finite(names, features):
+        """ValueError naming the first modality whose features hold NaN or inf. One device round trip for all
+        modalities (not one each); skipped while a CUDA graph is being captured (no synchronization is allowed
+        there)."""
+        present = [(name, f) for name, f in zip(names, features) if f is not None]
+        if not present or (present[0][1].is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        finite = torch.stack([torch.isfinite(f).all() for _, f in present]).tolist()
+        for (name, _), ok in zip(present, finite):
+            if not ok:
+                raise ValueError(f"CoupledMambaModel: features of {name!r} contain NaN or inf")
 
     def _prepare_mask(self, attention_mask, batch, length, device):
         names = self.config.modality_names
@@ -360,6 +377,16 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             raise ValueError("CoupledMambaModel: attention_mask must hold 0 (padding) and 1 (valid) only")
         return attention_mask.to(device=device, dtype=torch.float32)
 
+    def _layer_mask(self, attention_mask, input_features, mask):
+        """The mask the layers apply: None when every step of every modality is valid. Without an attention mask and
+        with every modality given that is known on the host; otherwise it is read from the mask (one device round
+        trip), except while a CUDA graph is being captured, where the mask is applied as it is (same result)."""
+        if attention_mask is None and all(f is not None for f in self._split_features(input_features)):
+            return None
+        if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+            return mask
+        return None if bool(mask.all()) else mask
+
     # ------------------------------------------------------------------------------------------------------------
     def _pool(self, hidden_states, mask):
         """hidden_states (batch, M, L, hidden), mask (batch, M, L) float -> (batch, M, hidden); zeros where absent."""
@@ -395,10 +422,45 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if getattr(self.config, "inference_cuda_graphs", False) and attention_mask is None and not self.training:
+            graphed = self._graphed_forward(input_features, output_hidden_states, return_dict)
+            if graphed is not None:
+                return graphed
+        return self._eager_forward(input_features, attention_mask, output_hidden_states, return_dict)
+
+    def _graphed_forward(self, input_features, output_hidden_states, return_dict):
+        """The forward as a replayed CUDA graph (``config.inference_cuda_graphs``), or None where it does not apply:
+        gradients enabled, features not all CUDA tensors, or a failed capture. The features' values are checked
+        (NaN / inf) before each replay, as the eager forward does."""
+        names = self.config.modality_names
+        if isinstance(input_features, torch.Tensor):
+            tensors, layout = [input_features], None
+        elif isinstance(input_features, Mapping) and all(isinstance(v, torch.Tensor) for v in input_features.values()):
+            layout = tuple(name for name in names if name in input_features)
+            if len(layout) != len(input_features):
+                return None  # unknown names: the eager forward raises the ValueError
+            tensors = [input_features[name] for name in layout]
+        else:
+            return None
+        if not tensors or not all(t.is_cuda for t in tensors) or torch.is_grad_enabled():
+            return None
+        features = self._split_features(input_features)
+        self._check_finite(names, features)
+
+        def forward(*static):
+            feats = static[0] if layout is None else dict(zip(layout, static))
+            return self._eager_forward(feats, None, output_hidden_states, return_dict)
+
+        extra = (layout, bool(output_hidden_states), bool(return_dict), forced_backend())
+        # the parameters' storage (a module walk: about half the host time of self.parameters())
+        storage = [p for module in self.modules() for p in module._parameters.values() if p is not None]
+        return self._forward_graphs.run(forward, tensors, storage, extra)
+
+    def _eager_forward(self, input_features, attention_mask, output_hidden_states, return_dict):
         features, mask = self._prepare_inputs(input_features, attention_mask)
         names = self.config.modality_names
         hidden_states = torch.stack([self.projections[name](feat) for name, feat in zip(names, features)], dim=1)
-        layer_mask = None if bool(mask.all()) else mask
+        layer_mask = self._layer_mask(attention_mask, input_features, mask)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not hidden_states.requires_grad:
             # Reentrant checkpointing passes gradients only to layers whose input requires grad (frozen projections,
             # e.g. LoRA on the mixers only, would leave every checkpointed adapter without a gradient).

@@ -481,10 +481,13 @@ def _store_chain_partials(dA_ptr, dD_ptr, dbias_ptr, dA, dD, dbias, pid_b, m, M:
 
 # (block_d, block_t, num_warps) by layout, chosen on an H200 (benchmarks/bench_gpu_coupled_scan.py --sweep). As for
 # the selective scan, a chunk's time axis within one warp keeps every scan and reduction in shuffles.
-# The forward kernel of the stacked op (see coupled_scan_fwd): "chunked" (the kernel above) or "sequential"
-# (sequential.py). Measured on the H200 (bench_gpu_coupled_scan.py): sequential 4.40 ms vs chunked 2.71 ms at batch 8,
-# dim 1024, L 4096; 0.44 vs 0.30 ms at batch 16, dim 256, L 500; 0.57 vs 1.11 ms at batch 32, dim 512, L 500.
-FWD_IMPL = "chunked"
+# The forward kernel of the stacked op (see coupled_scan_fwd): "chunked" (the kernel above), "sequential"
+# (sequential.py) or "auto": sequential where batch * dim >= SEQ_MIN_CHANNELS, else chunked. The sequential kernel
+# runs one warp per 8 - 16 channels, so it needs many channels to fill the GPU. Measured on the H200
+# (bench_gpu_coupled_seq_variants.py, bf16, N 16, M 3), sequential vs chunked: batch 8, dim 1024, L 4096: 1.97 vs
+# 2.72 ms; batch 32, dim 512, L 500: 0.51 vs 1.11 ms; batch 16, dim 256, L 500 (4096 channels): 0.51 vs 0.30 ms.
+FWD_IMPL = "auto"
+SEQ_MIN_CHANNELS = 8192
 # The per-modality inference path (no stacking copies) runs the sequential kernel, for "mean" and "sum". ("sum" was
 # once sent to the stacked path after a whole-model GPU test disagreed; the cause was the test's model, whose state
 # grew like 3^t under "sum" until the next layer's norm overflowed (NaN on every backend), not the kernel.)
@@ -513,10 +516,12 @@ def _block_t(u, state_size, block_t):
     return max(16, next_pow2(state_size), min(block_t, next_pow2(u.shape[-1])))
 
 
-def _use_sequential(impl, state_size):
+def _use_sequential(impl, state_size, channels):
     impl = impl or FWD_IMPL
-    if impl not in ("sequential", "chunked"):
-        raise ValueError(f"coupled scan forward: impl must be 'sequential' or 'chunked', got {impl!r}")
+    if impl not in ("sequential", "chunked", "auto"):
+        raise ValueError(f"coupled scan forward: impl must be 'sequential', 'chunked' or 'auto', got {impl!r}")
+    if impl == "auto":
+        impl = "sequential" if channels >= SEQ_MIN_CHANNELS else "chunked"
     return impl == "sequential" and next_pow2(state_size) <= sequential.MAX_STATE
 
 
@@ -524,14 +529,15 @@ def coupled_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupli
                      config=None, impl=None):
     """Launch the forward kernel. Returns (out, final_state, saved states or None, meta).
 
-    impl: "sequential" (``sequential.py``, the default where N <= 64; config (block_d, num_warps, K)) or "chunked"
-    (the chunked-scan kernel above; config (block_d, block_t, num_warps)). With ``save_states`` both write the
-    coupled state before every backward chunk (``BWD_CONFIGS``' block_t steps), as ``coupled_scan_bwd`` reads it."""
+    impl: "sequential" (``sequential.py``, where N <= 64; config (block_d, num_warps, K[, prefetch_bc, bc_ahead])),
+    "chunked" (the chunked-scan kernel above; config (block_d, block_t, num_warps)) or None: ``FWD_IMPL``. With
+    ``save_states`` both write the coupled state before every backward chunk (``BWD_CONFIGS``' block_t steps), as
+    ``coupled_scan_bwd`` reads it."""
     batch, chains, dim, length = u.shape
     if chains > MAX_CHAINS:
         raise ValueError(f"the Triton coupled scan takes at most {MAX_CHAINS} chains, got {chains}")
     state_size = A.shape[2]
-    if _use_sequential(impl, state_size):
+    if _use_sequential(impl, state_size, batch * dim):
         block_t = _block_t(u, state_size, BWD_CONFIGS[_layout(u)][1]) if save_states else 0
         out, final, states = sequential.coupled_scan_fwd_seq(
             [u[:, m] for m in range(chains)], [delta[:, m] for m in range(chains)],
@@ -627,7 +633,7 @@ class CoupledScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state,
                 return_final_state, grad_mode):
         needs_grad = grad_mode and any(ctx.needs_input_grad)  # (forward itself runs without grad mode)
-        if COPY_TIME_MAJOR and (needs_grad or not _use_sequential(None, A.shape[2])):
+        if COPY_TIME_MAJOR and (needs_grad or not _use_sequential(None, A.shape[2], u.shape[0] * u.shape[2])):
             # the chunked kernels read rows of L; the sequential forward reads either layout in place
             u, delta, z, B, C = _lmajor(u), _lmajor(delta), _lmajor(z), _lmajor(B), _lmajor(C)
         out, final, states, meta = coupled_scan_fwd(

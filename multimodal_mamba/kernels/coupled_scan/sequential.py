@@ -22,8 +22,12 @@ warps when batch * dim is small (the benchmark's 8 x 1024 channels make only 256
 
 Memory: u, delta, z and y cross HBM once, read in chunks of ``K`` steps (``K`` contiguous steps per thread for the
 (batch, M, dim, L) layout; for time-major memory a chunk is ``K`` rows of channels), prefetched one chunk ahead.
-B and C are read per step as (N,) rows (every thread of the batch row reads the same row: L1 hits); the wrapper
-hands them over as float32 (batch, 2M, L, N), written by one copy (``prepare_bc``).
+B and C are read per step as (N,) rows; the wrapper hands them over as float32 (batch, 2M, L, N), written by one
+copy (``prepare_bc``). Each step's 2M rows lie in L1 sectors no earlier step touched, so a plain load right before
+use waits for L2 (several hundred cycles) every step, with about one warp per scheduler to hide it: that made the
+first version of this kernel 5 - 8x slower than its instruction count (4.5 ms on the issue's shape, H200). Now the
+next chunk's rows are prefetched into L1 a chunk ahead (``prefetch.global.L1``, no registers held) and each step's
+rows are loaded into registers one step ahead (``PREFETCH_BC``, ``BC_AHEAD``): 1.98 ms.
 
 Chains: up to 4, each with its own pointers (u, delta, z, out, B, C of chain m may be separate tensors, as the
 modalities' activations of a Coupled Mamba layer are: no stacking copy), sharing strides per kind.
@@ -69,6 +73,25 @@ def _rcp(x, FAST: tl.constexpr):
                                          pack=1)
     else:
         return 1.0 / x
+
+
+@triton.jit
+def _prefetch_l1(ptrs):
+    """Ask the SM's L1 for the cache lines holding ``ptrs`` (no registers held: the values are read later by
+    ordinary loads that then hit L1 instead of waiting ~L2 latency)."""
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_bc_chunk(Bm, Cm, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line,
+                       LINE_ELEMS: tl.constexpr):
+    """L1 prefetch of chain m's B and C rows for steps t_first .. t_first + K - 1 (clamped to L - 1): one address
+    per (step, 128-byte line of the row)."""
+    tp = tl.minimum(t_first + offs_pf_k, length - 1)
+    off = row_bc_pf + tp[:, None] * stride_bc_l + offs_pf_line[None, :] * LINE_ELEMS
+    _prefetch_l1(Bm + off)
+    _prefetch_l1(Cm + off)
 
 
 @triton.jit
@@ -194,7 +217,8 @@ def _coupled_seq_fwd_kernel(
     stride_A_m, stride_A_n, stride_A_d, stride_Dp_m, stride_bias_m,
     M: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, LPC: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
     SAVE_EVERY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, FAST: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, FAST: tl.constexpr, PREFETCH_BC: tl.constexpr,
+    BC_AHEAD: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -253,8 +277,41 @@ def _coupled_seq_fwd_kernel(
         ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
                                   row_z + t[:, None] * stride_z_l, mask, HAS_Z)
 
+    # B / C rows: every step reads M (N,) rows of B and of C that no earlier step touched (64-byte rows, new L1
+    # sectors each step), so without help each step waits for L2 about M times over. PREFETCH_BC asks L1 for the
+    # next chunk's rows a chunk ahead; BC_AHEAD holds the next step's rows in registers (loaded one step early).
+    N_LINES: tl.constexpr = (N_PAD + 31) // 32
+    offs_pf_k = tl.arange(0, K)
+    offs_pf_line = tl.arange(0, N_LINES)
+    row_bc_pf = pid_b * stride_bc_b
+    if PREFETCH_BC:
+        _prefetch_bc_chunk(B0, C0, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line, 32)
+        if M > 1:
+            _prefetch_bc_chunk(B1, C1, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line, 32)
+        if M > 2:
+            _prefetch_bc_chunk(B2, C2, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line, 32)
+        if M > 3:
+            _prefetch_bc_chunk(B3, C3, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line, 32)
+    if BC_AHEAD:
+        nB0, nC0 = _load_bc(B0, C0, row_bc, mask_n, EVEN_N)
+        if M > 1:
+            nB1, nC1 = _load_bc(B1, C1, row_bc, mask_n, EVEN_N)
+        if M > 2:
+            nB2, nC2 = _load_bc(B2, C2, row_bc, mask_n, EVEN_N)
+        if M > 3:
+            nB3, nC3 = _load_bc(B3, C3, row_bc, mask_n, EVEN_N)
+
     n_chunks = tl.cdiv(length, K)
     for chunk in range(n_chunks):
+        if PREFETCH_BC:
+            t_pf = chunk * K + K
+            _prefetch_bc_chunk(B0, C0, row_bc_pf, stride_bc_l, t_pf, length, offs_pf_k, offs_pf_line, 32)
+            if M > 1:
+                _prefetch_bc_chunk(B1, C1, row_bc_pf, stride_bc_l, t_pf, length, offs_pf_k, offs_pf_line, 32)
+            if M > 2:
+                _prefetch_bc_chunk(B2, C2, row_bc_pf, stride_bc_l, t_pf, length, offs_pf_k, offs_pf_line, 32)
+            if M > 3:
+                _prefetch_bc_chunk(B3, C3, row_bc_pf, stride_bc_l, t_pf, length, offs_pf_k, offs_pf_line, 32)
         t = chunk * K + offs_k
         mask = (t < length)[:, None] & mask_d[None, :]
         tn = t + K
@@ -288,23 +345,41 @@ def _coupled_seq_fwd_kernel(
             # padded steps (t >= L): dt = 0, so a^m = 2^lc_pad = 1/M and H passes unchanged
             lc = tl.where(tk < length, lc_valid, lc_pad)
             off_bc = row_bc + tl.minimum(tk, length - 1) * stride_bc_l
-            Bv, Cv = _load_bc(B0, C0, off_bc, mask_n, EVEN_N)
-            h0, yk = _step(H, A20, _row(dt0, offs_k, k), _row(dtu0, offs_k, k), lc, Bv, Cv, FAST)
+            if BC_AHEAD:
+                # this step's rows were loaded one step ago; the next step's go out now, before the work
+                off_bc_next = row_bc + tl.minimum(tk + 1, length - 1) * stride_bc_l
+                Bv0, Cv0 = nB0, nC0
+                nB0, nC0 = _load_bc(B0, C0, off_bc_next, mask_n, EVEN_N)
+                if M > 1:
+                    Bv1, Cv1 = nB1, nC1
+                    nB1, nC1 = _load_bc(B1, C1, off_bc_next, mask_n, EVEN_N)
+                if M > 2:
+                    Bv2, Cv2 = nB2, nC2
+                    nB2, nC2 = _load_bc(B2, C2, off_bc_next, mask_n, EVEN_N)
+                if M > 3:
+                    Bv3, Cv3 = nB3, nC3
+                    nB3, nC3 = _load_bc(B3, C3, off_bc_next, mask_n, EVEN_N)
+            else:
+                Bv0, Cv0 = _load_bc(B0, C0, off_bc, mask_n, EVEN_N)
+                if M > 1:
+                    Bv1, Cv1 = _load_bc(B1, C1, off_bc, mask_n, EVEN_N)
+                if M > 2:
+                    Bv2, Cv2 = _load_bc(B2, C2, off_bc, mask_n, EVEN_N)
+                if M > 3:
+                    Bv3, Cv3 = _load_bc(B3, C3, off_bc, mask_n, EVEN_N)
+            h0, yk = _step(H, A20, _row(dt0, offs_k, k), _row(dtu0, offs_k, k), lc, Bv0, Cv0, FAST)
             y0 = tl.where(offs_k[:, None] == k, yk[None, :], y0)
             H_new = h0
             if M > 1:
-                Bv, Cv = _load_bc(B1, C1, off_bc, mask_n, EVEN_N)
-                h1, yk = _step(H, A21, _row(dt1, offs_k, k), _row(dtu1, offs_k, k), lc, Bv, Cv, FAST)
+                h1, yk = _step(H, A21, _row(dt1, offs_k, k), _row(dtu1, offs_k, k), lc, Bv1, Cv1, FAST)
                 y1 = tl.where(offs_k[:, None] == k, yk[None, :], y1)
                 H_new += h1
             if M > 2:
-                Bv, Cv = _load_bc(B2, C2, off_bc, mask_n, EVEN_N)
-                h2, yk = _step(H, A22, _row(dt2, offs_k, k), _row(dtu2, offs_k, k), lc, Bv, Cv, FAST)
+                h2, yk = _step(H, A22, _row(dt2, offs_k, k), _row(dtu2, offs_k, k), lc, Bv2, Cv2, FAST)
                 y2 = tl.where(offs_k[:, None] == k, yk[None, :], y2)
                 H_new += h2
             if M > 3:
-                Bv, Cv = _load_bc(B3, C3, off_bc, mask_n, EVEN_N)
-                h3, yk = _step(H, A23, _row(dt3, offs_k, k), _row(dtu3, offs_k, k), lc, Bv, Cv, FAST)
+                h3, yk = _step(H, A23, _row(dt3, offs_k, k), _row(dtu3, offs_k, k), lc, Bv3, Cv3, FAST)
                 y3 = tl.where(offs_k[:, None] == k, yk[None, :], y3)
                 H_new += h3
             H = H_new
@@ -334,22 +409,30 @@ def _is_lmajor(t):
     return t.stride(-1) == 1 or t.shape[-1] <= 1
 
 
-def default_config(batch, dim, length, state_size, lmajor, dtype):
-    """(block_d, num_warps, K) for a launch. One warp per program, ``block_d`` channels per warp: each channel's
-    N_PAD states are split over 32 / block_d lanes, 8 states per lane (N 16: 2 lanes, 16 channels per warp; the
-    split doubles the warps, which the benchmark's 8 x 1024 channels need to fill 132 SMs, and 16 states per
-    thread with 3 chains' decay tiles would spill). K: steps per chunk, 4 for the (batch, dim, L) layout (every
-    thread reads 4 contiguous steps of its channel), 2 for time-major memory (two contiguous rows of channels).
-    Chosen from the per-step instruction counts of ``benchmarks/bench_gpu_coupled_sass.py`` (fewest per (lane,
-    state) without spills); ``benchmarks/bench_gpu_coupled_scan.py --sweep`` times them all on the GPU."""
+def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
+    """(block_d, num_warps, K, prefetch_bc, bc_ahead) for a launch. One warp per program, ``block_d`` channels per
+    warp: each channel's N_PAD states are split over 32 / block_d lanes, ``SEQ_STATES_PER_LANE`` states per lane
+    (N 16: (batch, dim, L) memory 2 lanes, 16 channels per warp; time-major memory 4 lanes, 8 channels per warp).
+    K: steps per chunk. B / C rows prefetched into L1 a chunk ahead and loaded into registers a step ahead.
+    Chosen from GPU timings (H200, ``benchmarks/bench_gpu_coupled_seq_variants.py``, results/gpu_kernels_notes.md):
+    at (8, 3, 1024, 4096, 16) bf16 the (batch, dim, L) layout takes 1.98 ms with (16, 1, 4, prefetch, ahead) against
+    4.53 ms without the B / C changes and 2.50 ms with (8, 1, 4, ...); time-major memory 1.92 ms with
+    (8, 1, 4, prefetch, ahead) against 2.84 ms with (16, 1, 2, ...); the fusion benchmark's (32, 3, 512, 500, 16)
+    time-major scan 0.334 ms against 0.622 ms before. With 4 chains the rows held a step ahead would spill (sm_90:
+    64 / 32 bytes), so they are loaded at their step there."""
+    layout = "lmajor" if lmajor else "tmajor"
     n_pad = next_pow2(state_size)
-    lanes = min(n_pad, max(2, n_pad // 8))
+    lanes = min(n_pad, max(2, n_pad // SEQ_STATES_PER_LANE[layout]))
     block_d = 32 // lanes
-    k = SEQ_K["lmajor" if lmajor else "tmajor"]
-    return block_d, 1, max(1, min(k, next_pow2(length)))
+    k = SEQ_K[layout]
+    prefetch_bc, bc_ahead = SEQ_BC_DEFAULT
+    return block_d, 1, max(1, min(k, next_pow2(length))), prefetch_bc, bc_ahead and chains <= 3
 
 
-SEQ_K = {"lmajor": 4, "tmajor": 2}
+SEQ_K = {"lmajor": 4, "tmajor": 4}
+SEQ_STATES_PER_LANE = {"lmajor": 8, "tmajor": 4}
+# (prefetch_bc, bc_ahead) of a 3-tuple config: how the per-step B / C rows reach the registers (see the kernel)
+SEQ_BC_DEFAULT = (True, True)
 
 
 def prepare_bc(Bs, Cs):
@@ -403,7 +486,13 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
             if t.stride() != ref:
                 raise ValueError(f"coupled_scan_fwd_seq: the chains' {name} tensors must share strides")
     Bs, Cs = prepare_bc(Bs, Cs)
-    block_d, num_warps, k = config or default_config(batch, dim, length, state_size, _is_lmajor(u0), u0.dtype)
+    config = tuple(config or default_config(batch, dim, length, state_size, _is_lmajor(u0), u0.dtype, chains))
+    if len(config) == 3:
+        config = config + SEQ_BC_DEFAULT
+    if len(config) != 5:
+        raise ValueError(f"coupled_scan_fwd_seq: config must be (block_d, num_warps, K) or (block_d, num_warps, K, "
+                         f"prefetch_bc, bc_ahead), got {config}")
+    block_d, num_warps, k, prefetch_bc, bc_ahead = config
     if save_every and save_every % k:
         raise ValueError(f"coupled_scan_fwd_seq: save_every ({save_every}) must be a multiple of K ({k})")
     n_pad = next_pow2(state_size)
@@ -436,7 +525,7 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         M=chains, N=state_size, N_PAD=n_pad, LPC=lanes, BD=block_d, K=k, SAVE_EVERY=int(save_every),
         HAS_D=D is not None, HAS_Z=zs is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, FAST=not interpret_mode(),
-        num_warps=num_warps,
+        PREFETCH_BC=bool(prefetch_bc) and not interpret_mode(), BC_AHEAD=bool(bc_ahead), num_warps=num_warps,
     )
     final = states[:, :, n_slots - 1] if save_every else states
     return out_full, final, (states if save_every else None)

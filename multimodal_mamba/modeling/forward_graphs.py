@@ -1,0 +1,122 @@
+"""Whole inference forwards captured as CUDA graphs and replayed (Coupled Mamba's ``inference_cuda_graphs``).
+
+A Coupled Mamba forward at the paper's lengths is ~250 small kernels (per layer and modality: norm, in_proj, conv,
+x_proj, dt_proj, out_proj, residual; per layer one coupled scan), and the host needs longer to launch them than the
+GPU needs to run them (H200, batch 32, L 500: ~6.8 ms of host time against ~3.8 ms of kernels). A CUDA graph
+launches them all at once. ``ForwardGraphs`` keeps one graph per input signature (the input tensors' shapes, dtypes
+and devices, the parameters' storage and the forced op backend), least recently used first out beyond
+``max_graphs``: on a new signature it runs the forward once on a side stream (warm-up: Triton compilation, cuBLAS
+workspaces), captures it with static copies of the inputs, and replays it for every later call of that signature,
+copying the new inputs into the static ones first. Outputs are cloned out of the graph's memory (a result stays
+valid after the next call). Parameters updated in place (optimizers) are read at replay; replaced ones change the
+signature. Python forward hooks run at capture only. When capture fails the forward runs eagerly (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .decode_graphs import _close_failed_capture
+
+logger = logging.getLogger(__name__)
+_said = set()
+
+
+def _say_once(key, message):
+    if key not in _said:
+        _said.add(key)
+        logger.warning(message)
+
+
+def _clone_tree(value):
+    """Clone every tensor of a (nested) tuple / list / dict / ModelOutput; other values pass unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):  # ModelOutput is an OrderedDict: rebuild the same class from its fields
+        return type(value)(**{k: _clone_tree(v) for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_tree(v) for v in value)
+    return value
+
+
+class _Captured:
+    __slots__ = ("graph", "static_inputs", "static_output")
+
+    def __init__(self, graph, static_inputs, static_output):
+        self.graph, self.static_inputs, self.static_output = graph, static_inputs, static_output
+
+
+class ForwardGraphs:
+    """CUDA graphs of ``forward(*inputs)`` per input signature (see the module docstring).
+
+    ``run(forward, inputs, extra_key)``: inputs is a sequence of CUDA tensors (the only data that may change between
+    calls of one signature; everything else the forward reads must be fixed by ``extra_key`` or be parameters);
+    returns the forward's output, or None when the call is not eligible or the capture failed (then run it eagerly).
+    """
+
+    def __init__(self, max_graphs: int = 4):
+        if max_graphs < 1:
+            raise ValueError(f"ForwardGraphs: max_graphs must be >= 1, got {max_graphs}")
+        self.max_graphs = max_graphs
+        self._graphs: "OrderedDict[tuple, Optional[_Captured]]" = OrderedDict()
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def __len__(self):
+        return sum(1 for g in self._graphs.values() if g is not None)
+
+    def __deepcopy__(self, memo):  # graphs refer to this model's memory: a copied model captures its own
+        return ForwardGraphs(self.max_graphs)
+
+    def __reduce__(self):
+        return ForwardGraphs, (self.max_graphs,)
+
+    def run(self, forward: Callable, inputs: Sequence[torch.Tensor], parameters: Sequence[torch.Tensor],
+            extra_key=()) -> Optional[object]:
+        if not inputs or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
+            return None
+        if torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
+            return None
+        key = (tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs),
+               tuple(p.data_ptr() for p in parameters), extra_key)
+        captured = self._graphs.get(key, False)
+        if captured is False:
+            captured = self._capture(forward, inputs, key)
+            self._graphs[key] = captured
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+            if captured is None:
+                return None
+            return _clone_tree(captured.static_output)  # the capture already ran on these inputs
+        self._graphs.move_to_end(key)
+        if captured is None:  # this signature failed to capture before: eager
+            return None
+        for static, new in zip(captured.static_inputs, inputs):
+            static.copy_(new)
+        captured.graph.replay()
+        return _clone_tree(captured.static_output)
+
+    @staticmethod
+    def _capture(forward, inputs, key):
+        device = inputs[0].device
+        static_inputs = [t.clone() for t in inputs]
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                forward(*static_inputs)  # warm-up: compiles kernels, allocates library workspaces
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = forward(*static_inputs)
+            graph.replay()
+        except Exception as error:  # noqa: BLE001 (any capture failure means: run eagerly)
+            _close_failed_capture(device)
+            _say_once(("capture", key[0]), f"CUDA graph capture of the forward failed ({error!r}); running eagerly")
+            return None
+        return _Captured(graph, static_inputs, static_output)
