@@ -451,7 +451,9 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             feats = static[0] if layout is None else dict(zip(layout, static))
             return self._eager_forward(feats, None, output_hidden_states, return_dict)
 
-        extra = (layout, bool(output_hidden_states), bool(return_dict), forced_backend())
+        # what else decides the captured kernels: a backend forced by context manager or by the config field
+        extra = (layout, bool(output_hidden_states), bool(return_dict), forced_backend(),
+                 getattr(self.config, "ssm_backend", None))
         # the parameters' storage (a module walk: about half the host time of self.parameters())
         storage = [p for module in self.modules() for p in module._parameters.values() if p is not None]
         return self._forward_graphs.run(forward, tensors, storage, extra)
