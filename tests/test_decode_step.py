@@ -22,14 +22,7 @@ from multimodal_mamba import MambaCausalLM
 from multimodal_mamba.modeling import modeling_mamba_lm
 from multimodal_mamba.modeling.modeling_mamba_lm import _plain_decode_modules
 
-HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 
 def small_lm(device="cpu", dtype=torch.float32, seed=0, layers=3, hidden=64, residual_in_fp32=True, vocab=300):
@@ -206,7 +199,6 @@ def check_interpreted_model_step():
     compare_steps(small_lm(layers=2), fused, 2, steps=2, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_interpreter_decode_step_kernels(triton_interpreter):
     """The kernels and the whole step through Triton's interpreter (a child process: it must be switched on before
     Triton is first imported)."""

@@ -20,14 +20,7 @@ from transformers import MambaConfig
 from multimodal_mamba import MambaCausalLM
 from multimodal_mamba.modeling.modeling_mamba_lm import DecodeLinear
 
-HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 # (N, K, bias): the projections of a mamba-2.8b-shaped layer (in_proj, x_proj, dt_proj, out_proj) and the LM head.
 MODEL_SHAPES = [(10240, 2560, False), (192, 5120, False), (5120, 160, True), (2560, 5120, False), (50280, 2560, False)]
@@ -87,7 +80,6 @@ def test_model_projections_are_decode_linears_and_peft_wraps_them():
     assert len(grads) == 2 * 3 * 2 and all(g is not None for g in grads)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_interpreter_gemv_kernel(triton_interpreter):
     """All kernel configurations on small shapes, through Triton's interpreter (a child process: it must be switched on
     before Triton is first imported)."""
