@@ -44,10 +44,11 @@ def bucket_size(batch: int) -> Optional[int]:
 _said = set()
 
 
-def _say_once(key: str, message: str, level=logging.WARNING) -> None:
+def _say_once(key, message: str, level=logging.WARNING, log: logging.Logger = logger) -> None:
+    """Log ``message`` on ``log`` the first time ``key`` is seen in this process."""
     if key not in _said:
         _said.add(key)
-        logger.log(level, message)
+        log.log(level, message)
 
 
 def _no_graphs():

@@ -20,16 +20,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .decode_graphs import _close_failed_capture
+from .decode_graphs import _close_failed_capture, _say_once
 
 logger = logging.getLogger(__name__)
-_said = set()
-
-
-def _say_once(key, message):
-    if key not in _said:
-        _said.add(key)
-        logger.warning(message)
 
 
 def _clone_tree(value):
@@ -117,6 +110,7 @@ class ForwardGraphs:
             graph.replay()
         except Exception as error:  # noqa: BLE001 (any capture failure means: run eagerly)
             _close_failed_capture(device)
-            _say_once(("capture", key[0]), f"CUDA graph capture of the forward failed ({error!r}); running eagerly")
+            _say_once(("forward capture", key[0]),
+                      f"CUDA graph capture of the forward failed ({error!r}); running eagerly", log=logger)
             return None
         return _Captured(graph, static_inputs, static_output)
