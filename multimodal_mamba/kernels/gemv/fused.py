@@ -263,7 +263,6 @@ def _measure(x, weight, bias):
             continue
         if ms < best_ms:
             best, best_ms = config, ms
-    del weights
     return best
 
 
