@@ -16,7 +16,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import MambaConfig
 
 from multimodal_mamba import MambaCausalLM
@@ -182,50 +181,15 @@ def check_rows_kernels_against_naive(device):
     kernel and by the separate reduction."""
     from multimodal_mamba.kernels.decode_step import fused
 
-    names = ("ROWS_MIN_BATCH", "ROWS_CONV_X_PROJ_CONFIG", "ROWS_SSM_STEP_CONFIG", "ROWS_REDUCE", "ROWS_REDUCE_TILE",
-             "ROWS_REDUCE_BLOCK", "ROWS_DT_ONE_DOT", "ROWS_EARLY_H")
-    saved = {name: getattr(fused, name) for name in names}
+    saved = (fused.ROWS_MIN_BATCH, fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE)
     try:
         fused.ROWS_MIN_BATCH = 1
-        # (both forms of the partials' reduction, of dt_proj and of the state load)
-        for conv_cfg, ssm_cfg, reduce, tile, one_dot, early_h in [
-                ((16, 64, 32, 16, 4), (16, 16, 4), True, True, True, False),
-                ((16, 64, 32, 16, 4), (16, 16, 4), True, False, False, True),
-                ((16, 32, 32, 32, 4), (32, 16, 4), False, True, True, True)]:
+        for conv_cfg, ssm_cfg, reduce in [((16, 64, 32, 16, 4), (16, 16, 4), True),
+                                          ((16, 32, 32, 32, 4), (32, 16, 4), False)]:
             fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE = conv_cfg, ssm_cfg, reduce
-            fused.ROWS_REDUCE_TILE, fused.ROWS_REDUCE_BLOCK = tile, 16
-            fused.ROWS_DT_ONE_DOT, fused.ROWS_EARLY_H = one_dot, early_h
             check_kernels_against_naive(device)
     finally:
-        for name, value in saved.items():
-            setattr(fused, name, value)
-
-
-def check_linear_rows(device):
-    """``fused.linear_rows`` (the decode step's few-rows in_proj / out_proj) against F.linear: odd shapes, partial
-    row, output and K blocks, bias or not, float32 and bfloat16; bad input gets a ValueError."""
-    from multimodal_mamba.kernels.decode_step import fused
-
-    torch.manual_seed(0)
-    dtypes = (torch.float32,) if device == "cpu" else (torch.float32, torch.bfloat16)
-    for dtype in dtypes:
-        for rows, n_out, k_in, bias, config in [(3, 40, 70, True, (16, 16, 32, 4, 2)), (16, 64, 96, False, None),
-                                                (20, 33, 128, True, (32, 16, 64, 4, 3)), (9, 48, 64, False,
-                                                                                           (16, 32, 16, 4, 1))]:
-            x = torch.randn(rows, k_in, device=device).to(dtype)
-            w = (torch.randn(n_out, k_in, device=device) / k_in**0.5).to(dtype)
-            b = torch.randn(n_out, device=device).to(dtype) if bias else None
-            ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-            out = fused.linear_rows(x, w, b, config)
-            assert out.dtype == dtype and out.shape == (rows, n_out)
-            tol = 1e-4 if dtype == torch.float32 else 2e-2
-            torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-            again = torch.empty(rows, n_out, device=device, dtype=dtype)
-            assert fused.linear_rows(x, w, b, config, out=again) is again and torch.equal(again, out)
-    with pytest.raises(ValueError, match="linear_rows"):
-        fused.linear_rows(x, w[:, :-1])
-    with pytest.raises(ValueError, match="linear_rows"):
-        fused.linear_rows(x, w, out=torch.empty(rows, n_out + 1, device=device, dtype=x.dtype))
+        fused.ROWS_MIN_BATCH, fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE = saved
 
 
 def check_interpreted_model_step():
@@ -252,8 +216,8 @@ def test_interpreter_decode_step_kernels(triton_interpreter):
     rows_code = (
         "import sys; sys.path.insert(0, %r); import tests.test_decode_step as t; "
         "from multimodal_mamba.kernels.decode_step import fused; "
-        "t.check_rows_kernels_against_naive('cpu'); t.check_linear_rows('cpu'); fused.ROWS_MIN_BATCH = 2; "
-        "fused.ROWS_PROJ_MIN_BATCH = 2; t.check_interpreted_model_step(); print('OK')" % os.getcwd()
+        "t.check_rows_kernels_against_naive('cpu'); fused.ROWS_MIN_BATCH = 2; t.check_interpreted_model_step(); "
+        "print('OK')" % os.getcwd()
     )
     triton_interpreter(rows_code)
 
@@ -265,7 +229,6 @@ def test_interpreter_decode_step_kernels(triton_interpreter):
 def test_kernels_match_the_reference_on_the_gpu():
     check_kernels_against_naive("cuda")
     check_rows_kernels_against_naive("cuda")
-    check_linear_rows("cuda")
 
 
 @gpu
@@ -278,21 +241,6 @@ def test_fused_step_matches_the_module_path(dtype, batch):
     assert ops is kernels["decode_step"]  # the model takes the fused path on its own
     tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=0, scaled=True)
     compare_steps(model, ops, batch, steps=4, **tol)
-
-
-@gpu
-@pytest.mark.parametrize("batch", [8, 16, 32])
-@pytest.mark.parametrize("rows_proj", [True, False])
-def test_fused_step_with_and_without_the_rows_projections(batch, rows_proj, monkeypatch):
-    """in_proj / out_proj as ``linear_rows`` (the default at 8 - 32 rows) or as module calls: both match the module
-    path."""
-    from multimodal_mamba.kernels.decode_step import fused
-
-    if not rows_proj:
-        monkeypatch.setattr(fused, "ROWS_IN_PROJ_CONFIG", None)
-        monkeypatch.setattr(fused, "ROWS_OUT_PROJ_CONFIG", None)
-    model = small_lm("cuda", torch.bfloat16, layers=3, hidden=256, vocab=1000)
-    compare_steps(model, fused, batch, steps=3, atol=3e-2, rtol=0, scaled=True)
 
 
 @gpu

@@ -523,13 +523,6 @@ def _plain_decode_modules(backbone, dtype, device) -> bool:
     return norm_f.weight.device == device
 
 
-def _raw_linear_ok(linear) -> bool:
-    """Whether a decode step may run ``linear`` on its raw weight (``linear_rows``): unit stride along K, a bias (if
-    any) in the weight's dtype."""
-    bias = linear.bias
-    return linear.weight.stride(-1) == 1 and (bias is None or bias.dtype == linear.weight.dtype)
-
-
 @dataclass
 class MambaLMOutput(ModelOutput):
     """last_hidden_state (batch, L, hidden); cache_params: the ``MambaStateCache`` after this call."""
@@ -643,28 +636,18 @@ class MambaBackbone(MambaLMPreTrainedModel):
         residual_dtype = torch.float32 if self.layers[0].residual_in_fp32 else dtype
         residual, normed, partials, y = self._decode_workspace(batch, x.device, dtype, residual_dtype, ops)
         residual_in, delta = x, None
-        # At a few rows in_proj and out_proj may run as the kernels' own PDL-launched GEMM on their raw weights (the
-        # modules are plain: _fused_decode_ops checked), else as module calls.
-        in_cfg, out_cfg = ops.rows_projection_config(batch, "in_proj"), ops.rows_projection_config(batch, "out_proj")
         for block in self.layers:
             mixer = block.mixer
             ops.add_rms_norm(residual_in, delta, block.norm.weight, block.norm.variance_epsilon, residual, normed,
                              block.norm.weight.dtype)
-            in_proj, out_proj = mixer.in_proj, mixer.out_proj
-            if in_cfg is not None and _raw_linear_ok(in_proj):
-                xz = ops.linear_rows(normed, in_proj.weight, in_proj.bias, in_cfg)
-            else:
-                xz = in_proj(normed)
+            xz = mixer.in_proj(normed)
             layer = mixer.layer_idx
             ops.mixer_decode_step(
                 xz, cache_params.conv_states[layer], cache_params.ssm_states[layer], mixer.conv1d.weight[:, 0],
                 mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
                 mixer.D, partials, y,
             )
-            if out_cfg is not None and _raw_linear_ok(out_proj):
-                delta = ops.linear_rows(y, out_proj.weight, out_proj.bias, out_cfg)
-            else:
-                delta = out_proj(y)
+            delta = mixer.out_proj(y)
             residual_in = residual
         norm_f = self.norm_f
         out = torch.empty(batch, hidden, device=x.device, dtype=torch.promote_types(norm_f.weight.dtype, residual_dtype))

@@ -4,8 +4,8 @@ without Triton). ``modeling_mamba_lm.MambaBackbone`` runs a decode step through 
 ``MambaBackbone._fused_decode_ops``)."""
 
 try:  # Triton is optional; the naive reference is not
-    from .fused import add_rms_norm, linear_rows, mixer_decode_step, rows_projection_config, split_count
+    from .fused import add_rms_norm, mixer_decode_step, split_count
 
-    __all__ = ["add_rms_norm", "linear_rows", "mixer_decode_step", "rows_projection_config", "split_count"]
+    __all__ = ["add_rms_norm", "mixer_decode_step", "split_count"]
 except ImportError:  # pragma: no cover - without Triton
     __all__ = []

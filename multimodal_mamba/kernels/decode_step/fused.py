@@ -292,11 +292,9 @@ def _conv_x_proj_rows_kernel(
 
 @triton.jit
 def _reduce_partials_kernel(part_ptr, n_proj, n_splits, stride_part_s, stride_part_b, BLOCK: tl.constexpr,
-                            SPLITS_PAD: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr):
-    """part[0, row, cols] = sum over splits of part[s, row, cols] (float32, in a fixed order), in place: each program
-    reads only the columns it writes. TILE: all splits loaded as one (SPLITS_PAD, BLOCK) tile and summed as a tree
-    (one round trip to L2), else added one split after another (a chain of n_splits loads). PDL: waits for the
-    kernel before first."""
+                            PDL: tl.constexpr):
+    """part[0, row, cols] = sum over splits of part[s, row, cols] (float32, in split order), in place: each program
+    reads only the columns it writes. PDL: waits for the kernel before first."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -304,15 +302,9 @@ def _reduce_partials_kernel(part_ptr, n_proj, n_splits, stride_part_s, stride_pa
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_proj
     ptrs = part_ptr + row * stride_part_b + cols
-    if TILE:
-        offs_s = tl.arange(0, SPLITS_PAD)
-        tile = tl.load(ptrs[None, :] + offs_s[:, None] * stride_part_s, mask=(offs_s < n_splits)[:, None] & ok[None, :],
-                       other=0.0)
-        total = tl.sum(tile, axis=0)
-    else:
-        total = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(n_splits):
-            total += tl.load(ptrs + s * stride_part_s, mask=ok, other=0.0)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(n_splits):
+        total += tl.load(ptrs + s * stride_part_s, mask=ok, other=0.0)
     tl.store(ptrs, total, mask=ok)
 
 
@@ -335,15 +327,12 @@ def _ssm_step_rows_kernel(
     stride_cw_d, stride_cw_k, stride_dtw_d, stride_dtw_r, stride_A_d, stride_A_n,
     stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, R_PAD: tl.constexpr, DT_ONE_DOT: tl.constexpr, EARLY_H: tl.constexpr,
-    HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """``_ssm_step_kernel`` for a block of rows: dt = time_step[rows] @ dt_proj.weight[channels]^T by tl.dot in
     BLOCK_R chunks of the rank (time_step = the partial sums, rounded to the model dtype), the state update on
-    (rows, channels, N) tiles; the conv state rolled here. PDL: A_log is loaded before waiting for the kernel before.
-    DT_ONE_DOT: the whole dt_proj tile (R_PAD x channels) is loaded before that wait too and dt is one tl.dot (no
-    chain of BLOCK_R steps after the wait). EARLY_H: the state tile is loaded right after the wait, ahead of dt."""
+    (rows, channels, N) tiles; the conv state rolled here. PDL: A_log is loaded before waiting for the kernel before."""
     pid_d = tl.program_id(0)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
@@ -356,41 +345,23 @@ def _ssm_step_rows_kernel(
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A_log = tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
-    if DT_ONE_DOT:
-        offs_all = tl.arange(0, R_PAD)
-        mask_all = offs_all < rank
-        dtw_all = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + offs_all[:, None] * stride_dtw_r,
-                          mask=mask_all[:, None] & mask_d[None, :], other=0.0).to(dtype)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    rows3 = rows[:, None, None]
-    h_ptrs = (ssm_state_ptr + rows3 * stride_h_b + offs_d[None, :, None] * stride_h_d
-              + offs_n[None, None, :] * stride_h_n)
-    mask_h = mask_b[:, None, None] & mask_dn[None, :, :]
-    if EARLY_H:
-        h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
 
-    if DT_ONE_DOT:
-        time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, offs_all, mask_all).to(dtype)
+    offs_r = tl.arange(0, BLOCK_R)
+    dt = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < rank
+        time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rr, mask_r).to(dtype)
+        dtw = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + rr[:, None] * stride_dtw_r,
+                      mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+        dtw = dtw.to(dtype)
         if UPCAST:  # (as in _conv_x_proj_rows_kernel)
-            dt = tl.dot(time_step.to(tl.float32), dtw_all.to(tl.float32), input_precision=PRECISION)
-        else:
-            dt = tl.dot(time_step, dtw_all, input_precision=PRECISION)
-    else:
-        offs_r = tl.arange(0, BLOCK_R)
-        dt = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-        for r0 in range(0, rank, BLOCK_R):
-            rr = r0 + offs_r
-            mask_r = rr < rank
-            time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rr, mask_r).to(dtype)
-            dtw = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + rr[:, None] * stride_dtw_r,
-                          mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-            dtw = dtw.to(dtype)
-            if UPCAST:  # (as in _conv_x_proj_rows_kernel)
-                time_step = time_step.to(tl.float32)
-                dtw = dtw.to(tl.float32)
-            dt = tl.dot(time_step, dtw, dt, input_precision=PRECISION)
+            time_step = time_step.to(tl.float32)
+            dtw = dtw.to(tl.float32)
+        dt = tl.dot(time_step, dtw, dt, input_precision=PRECISION)
     if HAS_DT_BIAS:
         dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     dt = softplus(dt.to(dtype).to(tl.float32))
@@ -404,8 +375,10 @@ def _ssm_step_rows_kernel(
                         W, HAS_CONV_BIAS, True).to(tl.float32)
 
     A = -tl.exp(A_log.to(tl.float32))
-    if not EARLY_H:
-        h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
+    h_ptrs = (ssm_state_ptr + rows[:, None, None] * stride_h_b + offs_d[None, :, None] * stride_h_d
+              + offs_n[None, None, :] * stride_h_n)
+    mask_h = mask_b[:, None, None] & mask_dn[None, :, :]
+    h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
     h = tl.exp(dt[:, :, None] * A[None, :, :]) * h + (dt * x)[:, :, None] * Bv[:, None, :]
     tl.store(h_ptrs, h.to(ssm_state_ptr.dtype.element_ty), mask=mask_h)
     y = tl.sum(h * Cv[:, None, :], axis=2)
@@ -418,52 +391,11 @@ def _ssm_step_rows_kernel(
     tl.store(y_ptr + rows[:, None] * stride_y_b + offs_d[None, :] * stride_y_d, y.to(dtype), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# in_proj / out_proj for a few rows (batch ROWS_PROJ_MIN_BATCH - ROWS_PROJ_MAX_BATCH), launched with PDL
-# ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n_out, k_in, stride_x, stride_w, stride_out,
-                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """Program (output block, row block): out[rows, n-block] = x[rows] @ w[n-block]^T (+ bias), float32 accumulation
-    over K in BLOCK_K steps (tl.dot), stored in out's dtype. PDL: the first weight tile is loaded before waiting for
-    the kernel that writes x (the same sums in the same order either way)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_n = offs_n < n_out
-    mask_b = offs_b < rows
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_w + offs_k[:, None]  # (BLOCK_K, BLOCK_N): w^T
-    x_ptrs = x_ptr + offs_b.to(tl.int64)[:, None] * stride_x + offs_k[None, :]
-    w = tl.load(w_ptrs, mask=mask_n[None, :] & (offs_k < k_in)[:, None], other=0.0)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    x = tl.load(x_ptrs, mask=mask_b[:, None] & (offs_k < k_in)[None, :], other=0.0)
-    if UPCAST:  # (as in _conv_x_proj_rows_kernel)
-        x = x.to(tl.float32)
-        w = w.to(tl.float32)
-    acc = tl.dot(x, w, input_precision=PRECISION)
-    for k0 in range(BLOCK_K, k_in, BLOCK_K):
-        ok = (k0 + offs_k) < k_in
-        w = tl.load(w_ptrs + k0, mask=mask_n[None, :] & ok[:, None], other=0.0)
-        x = tl.load(x_ptrs + k0, mask=mask_b[:, None] & ok[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_b.to(tl.int64)[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_b[:, None] & mask_n[None, :])
-
-
 _CONV_X_PROJ = CachedLaunch(_conv_x_proj_kernel)
 _SSM_STEP = CachedLaunch(_ssm_step_kernel)
 _CONV_X_PROJ_ROWS = CachedLaunch(_conv_x_proj_rows_kernel)
 _REDUCE_PARTIALS = CachedLaunch(_reduce_partials_kernel)
 _SSM_STEP_ROWS = CachedLaunch(_ssm_step_rows_kernel)
-_LINEAR_ROWS = CachedLaunch(_linear_rows_kernel)
 
 # (block_c, block_p, warps) of the conv + x_proj kernel, (block_d, split_block, warps) of the state-update kernel.
 # Measured on an H200 with the mamba-2.8b shape (benchmarks/results/gpu_decode_parts.md): block_c = 512 (10 partial
@@ -484,24 +416,6 @@ ROWS_MIN_BATCH = 8
 ROWS_CONV_X_PROJ_CONFIG = (16, 128, 128, 64, 4)
 ROWS_SSM_STEP_CONFIG = (16, 32, 4)
 ROWS_REDUCE = True
-# Latency cuts of the rows kernels (batch 16 GPU step, H200: benchmarks/results/gpu_decode_parts.md): the partials'
-# reduction as one tile load per program (ROWS_REDUCE_TILE, with ROWS_REDUCE_BLOCK columns per program), dt_proj's
-# whole tile loaded before the PDL wait and dt as one tl.dot (ROWS_DT_ONE_DOT), the state tile loaded first
-# (ROWS_EARLY_H).
-ROWS_REDUCE_TILE = True
-ROWS_REDUCE_BLOCK = 32
-ROWS_DT_ONE_DOT = True
-ROWS_EARLY_H = False
-
-
-# in_proj and out_proj of a decode step at ROWS_PROJ_MIN_BATCH - ROWS_PROJ_MAX_BATCH rows: this module's
-# ``linear_rows`` (a Triton kernel launched with PDL: it streams its first weight tile while the kernel before it
-# finishes) instead of the module call (cuBLAS, launched without PDL). (block_b, block_n, block_k, warps, stages) per
-# projection, or None for the module call.
-ROWS_PROJ_MIN_BATCH = 8
-ROWS_PROJ_MAX_BATCH = 32
-ROWS_IN_PROJ_CONFIG = (16, 32, 128, 4, 4)
-ROWS_OUT_PROJ_CONFIG = (16, 16, 128, 4, 4)
 
 
 def _uses_rows(batch) -> bool:
@@ -607,11 +521,9 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         warps_1, pdl)
     summed_splits = splits
     if ROWS_REDUCE and splits > 1:
-        tile = ROWS_REDUCE_TILE
-        block = min(ROWS_REDUCE_BLOCK if tile else 256, next_pow2(n_proj))
+        block = min(256, next_pow2(n_proj))
         _REDUCE_PARTIALS((triton.cdiv(n_proj, block), batch, 1), (partials,),
-                         (n_proj, splits, partials.stride(0), partials.stride(1)),
-                         (block, next_pow2(splits), tile, pdl), 4, pdl)
+                         (n_proj, splits, partials.stride(0), partials.stride(1)), (block, pdl), 4, pdl)
         summed_splits = 1
     _SSM_STEP_ROWS(
         (triton.cdiv(dim, block_d), row_blocks, 1),
@@ -620,47 +532,5 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
          ssm_state, out),
         (batch, dim, rank, summed_splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
          *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
-        (state_size, next_pow2(state_size), width, block_b, block_d, block_r, max(16, next_pow2(rank)),
-         ROWS_DT_ONE_DOT, ROWS_EARLY_H, conv_bias is not None, dt_proj_bias is not None, D is not None, precision,
-         upcast, pdl), warps_2, pdl)
-
-
-def rows_projection_config(batch: int, which: str):
-    """The ``linear_rows`` configuration for projection ``which`` ("in_proj" / "out_proj") of a decode step at
-    ``batch`` rows, or None (the module call)."""
-    if not ROWS_PROJ_MIN_BATCH <= batch <= ROWS_PROJ_MAX_BATCH:
-        return None
-    return ROWS_IN_PROJ_CONFIG if which == "in_proj" else ROWS_OUT_PROJ_CONFIG
-
-
-def linear_rows(x, weight, bias=None, config=None, out=None):
-    """``F.linear(x, weight, bias)`` for a few rows on the GPU: x (rows, K), weight (N, K), bias (N,) or None, out
-    (rows, N) or None, all one dtype with unit stride along the last dim -> out (rows, N). Float32 accumulation
-    (another summation order than cuBLAS: equal up to rounding). config: (block_b, block_n, block_k, warps, stages)
-    (default ``ROWS_IN_PROJ_CONFIG``)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_rows: x must be (rows, K) and weight (N, K), got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
-    rows, k_in = x.shape
-    n_out = weight.shape[0]
-    if x.dtype != weight.dtype or x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("linear_rows: x and weight must share a dtype and have unit stride along K")
-    if bias is not None and (tuple(bias.shape) != (n_out,) or bias.dtype != x.dtype):
-        raise ValueError(f"linear_rows: bias must be ({n_out},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    if out is None:
-        out = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
-    elif tuple(out.shape) != (rows, n_out) or out.stride(-1) != 1:
-        raise ValueError(f"linear_rows: out must be ({rows}, {n_out}) with unit stride, got {tuple(out.shape)}")
-    if rows == 0:
-        return out
-    block_b, block_n, block_k, warps, stages = config if config is not None else ROWS_IN_PROJ_CONFIG
-    block_b = max(16, min(block_b, next_pow2(rows)))
-    pdl = pdl_available(x.device)
-    upcast = interpret_mode()
-    precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"
-    _LINEAR_ROWS((triton.cdiv(n_out, block_n), triton.cdiv(rows, block_b), 1),
-                 (x, weight, bias if bias is not None else weight, out),
-                 (rows, n_out, k_in, x.stride(0), weight.stride(0), out.stride(0)),
-                 (block_b, block_n, block_k, bias is not None, precision, upcast, pdl), warps, pdl,
-                 num_stages=stages)
-    return out
+        (state_size, next_pow2(state_size), width, block_b, block_d, block_r, conv_bias is not None,
+         dt_proj_bias is not None, D is not None, precision, upcast, pdl), warps_2, pdl)

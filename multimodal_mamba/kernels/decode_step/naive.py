@@ -22,19 +22,6 @@ def add_rms_norm_ref(residual_in, delta, weight, eps, residual_out, out, norm_dt
     return out
 
 
-def rows_projection_config(batch: int, which: str):
-    """The reference runs every projection as the module call."""
-    return None
-
-
-def linear_rows(x, weight, bias=None, config=None, out=None):
-    """Same contract as ``fused.linear_rows``: x (rows, K) @ weight (N, K)^T (+ bias) -> (rows, N)."""
-    result = F.linear(x, weight, bias)
-    if out is None:
-        return result
-    return out.copy_(result)
-
-
 def split_count(dim: int, batch=None) -> int:
     """The reference needs no partials buffer; one 'split' keeps the callers' workspace shapes valid."""
     return 1
