@@ -21,7 +21,8 @@ call. A prefill graph is keyed by (rows, prompt length, left padding or not, log
 the second time its key is seen (a prompt length used once never pays a capture), for prompts of up to
 ``PREFILL_MAX_LENGTH`` tokens and ``PREFILL_MAX_TOKENS`` rows x tokens; a bucket keeps its ``PREFILL_GRAPHS`` most
 recently used ones. The prefill of a fresh cache only writes the states (it reads none), so a replay equals the eager
-prefill bit for bit. The LM's ``config.prefill_cuda_graph = False`` turns this off.
+prefill bit for bit. The LM's ``config.prefill_cuda_graph = False`` turns this off. Only token-id prompts of the LM's
+own forward take it (VL-Mamba prefills from embeddings, eagerly).
 
 Not reentrant: one generate call per model at a time. Python forward hooks on the modules run at capture, not at
 replay. Without CUDA, while training, or when capture fails, decoding runs eagerly (the failure is logged once).

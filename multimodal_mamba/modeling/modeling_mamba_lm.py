@@ -822,9 +822,9 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
     decode_graphs.py), and replays the prompt's prefill from a CUDA graph too when a prompt of the same shape (rows,
     length up to 128 tokens, padding or not) was seen before: a short prompt's prefill is bound by host launches
     (~30 ms for 16 tokens of the 2.8b shape), its graph by the GPU (a few ms); same logits and tokens as eager.
-    ``config.prefill_cuda_graph`` (a plain attribute of the ``MambaConfig``, default True; VL-Mamba:
-    ``config.text_config.prefill_cuda_graph``) set to False prefills eagerly; ``decode_cuda_graph=False`` turns off
-    both.
+    ``config.prefill_cuda_graph`` (a plain attribute of the ``MambaConfig``, default True) set to False prefills
+    eagerly; ``decode_cuda_graph=False`` turns off both. (VL-Mamba prefills its prompt, image features included, from
+    embeddings, eagerly; its decode steps replay this model's graphs.)
     """
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
