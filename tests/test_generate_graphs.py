@@ -6,6 +6,10 @@ captured again when the weights' storage changes; in-place weight updates are se
 a capture that fails falls back to eager decoding, said once; VL-Mamba (image in the prompt) and a PEFT LoRA
 model decode through the graph too.
 
+Prompt prefill graphs (GPU): captured the second time a prompt shape is seen, same logits, states and tokens as the
+eager prefill (greedy, sampling, beam search, left padding), switched off by ``config.prefill_cuda_graph``, dropped
+when the weights move, a failed capture falls back.
+
 CPU tests: buckets, the eager fallback on CPU (said once, same tokens), cache views and invalidation.
 """
 
@@ -337,3 +341,124 @@ def test_triton_transpose_of_a_prefills_five_tensors_in_one_launch():
             assert out.is_contiguous() and torch.equal(out, part.transpose(1, 2))
     with pytest.raises(ValueError, match="same batch, length and dtype"):
         channel_major_group(parts[0], narrow[:1, :, 5:21])
+
+
+def test_attention_mask_has_padding_skips_only_the_check():
+    model = small_lm()
+    ids = prompts(2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        for m in (mask, torch.ones_like(ids)):
+            auto = model.backbone(ids, attention_mask=m).last_hidden_state
+            told = model.backbone(ids, attention_mask=m, attention_mask_has_padding=not bool(m.all())).last_hidden_state
+            assert torch.equal(auto, told)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt prefill graphs (GPU)
+# ----------------------------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_prefill_graph_on_second_sight_gives_the_eager_tokens(dtype, batch):
+    model = small_lm("cuda", dtype)
+    runs = []
+    for seed in (1, 2, 3):  # the same shape, other tokens: first sight eager, then capture, then a plain replay
+        ids = prompts(batch, length=11, device="cuda", seed=seed)
+        eager, graphed = generate_both(model, ids, max_new_tokens=10, do_sample=False)
+        assert torch.equal(eager, graphed)
+        runs.append(model.decode_graphs.prefill_graphs()[bucket_size(batch)])
+    assert runs[0] == [] and len(runs[1]) == 1 and runs[2] == runs[1]
+    assert runs[1][0][:3] == (batch, 11, False)
+
+
+@gpu
+def test_prefill_graph_logits_and_states_equal_the_eager_prefill():
+    model = small_lm("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for seed in (1, 2, 3):
+            ids = prompts(4, length=9, device="cuda", seed=seed)
+            cache = model._graph_generation_cache(4, ids.device)
+            graphed = model(ids, cache_params=cache, use_cache=True, logits_to_keep=1).logits
+            states = cache.conv_states.clone(), cache.ssm_states.clone()
+            assert cache.seqlen_offset == 9
+            eager_cache = model.allocate_cache(4)
+            eager = model(ids, cache_params=eager_cache, use_cache=True, logits_to_keep=1).logits
+            assert torch.equal(graphed, eager)
+            assert torch.equal(states[0], eager_cache.conv_states) and torch.equal(states[1], eager_cache.ssm_states)
+    assert len(model.decode_graphs.prefill_graphs()[4]) == 1
+
+
+@gpu
+def test_prefill_graph_with_left_padding_sampling_and_beams():
+    model = small_lm("cuda")
+    ids = prompts(2, length=9, device="cuda", seed=5)
+    for pad in (4, 2, 3):  # one padded-mask graph serves every padding pattern of that shape
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        eager, graphed = generate_both(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        assert torch.equal(eager, graphed)
+    assert [k[2] for k in model.decode_graphs.prefill_graphs()[2]] == [True]
+    for _ in range(3):
+        eager, graphed = generate_both(model, ids, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9)
+        assert torch.equal(eager, graphed)
+        eager, graphed = generate_both(model, ids, max_new_tokens=8, num_beams=3, do_sample=False)
+        assert torch.equal(eager, graphed)
+    assert len(model.decode_graphs.prefill_graphs()[8]) == 1  # 2 prompts x 3 beams
+
+
+@gpu
+def test_prefill_graph_switch_limits_and_recapture():
+    from multimodal_mamba.modeling.decode_graphs import PREFILL_MAX_LENGTH
+
+    model = small_lm("cuda")
+    model.config.prefill_cuda_graph = False
+    ids = prompts(1, device="cuda")
+    for _ in range(3):
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert model.decode_graphs.prefill_graphs() == {1: []}
+    model.config.prefill_cuda_graph = True
+    long = prompts(1, length=PREFILL_MAX_LENGTH + 1, device="cuda")
+    for _ in range(3):
+        eager, graphed = generate_both(model, long, max_new_tokens=4, do_sample=False)
+        assert torch.equal(eager, graphed)
+    assert model.decode_graphs.prefill_graphs() == {1: []}  # too long: host-bound no more
+    for _ in range(2):
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    entry = model.decode_graphs._buckets[next(iter(model.decode_graphs._buckets))].prefills
+    (captured,) = entry.values()
+    with torch.no_grad():  # in-place updates are read at replay
+        model.backbone.layers[0].mixer.in_proj.weight.mul_(1.5)
+    eager, graphed = generate_both(model, ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(eager, graphed) and next(iter(entry.values())) is captured
+    model.to(torch.float64).to(torch.float32)  # new storage: the prefill graph is dropped, then captured again
+    for _ in range(2):
+        eager, graphed = generate_both(model, ids, max_new_tokens=8, do_sample=False)
+        assert torch.equal(eager, graphed)
+    bucket = next(iter(model.decode_graphs._buckets.values()))
+    assert len(bucket.prefills) == 1 and next(iter(bucket.prefills.values())) is not captured
+
+
+@gpu
+def test_prefill_capture_failure_falls_back_and_says_so_once(caplog, monkeypatch):
+    model = small_lm("cuda")
+    graphs = model.decode_graphs
+    real = graphs._prefill_fn
+
+    def syncing_prefill(*args):
+        logits = real(*args)
+        float(logits.sum())  # a host sync: not capturable
+        return logits
+
+    monkeypatch.setattr(graphs, "_prefill_fn", syncing_prefill)
+    decode_graphs._said.discard("prefill-capture")
+    ids = prompts(1, device="cuda")
+    with caplog.at_level(logging.WARNING, logger=decode_graphs.__name__):
+        for _ in range(3):
+            eager, graphed = generate_both(model, ids, max_new_tokens=10, do_sample=False)
+            assert torch.equal(eager, graphed)
+    assert len([r for r in caplog.records if "CUDA-graph prefill: capture failed" in r.getMessage()]) == 1
+    assert graphs.prefill_graphs() == {1: []} and graphs.buckets() == {1: True}
+    torch.randn(3, device="cuda")  # CUDA's generator still usable
+    assert model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=20).shape[1] == 11

@@ -14,6 +14,16 @@ by every later generate call of that bucket, as long as the model's parameters, 
 backend are unchanged (otherwise it is captured again). A cache handed out by an earlier generate call on the
 same bucket is then invalidated: using it raises a ValueError instead of reading another call's state.
 
+Prompt prefills (``prefill``): a generate call's prompt prefill writes the same static cache, so it can be replayed
+from a graph too. At short prompts the prefill is bound by the host's launches (mamba-2.8b, 16 tokens: ~30 ms of
+Python and launches for a few ms of kernels; benchmarks/results/gpu_generate.md), a cost that generate() pays once per
+call. A prefill graph is keyed by (rows, prompt length, left padding or not, logits kept) within a bucket and captured
+the second time its key is seen (a prompt length used once never pays a capture), for prompts of up to
+``PREFILL_MAX_LENGTH`` tokens and ``PREFILL_MAX_TOKENS`` rows x tokens; a bucket keeps its ``PREFILL_GRAPHS`` most
+recently used ones. The prefill of a fresh cache only writes the states (it reads none), so a replay equals the eager
+prefill bit for bit. The LM's ``config.prefill_cuda_graph = False`` turns this off. Only token-id prompts of the LM's
+own forward take it (VL-Mamba prefills from embeddings, eagerly).
+
 Not reentrant: one generate call per model at a time. Python forward hooks on the modules run at capture, not at
 replay. Without CUDA, while training, or when capture fails, decoding runs eagerly (the failure is logged once).
 """
@@ -30,6 +40,12 @@ logger = logging.getLogger(__name__)
 
 MAX_BUCKET = 256
 MAX_LIVE_BUCKETS = 4  # least recently used buckets beyond this are freed
+# Prefill graphs: only where the prefill is bound by host launches (short prompts), and bounded in memory (each graph
+# keeps a private pool for its activations: ~100 MB at 2048 tokens of the 2.8b shape).
+PREFILL_MAX_LENGTH = 128
+PREFILL_MAX_TOKENS = 2048
+PREFILL_GRAPHS = 4  # per bucket, least recently used first out
+PREFILL_SEEN = 64  # keys remembered as seen once, per bucket
 
 
 def bucket_size(batch: int) -> Optional[int]:
@@ -73,6 +89,15 @@ def _close_failed_capture(device) -> None:
         _say_once("capture-cleanup", f"CUDA-graph decode: could not close the failed capture ({error})")
 
 
+class _Prefill:
+    """A captured prompt prefill: its static inputs, the graph and its output logits."""
+
+    __slots__ = ("graph", "input_ids", "attention_mask", "logits")
+
+    def __init__(self, graph, input_ids, attention_mask, logits):
+        self.graph, self.input_ids, self.attention_mask, self.logits = graph, input_ids, attention_mask, logits
+
+
 class _Bucket:
     """Static cache, static input and (once captured) the graph and its output for one batch-size bucket."""
 
@@ -83,8 +108,14 @@ class _Bucket:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[torch.Tensor] = None  # (size, 1, vocab) float32, written by every replay
         self.signature = None
+        self.current_signature = None  # the model's signature when the current generate call got its cache
         self.owner = None  # the MambaStateCache view handed to the current generate call
         self.failed = False
+        # Prompt prefills: key -> _Prefill (None: capture failed), keys seen once, and the signature they were captured
+        # under (the decode graph may be captured later or never, so it has its own).
+        self.prefills: "OrderedDict[tuple, Optional[_Prefill]]" = OrderedDict()
+        self.prefill_seen: "OrderedDict[tuple, None]" = OrderedDict()
+        self.prefill_signature = None
 
 
 class DecodeGraphs:
@@ -93,13 +124,20 @@ class DecodeGraphs:
     ``make_cache(batch)`` -> (batch, ...) views of a bucket's static cache (or None: decode eagerly);
     ``step(input_ids (batch, 1), cache)`` -> logits (batch, 1, vocab) float32, the cache advanced by one token.
 
+    ``prefill(input_ids (batch, L), attention_mask (batch, L) or None, cache, logits_to_keep)`` -> logits (batch, L or
+    logits_to_keep, vocab) float32 of a prompt prefill replayed from a graph, or None (run it eagerly).
+
     ``decode_fn(input_ids (B, 1), cache) -> logits (B, 1, vocab)`` is the model's own eager decode step; it is what
-    gets captured. ``allocate(batch, device, dtype)`` allocates a ``MambaStateCache``; ``signature()`` returns
-    something that changes whenever a captured graph would be stale (parameter storage, op backend).
+    gets captured. ``prefill_fn(input_ids, attention_mask or None (None: no padding), cache, logits_to_keep) ->
+    logits`` is its eager prompt prefill (captured likewise; None: no prefill graphs). ``allocate(batch, device,
+    dtype)`` allocates a ``MambaStateCache``; ``signature()`` returns something that changes whenever a captured graph
+    would be stale (parameter storage, op backend).
     """
 
-    def __init__(self, decode_fn: Callable, allocate: Callable, signature: Callable):
+    def __init__(self, decode_fn: Callable, allocate: Callable, signature: Callable,
+                 prefill_fn: Optional[Callable] = None):
         self._decode_fn = decode_fn
+        self._prefill_fn = prefill_fn
         self._allocate = allocate
         self._signature = signature
         self._buckets: "OrderedDict[Tuple[int, str, torch.dtype], _Bucket]" = OrderedDict()
@@ -130,6 +168,9 @@ class DecodeGraphs:
         signature = self._signature()
         if bucket is not None and bucket.signature is not None and bucket.signature != signature:
             bucket.graph, bucket.logits, bucket.signature = None, None, None  # parameters or backend changed
+        if bucket is not None and bucket.prefill_signature is not None and bucket.prefill_signature != signature:
+            bucket.prefills.clear()
+            bucket.prefill_signature = None
         if bucket is None:
             bucket = _Bucket(size, self._allocate(size, device, dtype))
             self._buckets[key] = bucket
@@ -145,6 +186,7 @@ class DecodeGraphs:
         view = bucket.cache.rows(batch)
         view.graph_bucket = bucket
         bucket.owner = view
+        bucket.current_signature = signature
         return view
 
     # ------------------------------------------------------------------------------------------------------------
@@ -196,6 +238,86 @@ class DecodeGraphs:
             return False
         bucket.graph, bucket.logits, bucket.signature = graph, logits, self._signature()
         return True
+
+    # ------------------------------------------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache,
+                logits_to_keep: int = 0) -> Optional[torch.Tensor]:
+        """A fresh cache's prompt prefill through a graph: logits (batch, L or logits_to_keep, vocab) float32 (a copy),
+        the cache holding the prompt; or None where it does not apply or is not captured yet (the caller then runs the
+        prefill eagerly: the first sight of a key, a prompt too long, a capture that failed).
+
+        input_ids (batch, L) on the cache's device; attention_mask (batch, L) with 0 on (left) padding, or None.
+        """
+        bucket: _Bucket = cache.graph_bucket
+        if bucket.owner is not cache:
+            raise ValueError("this cache_params belongs to an earlier generate() call whose CUDA-graph buffers "
+                             "were reused; pass a fresh cache")
+        if self._prefill_fn is None or cache.seqlen_offset != 0 or input_ids.dim() != 2:
+            return None
+        batch, length = input_ids.shape
+        if length > PREFILL_MAX_LENGTH or batch * length > PREFILL_MAX_TOKENS or batch != cache.batch_size:
+            return None
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+            return None  # (the eager path says what is wrong with it)
+        # One host sync, as the eager prefill's own check: a mask without padding is no mask.
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        key = (batch, length, padded, attention_mask.dtype if padded else None, int(logits_to_keep))
+        if key not in bucket.prefills:
+            if key not in bucket.prefill_seen:  # first sight: remember it, run eagerly
+                bucket.prefill_seen[key] = None
+                while len(bucket.prefill_seen) > PREFILL_SEEN:
+                    bucket.prefill_seen.popitem(last=False)
+                return None
+            del bucket.prefill_seen[key]
+            bucket.prefills[key] = self._capture_prefill(bucket, input_ids, attention_mask if padded else None, cache,
+                                                         int(logits_to_keep))
+            while len(bucket.prefills) > PREFILL_GRAPHS:
+                bucket.prefills.popitem(last=False)
+        bucket.prefills.move_to_end(key)
+        captured = bucket.prefills[key]
+        if captured is None:
+            return None
+        captured.input_ids.copy_(input_ids)
+        if padded:
+            captured.attention_mask.copy_(attention_mask)
+        captured.graph.replay()
+        cache.seqlen_offset = length
+        return captured.logits.clone()
+
+    def _capture_prefill(self, bucket: _Bucket, input_ids, attention_mask, cache, logits_to_keep) -> Optional[_Prefill]:
+        """Capture ``prefill_fn`` on static copies of the inputs, writing ``cache``'s rows (a view of the bucket's
+        static cache, at the same addresses for every later call of this batch size). A fresh cache's prefill reads no
+        state, so the warm-up run (executed for real) needs no saving of the states."""
+        static_ids = input_ids.clone()
+        static_mask = attention_mask.clone() if attention_mask is not None else None
+        device = static_ids.device
+        try:
+            stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                self._prefill_fn(static_ids, static_mask, cache, logits_to_keep)
+                cache.seqlen_offset = 0
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # Its own memory pool: the prefill's activations are larger than a decode step's, and a private pool
+            # is freed with the graph (least recently used first out).
+            with torch.cuda.graph(graph), torch.no_grad():
+                logits = self._prefill_fn(static_ids, static_mask, cache, logits_to_keep)
+        except Exception as error:  # an op that syncs or cannot be captured: this key stays eager
+            _close_failed_capture(device)
+            _say_once("prefill-capture", f"CUDA-graph prefill: capture failed ({type(error).__name__}: {error}); "
+                                         "prefilling eagerly")
+            return None
+        finally:
+            cache.seqlen_offset = 0
+        bucket.prefill_signature = bucket.current_signature
+        return _Prefill(graph, static_ids, static_mask, logits)
+
+    def prefill_graphs(self) -> Dict[int, list]:
+        """{bucket size: [(rows, length, padded, mask dtype, logits kept) of its captured prefill graphs]} (tests and
+        benchmarks)."""
+        return {key[0]: [k for k, v in bucket.prefills.items() if v is not None]
+                for key, bucket in self._buckets.items()}
 
     # A copied or pickled model starts without graphs (they hold CUDA graphs and the original's tensors).
     def __deepcopy__(self, memo):

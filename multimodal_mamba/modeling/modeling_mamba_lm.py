@@ -663,10 +663,11 @@ class MambaBackbone(MambaLMPreTrainedModel):
 
     def forward(
         self, input_ids=None, inputs_embeds=None, cache_params=None, use_cache=None, output_hidden_states=None,
-        return_dict=None, attention_mask=None, **kwargs,
+        return_dict=None, attention_mask=None, attention_mask_has_padding: Optional[bool] = None, **kwargs,
     ):
         """input_ids (batch, L) or inputs_embeds (batch, L, hidden); attention_mask (batch, L) with 0 on padding
-        (left padding for generation). Returns ``MambaLMOutput``."""
+        (left padding for generation). ``attention_mask_has_padding``: the caller already knows whether the mask has
+        a 0 (skips that check's host sync; a captured prefill cannot sync). Returns ``MambaLMOutput``."""
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -696,7 +697,8 @@ class MambaBackbone(MambaLMPreTrainedModel):
                 attention_mask = attention_mask[:, -length:]  # the mask of the whole sequence, as generate passes it
             else:
                 raise ValueError(f"attention_mask must be (batch, L) = {(batch, length)}, got {tuple(attention_mask.shape)}")
-        if attention_mask is not None and bool(attention_mask.all()):
+        if attention_mask is not None and not (
+                attention_mask_has_padding if attention_mask_has_padding is not None else not bool(attention_mask.all())):
             attention_mask = None  # nothing to mask: skip the multiplications
 
         if (cache_params is not None and cache_params.seqlen_offset > 0 and length == 1 and attention_mask is None
@@ -815,6 +817,14 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
 
     Drop-in for transformers' ``MambaForCausalLM``: same config, same parameter names, same logits; faster on
     CPU (chunked scan instead of a loop over tokens) and GPU (fused kernels, in-place cache).
+
+    On CUDA, ``generate()`` decodes by replaying CUDA graphs of the one-token step (``decode_cuda_graph``, see
+    decode_graphs.py), and replays the prompt's prefill from a CUDA graph too when a prompt of the same shape (rows,
+    length up to 128 tokens, padding or not) was seen before: a short prompt's prefill is bound by host launches
+    (~30 ms for 16 tokens of the 2.8b shape), its graph by the GPU (a few ms); same logits and tokens as eager.
+    ``config.prefill_cuda_graph`` (a plain attribute of the ``MambaConfig``, default True) set to False prefills
+    eagerly; ``decode_cuda_graph=False`` turns off both. (VL-Mamba prefills its prompt, image features included, from
+    embeddings, eagerly; its decode steps replay this model's graphs.)
     """
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
@@ -845,7 +855,8 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
         """The CUDA graphs of this model's decode step, per batch-size bucket (``.clear()`` frees them)."""
         graphs = self.__dict__.get("_decode_graphs")
         if graphs is None:
-            graphs = DecodeGraphs(self._decode_step_logits, self._allocate_static_cache, self._decode_graph_signature)
+            graphs = DecodeGraphs(self._decode_step_logits, self._allocate_static_cache, self._decode_graph_signature,
+                                  prefill_fn=self._prefill_logits)
             self.__dict__["_decode_graphs"] = graphs
         return graphs
 
@@ -862,6 +873,38 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
         hidden_states = hidden_states.last_hidden_state
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
 
+    def _prefill_logits(self, input_ids, attention_mask, cache_params, logits_to_keep):
+        """The eager prompt prefill that prefill graphs capture (the same calls as ``forward``'s): input_ids (B, L),
+        attention_mask (B, L) with padding or None (no padding) -> logits (B, L or logits_to_keep, vocab) float32."""
+        outputs = self.backbone(input_ids, cache_params=cache_params, use_cache=True, return_dict=True,
+                                attention_mask=attention_mask, attention_mask_has_padding=attention_mask is not None)
+        return self._logits(outputs.last_hidden_state, logits_to_keep)
+
+    def _logits(self, hidden_states, logits_to_keep):
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+
+    def _graph_prefill(self, cache_params, input_ids, inputs_embeds, attention_mask, logits_to_keep, use_cache,
+                       **blockers) -> Optional[torch.Tensor]:
+        """Logits of a generate call's prompt prefill replayed from a CUDA graph (decode_graphs.py), or None (run it
+        eagerly): only for a fresh cache handed out by the decode graphs, token ids, no gradients, an int
+        logits_to_keep, ``config.prefill_cuda_graph`` not False."""
+        if getattr(cache_params, "graph_bucket", None) is None or cache_params.seqlen_offset != 0:
+            return None
+        if (input_ids is None or inputs_embeds is not None or use_cache is False or torch.is_grad_enabled()
+                or not isinstance(logits_to_keep, int) or not getattr(self.config, "prefill_cuda_graph", True)):
+            return None
+        if any(value is not None and value is not False for value in blockers.values()):
+            return None
+        if cache_params.invalid_reason:
+            raise ValueError(f"cache_params can no longer be used: {cache_params.invalid_reason}")
+        if not input_ids.is_cuda or input_ids.device != cache_params.conv_states.device:
+            return None
+        return self.decode_graphs.prefill(input_ids, attention_mask, cache_params, logits_to_keep)
+
     def _decode_graph_signature(self):
         """Changes whenever a captured decode graph would be stale: parameter storage, dtype, op backend, and whether
         the fused decode step is switched on."""
@@ -877,6 +920,10 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         logits = self._graph_decode_step(cache_params, input_ids, inputs_embeds, labels=labels,
                                          output_hidden_states=output_hidden_states)
+        if logits is None:
+            logits = self._graph_prefill(cache_params, input_ids, inputs_embeds, attention_mask, logits_to_keep,
+                                         use_cache, labels=labels,
+                                         output_hidden_states=output_hidden_states or self.config.output_hidden_states)
         if logits is not None:
             result = MambaCausalLMOutput(logits=logits, cache_params=cache_params)
             return result if return_dict else result.to_tuple()
@@ -884,12 +931,7 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
             input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, use_cache=use_cache,
             output_hidden_states=output_hidden_states, return_dict=True, attention_mask=attention_mask,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        logits = self._logits(outputs.last_hidden_state, logits_to_keep)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

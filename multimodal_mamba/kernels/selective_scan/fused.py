@@ -442,6 +442,15 @@ def _selective_scan_bwd_kernel(
 # layout); "tmajor": channels contiguous ((batch, L, dim), as the mixers pass their activations).
 FWD_CONFIGS = {"lmajor": (1, 512, 1, False), "tmajor": (1, 512, 1, False)}
 BWD_CONFIGS = {"lmajor": (1, 128, 1, False), "tmajor": (1, 128, 1, False)}
+# Short scans (a prompt of up to SHORT_MAX_T steps): a forward configuration of one channel per program (block_d 1,
+# the long-scan choice above) launches batch x dim programs of a few steps each and leaves most of each warp idle
+# (H200, 2.8b shape, 16 steps at batch 16: 81920 one-warp programs, ~150 us per layer, half of a 16-token prompt's
+# prefill; benchmarks/results/gpu_decode_parts.md). There each program takes SHORT_TILE // block_t channels on
+# SHORT_WARPS warps instead (the same chunk length block_t; the in-chunk scan's float32 rounding may differ with the
+# tile's layout over the threads).
+SHORT_MAX_T = 64
+SHORT_TILE = 256
+SHORT_WARPS = 4
 # How the forward writes the states it keeps for the backward (one every backward chunk, several per forward chunk):
 # 0: one masked store through a (BLOCK_D, BLOCK_T) tile of slot pointers (a 64-bit pointer per element, 26 - 31
 # registers more at 2 - 4 saves a chunk); 1: BLOCK_T // SAVE_EVERY masked stores, each through a pointer uniform over
@@ -499,11 +508,16 @@ _FWD_PLANS = {}
 def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     layout = _layout(u)
     key = (tuple(u.shape), layout, state_size, groups, flags, bool(save_states), config, save_every,
-           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE)  # (the tables too: tests and sweeps replace them)
+           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, SHORT_MAX_T, SHORT_TILE, SHORT_WARPS)
+    # (the tables too: tests and sweeps replace them)
     plan = _FWD_PLANS.get(key)
     if plan is not None:
         return plan
     batch, dim, length = u.shape
+    table_d, _, _, table_unroll = FWD_CONFIGS[layout]
+    if config is None and table_d == 1 and next_pow2(length) <= SHORT_MAX_T:  # (see SHORT_MAX_T)
+        short_t = max(16, next_pow2(state_size), next_pow2(length))
+        config = (max(1, SHORT_TILE // short_t), short_t, SHORT_WARPS, table_unroll)
     dim_per_group = dim // groups
     block_d, block_t, num_warps, unroll, same_group = _pick_blocks(
         u, state_size, dim_per_group, groups, FWD_CONFIGS, config
