@@ -79,6 +79,28 @@ def test_chunk_major_copies_only_when_needed():
     assert torch.equal(chunks[1, 1], batch2[1, 4:]) and chunks.is_contiguous()
 
 
+@compiled_ops_available
+@pytest.mark.parametrize("length", [16, 14])
+def test_gate_read_in_place_from_in_proj_rows(length):
+    """The mixer's gate is the second half of in_proj's (batch, L, 2 dim) output. At batch 1 and whole chunks the scan
+    reads it in place (rows of 2 dim, z in their last dim elements); otherwise it copies it. Both match the reference."""
+    inputs = make_inputs(1, 8, length, 4, z=True, D=True, delta_bias=True, time_major=True, seed=3)
+    xz = torch.randn(1, length, 16)
+    inputs["z"] = xz[..., 8:].transpose(1, 2)  # (1, 8, L): unit stride over channels, rows of 16
+    chunks = max(2, -(-length // compiled_ops.CHUNK))
+    rows = compiled_ops._gate_rows(inputs["z"], chunks)
+    if length % compiled_ops.CHUNK == 0 and length // compiled_ops.CHUNK >= 2:
+        assert rows.data_ptr() == xz.data_ptr() and rows.shape == (chunks, 1, compiled_ops.CHUNK, 1, 16)
+        assert torch.equal(rows.reshape(length, 16), xz[0])
+    else:
+        assert rows.untyped_storage().data_ptr() != xz.untyped_storage().data_ptr() and rows.shape[-1] == 8
+    with torch.no_grad():
+        y, h = compiled_scan(**inputs, return_final_state=True)
+        y_ref, h_ref = selective_scan_ref(**inputs, return_final_state=True)
+    assert_close_scaled(y, y_ref, what="y")
+    assert_close_scaled(h, h_ref, what="final state")
+
+
 def test_compiled_scan_without_softplus():
     """dt of both signs: decays above and below 1."""
     inputs = make_inputs(1, 8, 45, 4, time_major=True, initial_state=True, delta_shift=0.0, seed=6)
