@@ -201,18 +201,21 @@ def test_graph_reused_then_recaptured_when_weights_move():
         model(ids[:, :1], cache_params=stale, use_cache=True)
 
 
+def with_host_sync(logits_fn):
+    """logits_fn, followed by a host sync (not capturable in a CUDA graph)."""
+    def syncing(*args):
+        logits = logits_fn(*args)
+        float(logits.sum())
+        return logits
+
+    return syncing
+
+
 @gpu
 def test_capture_failure_falls_back_and_says_so_once(caplog, monkeypatch):
     model = small_lm("cuda")
     graphs = model.decode_graphs
-    real = graphs._decode_fn
-
-    def syncing_step(input_ids, cache):
-        logits = real(input_ids, cache)
-        float(logits.sum())  # a host sync: not capturable
-        return logits
-
-    monkeypatch.setattr(graphs, "_decode_fn", syncing_step)
+    monkeypatch.setattr(graphs, "_decode_fn", with_host_sync(graphs._decode_fn))
     decode_graphs._said.discard("capture")
     ids = prompts(1, device="cuda")
     with caplog.at_level(logging.WARNING, logger=decode_graphs.__name__):
@@ -444,14 +447,7 @@ def test_prefill_graph_switch_limits_and_recapture():
 def test_prefill_capture_failure_falls_back_and_says_so_once(caplog, monkeypatch):
     model = small_lm("cuda")
     graphs = model.decode_graphs
-    real = graphs._prefill_fn
-
-    def syncing_prefill(*args):
-        logits = real(*args)
-        float(logits.sum())  # a host sync: not capturable
-        return logits
-
-    monkeypatch.setattr(graphs, "_prefill_fn", syncing_prefill)
+    monkeypatch.setattr(graphs, "_prefill_fn", with_host_sync(graphs._prefill_fn))
     decode_graphs._said.discard("prefill-capture")
     ids = prompts(1, device="cuda")
     with caplog.at_level(logging.WARNING, logger=decode_graphs.__name__):
