@@ -1,7 +1,8 @@
 """Batch-16 decode step: the state-update rows kernel (``fused._ssm_step_rows_kernel``) with its float32 state tile
-loaded before the PDL wait (``fused.ROWS_EARLY_H``), per block configuration (``fused.ROWS_SSM_STEP_CONFIG``: block_d,
-block_r, warps[, its own row block]), against main's kernels in the same process; mamba-2.8b shape, bf16, random
-weights.
+loaded before the PDL wait (``fused.ROWS_EARLY_H``), the summed partials loaded without a loop over splits
+(``ROWS_ONE_SPLIT``), per block configuration (``ROWS_SSM_STEP_CONFIG``: block_d, block_r, warps), against main's
+kernels (MAIN: both off, (16, 32, 4)) in the same process; mamba-2.8b shape, bf16, random weights. ``--main`` /
+``--variants`` replace MAIN / VARIANTS (JSON of ``fused`` attributes).
 
 1. GPU step at batch 16 (graph replays back to back, ``bench_gpu_generate.graph_step_ms``, the graph captured afresh
    per variant) for main's kernels and each variant, then main and the fastest variant alternately (``--rounds``).
@@ -31,18 +32,18 @@ import torch  # noqa: E402
 import bench_gpu_generate as gen  # noqa: E402
 from multimodal_mamba.kernels.decode_step import fused  # noqa: E402
 
-MAIN = dict(ROWS_EARLY_H=False, ROWS_SSM_STEP_CONFIG=(16, 32, 4))
+# main's kernels (before session 7): everything off, its block configurations
+MAIN = dict(ROWS_EARLY_H=False, ROWS_ONE_SPLIT=False, ROWS_SSM_STEP_CONFIG=(16, 32, 4),
+            ROWS_CONV_X_PROJ_CONFIG=(16, 128, 128, 64, 4))
+ONE = dict(ROWS_EARLY_H=True, ROWS_ONE_SPLIT=True)
 VARIANTS = {
     "early h": dict(ROWS_EARLY_H=True),
-    "early h, 8 warps": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(16, 32, 8)),
-    "early h, 2 warps": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(16, 32, 2)),
-    "early h, block_d 32": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(32, 32, 4)),
-    "early h, block_d 32, 8 warps": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(32, 32, 8)),
-    "early h, rows 8": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(16, 32, 4, 8)),
-    "early h, rows 8, 2 warps": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(16, 32, 2, 8)),
-    "early h, rows 8, block_d 32": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(32, 32, 4, 8)),
-    "rows 8": dict(ROWS_SSM_STEP_CONFIG=(16, 32, 4, 8)),
-    "8 warps": dict(ROWS_SSM_STEP_CONFIG=(16, 32, 8)),
+    "one split": dict(ROWS_ONE_SPLIT=True),
+    "early h + one split": ONE,
+    "early h + one split, block_r 16": dict(ONE, ROWS_SSM_STEP_CONFIG=(16, 16, 4)),
+    "early h + one split, block_r 64 (default)": dict(ONE, ROWS_SSM_STEP_CONFIG=(16, 64, 4)),
+    "early h + one split, block_r 64, 2 warps": dict(ONE, ROWS_SSM_STEP_CONFIG=(16, 64, 2)),
+    "early h + one split, block_r 64, 8 warps": dict(ONE, ROWS_SSM_STEP_CONFIG=(16, 64, 8)),
 }
 RESULTS = {}
 
@@ -69,8 +70,20 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--main", default=None, help="JSON of fused module attributes for the baseline instead of MAIN")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="name=JSON of fused module attributes (on top of the baseline), instead of VARIANTS")
+    parser.add_argument("--no-generate", action="store_true", help="only the GPU step (part 1)")
     args = parser.parse_args()
+    if args.main:
+        MAIN.update({k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.main).items()})
+    if args.variants:
+        VARIANTS.clear()
+        for item in args.variants:
+            name, text = item.split("=", 1)
+            VARIANTS[name] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
     args.out.mkdir(parents=True, exist_ok=True)
+    record("main_settings", {k: v for k, v in MAIN.items()}, args.out)
     out = args.out
     args.skip_transformers = True
     _, systems = gen.build_models(args)
@@ -99,6 +112,9 @@ def main():
         kept = dict(MAIN, **VARIANTS[best]) if wins else {}
         record("kept", kept, out)
         record("sweep_s", round(time.time() - start, 1), out)
+        if args.no_generate:
+            apply({})
+            return
 
         gen_ms = {"main": [], best: []}
         for _ in range(2):

@@ -181,22 +181,25 @@ def check_rows_kernels_against_naive(device):
     kernel and by the separate reduction."""
     from multimodal_mamba.kernels.decode_step import fused
 
-    saved = (fused.ROWS_MIN_BATCH, fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE,
-             fused.ROWS_EARLY_H)
+    names = ("ROWS_MIN_BATCH", "ROWS_CONV_X_PROJ_CONFIG", "ROWS_SSM_STEP_CONFIG", "ROWS_REDUCE", "ROWS_EARLY_H",
+             "ROWS_ONE_SPLIT")
+    saved = {name: getattr(fused, name) for name in names}
     try:
         fused.ROWS_MIN_BATCH = 1
-        # the last two: the state tile loaded before the PDL wait; the state kernel on its own 8-row blocks (dt_proj
-        # by float32 products instead of tl.dot)
-        for conv_cfg, ssm_cfg, reduce, early in [((16, 64, 32, 16, 4), (16, 16, 4), True, False),
-                                                 ((16, 32, 32, 32, 4), (32, 16, 4), False, False),
-                                                 ((16, 64, 32, 16, 4), (16, 16, 4), True, True),
-                                                 ((16, 64, 32, 16, 4), (16, 16, 4, 8), True, True)]:
+        # then: the state tile loaded before the PDL wait; and the summed partials loaded without a loop over splits
+        # (the last: not reduced, so the loop still runs)
+        for conv_cfg, ssm_cfg, reduce, early, one_split in [
+                ((16, 64, 32, 16, 4), (16, 16, 4), True, False, False),
+                ((16, 32, 32, 32, 4), (32, 16, 4), False, False, False),
+                ((16, 64, 32, 16, 4), (16, 16, 4), True, True, False),
+                ((16, 64, 32, 16, 4), (16, 16, 4), True, True, True),
+                ((16, 32, 32, 32, 4), (32, 16, 4), False, True, True)]:
             fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE = conv_cfg, ssm_cfg, reduce
-            fused.ROWS_EARLY_H = early
+            fused.ROWS_EARLY_H, fused.ROWS_ONE_SPLIT = early, one_split
             check_kernels_against_naive(device)
     finally:
-        (fused.ROWS_MIN_BATCH, fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE,
-         fused.ROWS_EARLY_H) = saved
+        for name, value in saved.items():
+            setattr(fused, name, value)
 
 
 def check_interpreted_model_step():
