@@ -28,8 +28,8 @@ from multimodal_mamba.kernels import utils  # noqa: E402
 from multimodal_mamba.kernels.decode_step import fused  # noqa: E402
 
 DEFAULT_SETTINGS = {  # main's kernels, then this branch's defaults
-    "main": dict(ROWS_EARLY_H=False, ROWS_ONE_SPLIT=False, ROWS_SSM_STEP_CONFIG=(16, 32, 4)),
-    "this branch": dict(ROWS_EARLY_H=True, ROWS_ONE_SPLIT=True, ROWS_SSM_STEP_CONFIG=(16, 64, 4)),
+    "main": dict(ROWS_EARLY_H=False),
+    "early h": dict(ROWS_EARLY_H=True),
 }
 RESULTS = {}
 

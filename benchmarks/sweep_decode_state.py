@@ -1,8 +1,7 @@
 """Batch-16 decode step: the state-update rows kernel (``fused._ssm_step_rows_kernel``) with its float32 state tile
-loaded before the PDL wait (``fused.ROWS_EARLY_H``), the summed partials loaded without a loop over splits
-(``ROWS_ONE_SPLIT``), per block configuration (``ROWS_SSM_STEP_CONFIG``: block_d, block_r, warps), against main's
-kernels (MAIN: both off, (16, 32, 4)) in the same process; mamba-2.8b shape, bf16, random weights. ``--main`` /
-``--variants`` replace MAIN / VARIANTS (JSON of ``fused`` attributes).
+loaded before the PDL wait (``fused.ROWS_EARLY_H``), per block configuration (``ROWS_SSM_STEP_CONFIG``: block_d,
+block_r, warps), against main's kernels (MAIN: off, (16, 32, 4)) in the same process; mamba-2.8b shape, bf16, random
+weights. ``--main`` / ``--variants`` replace MAIN / VARIANTS (JSON of ``fused`` attributes).
 
 1. GPU step at batch 16 (graph replays back to back, ``bench_gpu_generate.graph_step_ms``, the graph captured afresh
    per variant) for main's kernels and each variant, then main and the fastest variant alternately (``--rounds``).
@@ -32,18 +31,14 @@ import torch  # noqa: E402
 import bench_gpu_generate as gen  # noqa: E402
 from multimodal_mamba.kernels.decode_step import fused  # noqa: E402
 
-# main's kernels (before session 7): everything off, its block configurations
-MAIN = dict(ROWS_EARLY_H=False, ROWS_ONE_SPLIT=False, ROWS_SSM_STEP_CONFIG=(16, 32, 4),
-            ROWS_CONV_X_PROJ_CONFIG=(16, 128, 128, 64, 4))
-ONE = dict(ROWS_EARLY_H=True, ROWS_ONE_SPLIT=True)
+# main's kernels (before session 7): early h off, its block configurations
+MAIN = dict(ROWS_EARLY_H=False, ROWS_SSM_STEP_CONFIG=(16, 32, 4), ROWS_CONV_X_PROJ_CONFIG=(16, 128, 128, 64, 4))
 VARIANTS = {
-    "early h": dict(ROWS_EARLY_H=True),
-    "one split": dict(ROWS_ONE_SPLIT=True),
-    "early h + one split": ONE,
-    "early h + one split, block_r 16": dict(ONE, ROWS_SSM_STEP_CONFIG=(16, 16, 4)),
-    "early h + one split, block_r 64 (default)": dict(ONE, ROWS_SSM_STEP_CONFIG=(16, 64, 4)),
-    "early h + one split, block_r 64, 2 warps": dict(ONE, ROWS_SSM_STEP_CONFIG=(16, 64, 2)),
-    "early h + one split, block_r 64, 8 warps": dict(ONE, ROWS_SSM_STEP_CONFIG=(16, 64, 8)),
+    "early h (default)": dict(ROWS_EARLY_H=True),
+    "early h, 2 warps": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(16, 32, 2)),
+    "early h, 8 warps": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(16, 32, 8)),
+    "early h, block_d 32": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(32, 32, 4)),
+    "early h, block_r 64": dict(ROWS_EARLY_H=True, ROWS_SSM_STEP_CONFIG=(16, 64, 4)),
 }
 RESULTS = {}
 

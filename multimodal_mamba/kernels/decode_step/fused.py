@@ -315,15 +315,13 @@ def _reduce_partials_kernel(part_ptr, n_proj, n_splits, stride_part_s, stride_pa
 
 
 @triton.jit
-def _sum_partials_rows(part_rows, row_ok, stride_part_s, n_splits, cols, col_ok, ONE_SPLIT: tl.constexpr):
-    """sum over splits of part[s, rows, cols] (float32, in split order) -> (rows, cols). ONE_SPLIT: n_splits is 1
-    (summed already): one load, no loop (a loop inside the caller's rank loop keeps Triton from pipelining that)."""
+def _sum_partials_rows(part_rows, row_ok, stride_part_s, n_splits, cols, col_ok):
+    """sum over splits of part[s, rows, cols] (float32, in split order) -> (rows, cols)."""
     ptrs = part_rows + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     total = tl.load(ptrs, mask=mask, other=0.0)
-    if not ONE_SPLIT:
-        for s in range(1, n_splits):
-            total += tl.load(ptrs + s * stride_part_s, mask=mask, other=0.0)
+    for s in range(1, n_splits):
+        total += tl.load(ptrs + s * stride_part_s, mask=mask, other=0.0)
     return total
 
 
@@ -336,13 +334,12 @@ def _ssm_step_rows_kernel(
     stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EARLY_H: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    PDL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EARLY_H: tl.constexpr, PDL: tl.constexpr,
 ):
     """``_ssm_step_kernel`` for a block of rows: dt = time_step[rows] @ dt_proj.weight[channels]^T by tl.dot in
     BLOCK_R chunks of the rank (time_step = the partial sums, rounded to the model dtype), the state update on
     (rows, channels, N) tiles; the conv state rolled here. PDL: A_log (and with EARLY_H the state tile h) is loaded
-    before waiting for the kernel before. ONE_SPLIT: the partials are summed already (n_splits == 1)."""
+    before waiting for the kernel before."""
     pid_d = tl.program_id(0)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
@@ -373,7 +370,7 @@ def _ssm_step_rows_kernel(
     for r0 in range(0, rank, BLOCK_R):
         rr = r0 + offs_r
         mask_r = rr < rank
-        time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rr, mask_r, ONE_SPLIT).to(dtype)
+        time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rr, mask_r).to(dtype)
         dtw = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + rr[:, None] * stride_dtw_r,
                       mask=mask_r[:, None] & mask_d[None, :], other=0.0)
         dtw = dtw.to(dtype)
@@ -385,9 +382,8 @@ def _ssm_step_rows_kernel(
         dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     dt = softplus(dt.to(dtype).to(tl.float32))
 
-    Bv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + offs_n, mask_n, ONE_SPLIT)
-    Bv = Bv.to(dtype).to(tl.float32)
-    Cv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + N + offs_n, mask_n, ONE_SPLIT)
+    Bv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + offs_n, mask_n).to(dtype).to(tl.float32)
+    Cv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + N + offs_n, mask_n)
     Cv = Cv.to(dtype).to(tl.float32)
 
     x = _conv_silu_rows(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, offs_d, mask_d,
@@ -430,16 +426,14 @@ SSM_STEP_CONFIG = (32, 8, 4)
 # kernel (in place, into split 0) instead of in every state-update program.
 # Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/sweep_decode_rows.json): GPU step 3.97 -> 3.52
 # ms, the mixer 27.2 -> 18.3 us per layer. Batch 8 - 15 takes this path unmeasured (its weight-tile reads are the same).
-# ROWS_EARLY_H: the state-update kernel loads its float32 state tile before waiting for the kernel before it (PDL);
-# ROWS_ONE_SPLIT: with the partials reduced (ROWS_REDUCE) it loads them without a loop over splits (which kept Triton
-# from pipelining its loop over the rank). Batch 16 GPU step (benchmarks/results/gpu_decode_parts.md, session 7):
-# 3.320 ms with both off and ROWS_SSM_STEP_CONFIG (16, 32, 4) -> 3.292 - 3.297 with both on and (16, 64, 4).
+# ROWS_EARLY_H: the state-update kernel loads its float32 state tile before waiting for the kernel before it (PDL).
+# Batch 16 GPU step, same device call (benchmarks/results/gpu_decode_parts.md, session 7): 3.334 - 3.339 ms off,
+# 3.308 - 3.309 on.
 ROWS_MIN_BATCH = 8
 ROWS_CONV_X_PROJ_CONFIG = (16, 128, 128, 64, 4)
-ROWS_SSM_STEP_CONFIG = (16, 64, 4)
+ROWS_SSM_STEP_CONFIG = (16, 32, 4)
 ROWS_REDUCE = True
 ROWS_EARLY_H = True
-ROWS_ONE_SPLIT = True
 
 
 def _uses_rows(batch) -> bool:
@@ -551,7 +545,6 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         _REDUCE_PARTIALS((triton.cdiv(n_proj, block), batch, 1), (partials,),
                          (n_proj, splits, partials.stride(0), partials.stride(1)), (block, pdl), 4, pdl)
         summed_splits = 1
-    one_split = bool(ROWS_ONE_SPLIT) and summed_splits == 1
     _SSM_STEP_ROWS(
         (triton.cdiv(dim, block_d), row_blocks, 1),
         (partials, xz, conv_state, conv_weight, conv_b, dt_proj_weight,
@@ -560,4 +553,4 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         (batch, dim, rank, summed_splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
          *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
         (state_size, next_pow2(state_size), width, block_b, block_d, block_r, conv_bias is not None,
-         dt_proj_bias is not None, D is not None, precision, upcast, early_h, one_split, pdl), warps_2, pdl)
+         dt_proj_bias is not None, D is not None, precision, upcast, early_h, pdl), warps_2, pdl)
