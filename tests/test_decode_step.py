@@ -181,15 +181,21 @@ def check_rows_kernels_against_naive(device):
     kernel and by the separate reduction."""
     from multimodal_mamba.kernels.decode_step import fused
 
-    saved = (fused.ROWS_MIN_BATCH, fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE)
+    names = ("ROWS_MIN_BATCH", "ROWS_CONV_X_PROJ_CONFIG", "ROWS_SSM_STEP_CONFIG", "ROWS_REDUCE", "ROWS_EARLY_H")
+    saved = {name: getattr(fused, name) for name in names}
     try:
         fused.ROWS_MIN_BATCH = 1
-        for conv_cfg, ssm_cfg, reduce in [((16, 64, 32, 16, 4), (16, 16, 4), True),
-                                          ((16, 32, 32, 32, 4), (32, 16, 4), False)]:
+        # then the same with the state tile loaded before the PDL wait (the PDL launch itself needs a GPU of sm_90+)
+        for conv_cfg, ssm_cfg, reduce, early in [((16, 64, 32, 16, 4), (16, 16, 4), True, False),
+                                                 ((16, 32, 32, 32, 4), (32, 16, 4), False, False),
+                                                 ((16, 64, 32, 16, 4), (16, 16, 4), True, True),
+                                                 ((16, 32, 32, 32, 4), (32, 16, 4), False, True)]:
             fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE = conv_cfg, ssm_cfg, reduce
+            fused.ROWS_EARLY_H = early
             check_kernels_against_naive(device)
     finally:
-        fused.ROWS_MIN_BATCH, fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE = saved
+        for name, value in saved.items():
+            setattr(fused, name, value)
 
 
 def check_interpreted_model_step():
@@ -306,17 +312,64 @@ def test_greedy_tokens_identical_with_and_without_graphs_on_the_fused_step(dtype
 
 
 @gpu
-@pytest.mark.parametrize("batch", [1, 16])
-def test_programmatic_dependent_launch_changes_no_bit(batch, monkeypatch):
-    """The fused step's kernels and the one-row GEMV launched with programmatic dependent launch (each loads its
-    weights before waiting for the kernel before it) give bit-identical outputs, states and greedy tokens, eager and
-    replayed from a CUDA graph, to the same kernels launched the ordinary way."""
+@pytest.mark.parametrize("early_h", [False, True])
+def test_early_state_load_changes_no_bit(early_h, monkeypatch):
+    """``fused.ROWS_EARLY_H`` (the state-update kernel reads its state tile before its PDL wait) on a mamba-2.8b-shaped
+    mixer at batch 16: 12 mixer steps back to back on the same states, with no other kernel between them (the case
+    where a step's early read could meet the previous step's write if the conv kernel let it launch too soon), give
+    bit for bit the outputs and states of the same kernels launched without PDL."""
     from multimodal_mamba.kernels import utils
+    from multimodal_mamba.kernels.decode_step import fused
 
     monkeypatch.setattr(utils, "_PDL_DEVICES", {})
     monkeypatch.setattr(utils, "PDL", True)
     if not utils.pdl_available("cuda"):
         pytest.skip("programmatic dependent launch needs compute capability 9.0 and Triton >= 3.4")
+    monkeypatch.setattr(fused, "ROWS_EARLY_H", early_h)
+    torch.manual_seed(0)
+    batch, dim, rank, n, width = 16, 5120, 160, 16, 4
+    dtype = torch.bfloat16
+    xzs = torch.randn(12, batch, 2 * dim, device="cuda", dtype=dtype)
+    conv_w = (torch.randn(dim, width, device="cuda") * 0.5).to(dtype)
+    conv_b = (torch.randn(dim, device="cuda") * 0.1).to(dtype)
+    x_w = (torch.randn(rank + 2 * n, dim, device="cuda") / dim**0.5).to(dtype)
+    dt_w = (torch.randn(dim, rank, device="cuda") / rank**0.5).to(dtype)
+    dt_b = (torch.randn(dim, device="cuda") - 2).to(dtype)
+    A_log = torch.randn(dim, n, device="cuda") * 0.5
+    D = torch.randn(dim, device="cuda")
+    conv0 = torch.randn(batch, dim, width, device="cuda", dtype=dtype)
+    ssm0 = torch.randn(batch, dim, n, device="cuda")
+    results = []
+    for pdl in (True, False):
+        monkeypatch.setattr(utils, "PDL", pdl)
+        monkeypatch.setattr(utils, "_PDL_DEVICES", {})
+        conv, ssm = conv0.clone(), ssm0.clone()
+        partials = torch.empty(fused.split_count(dim, batch), batch, rank + 2 * n, device="cuda")
+        outs = torch.empty(12, batch, dim, device="cuda", dtype=dtype)
+        torch.cuda.synchronize()
+        for i in range(12):
+            fused.mixer_decode_step(xzs[i], conv, ssm, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, partials, outs[i])
+        torch.cuda.synchronize()
+        results.append((outs, conv, ssm))
+    (out_a, conv_a, ssm_a), (out_b, conv_b_, ssm_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(conv_a, conv_b_) and torch.equal(ssm_a, ssm_b)
+
+
+@gpu
+@pytest.mark.parametrize("early_h", [False, True])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_programmatic_dependent_launch_changes_no_bit(batch, early_h, monkeypatch):
+    """The fused step's kernels and the one-row GEMV launched with programmatic dependent launch (each loads its
+    weights before waiting for the kernel before it) give bit-identical outputs, states and greedy tokens, eager and
+    replayed from a CUDA graph, to the same kernels launched the ordinary way."""
+    from multimodal_mamba.kernels import utils
+    from multimodal_mamba.kernels.decode_step import fused
+
+    monkeypatch.setattr(utils, "_PDL_DEVICES", {})
+    monkeypatch.setattr(utils, "PDL", True)
+    if not utils.pdl_available("cuda"):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 and Triton >= 3.4")
+    monkeypatch.setattr(fused, "ROWS_EARLY_H", early_h)  # (the rows kernels run at batch 16)
     model = small_lm("cuda", torch.bfloat16, layers=3, hidden=256, vocab=1000)
     backbone = model.backbone
     ops = modeling_mamba_lm._package_kernels()["decode_step"]

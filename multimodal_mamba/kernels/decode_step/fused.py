@@ -258,14 +258,20 @@ def _conv_x_proj_rows_kernel(
     stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
     stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
     W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_CONV_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TRIGGER_AFTER_WAIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (channel block s, output block p, row block): part[s, rows, p-block] = x[rows, channels] @
     x_proj.weight[p-block, channels]^T (float32), x = silu(conv) (the conv state only read). PDL: waits for the
-    kernel before first."""
+    kernel before first; with TRIGGER_AFTER_WAIT the kernels after it may launch only once that wait returned
+    (``_ssm_step_rows_kernel``'s EARLY_H relies on it)."""
     if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+        if TRIGGER_AFTER_WAIT:
+            gdc_wait()
+            gdc_launch_dependents()
+        else:
+            gdc_launch_dependents()
+            gdc_wait()
     pid_s = tl.program_id(0)
     pid_p = tl.program_id(1)
     offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -328,11 +334,12 @@ def _ssm_step_rows_kernel(
     stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EARLY_H: tl.constexpr, PDL: tl.constexpr,
 ):
     """``_ssm_step_kernel`` for a block of rows: dt = time_step[rows] @ dt_proj.weight[channels]^T by tl.dot in
     BLOCK_R chunks of the rank (time_step = the partial sums, rounded to the model dtype), the state update on
-    (rows, channels, N) tiles; the conv state rolled here. PDL: A_log is loaded before waiting for the kernel before."""
+    (rows, channels, N) tiles; the conv state rolled here. PDL: A_log (and with EARLY_H the state tile h) is loaded
+    before waiting for the kernel before."""
     pid_d = tl.program_id(0)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
@@ -345,6 +352,15 @@ def _ssm_step_rows_kernel(
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A_log = tl.load(A_log_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    h_ptrs = (ssm_state_ptr + rows[:, None, None] * stride_h_b + offs_d[None, :, None] * stride_h_d
+              + offs_n[None, None, :] * stride_h_n)
+    mask_h = mask_b[:, None, None] & mask_dn[None, :, :]
+    if EARLY_H:
+        # h is written only by this kernel (an earlier step). With EARLY_H the conv kernel lets this one launch only
+        # after its own wait, when every kernel before it has finished (each PDL kernel here waits for the one before
+        # it), so no earlier step's write is pending, and neither kernel in between touches h: it may be read before
+        # the wait, its 5 MB (batch 16, d_inner 5120) streaming while the conv kernel and the reduction run.
+        h_old = tl.load(h_ptrs, mask=mask_h, other=0.0)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -375,11 +391,9 @@ def _ssm_step_rows_kernel(
                         W, HAS_CONV_BIAS, True).to(tl.float32)
 
     A = -tl.exp(A_log.to(tl.float32))
-    h_ptrs = (ssm_state_ptr + rows[:, None, None] * stride_h_b + offs_d[None, :, None] * stride_h_d
-              + offs_n[None, None, :] * stride_h_n)
-    mask_h = mask_b[:, None, None] & mask_dn[None, :, :]
-    h = tl.load(h_ptrs, mask=mask_h, other=0.0).to(tl.float32)
-    h = tl.exp(dt[:, :, None] * A[None, :, :]) * h + (dt * x)[:, :, None] * Bv[:, None, :]
+    if not EARLY_H:
+        h_old = tl.load(h_ptrs, mask=mask_h, other=0.0)
+    h = tl.exp(dt[:, :, None] * A[None, :, :]) * h_old.to(tl.float32) + (dt * x)[:, :, None] * Bv[:, None, :]
     tl.store(h_ptrs, h.to(ssm_state_ptr.dtype.element_ty), mask=mask_h)
     y = tl.sum(h * Cv[:, None, :], axis=2)
     if HAS_D:
@@ -412,10 +426,14 @@ SSM_STEP_CONFIG = (32, 8, 4)
 # kernel (in place, into split 0) instead of in every state-update program.
 # Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/sweep_decode_rows.json): GPU step 3.97 -> 3.52
 # ms, the mixer 27.2 -> 18.3 us per layer. Batch 8 - 15 takes this path unmeasured (its weight-tile reads are the same).
+# ROWS_EARLY_H: the state-update kernel loads its float32 state tile before waiting for the kernel before it (PDL).
+# Batch 16 GPU step, same device call (benchmarks/results/gpu_decode_parts.md, session 7): 3.334 - 3.339 ms off,
+# 3.308 - 3.309 on.
 ROWS_MIN_BATCH = 8
 ROWS_CONV_X_PROJ_CONFIG = (16, 128, 128, 64, 4)
 ROWS_SSM_STEP_CONFIG = (16, 32, 4)
 ROWS_REDUCE = True
+ROWS_EARLY_H = True
 
 
 def _uses_rows(batch) -> bool:
@@ -509,6 +527,7 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
     n_proj = x_proj_weight.shape[0]
     block_b, block_c, block_k, block_p, warps_1 = ROWS_CONV_X_PROJ_CONFIG
     block_d, block_r, warps_2 = ROWS_SSM_STEP_CONFIG
+    early_h = bool(ROWS_EARLY_H)
     upcast = interpret_mode()  # (see _conv_x_proj_rows_kernel)
     precision = "ieee" if xz.dtype == torch.float32 or upcast else "tf32"  # (only float32 operands read it)
     row_blocks = triton.cdiv(batch, block_b)
@@ -517,7 +536,8 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
         (batch, dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
          partials.stride(0), partials.stride(1)),
-        (width, block_b, block_c, min(block_k, block_c), block_p, conv_bias is not None, precision, upcast, pdl),
+        (width, block_b, block_c, min(block_k, block_c), block_p, conv_bias is not None, precision, upcast, early_h,
+         pdl),
         warps_1, pdl)
     summed_splits = splits
     if ROWS_REDUCE and splits > 1:
@@ -533,4 +553,4 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         (batch, dim, rank, summed_splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
          *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
         (state_size, next_pow2(state_size), width, block_b, block_d, block_r, conv_bias is not None,
-         dt_proj_bias is not None, D is not None, precision, upcast, pdl), warps_2, pdl)
+         dt_proj_bias is not None, D is not None, precision, upcast, early_h, pdl), warps_2, pdl)
