@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import bench_gpu_generate as gen  # noqa: E402
 from multimodal_mamba.kernels.decode_step import fused  # noqa: E402
 
-# main's kernels (before session 7): early h off, its block configurations
+# main's kernels (before branch decode16): early h off, its block configurations
 MAIN = dict(ROWS_EARLY_H=False, ROWS_SSM_STEP_CONFIG=(16, 32, 4), ROWS_CONV_X_PROJ_CONFIG=(16, 128, 128, 64, 4))
 VARIANTS = {
     "early h (default)": dict(ROWS_EARLY_H=True),

@@ -427,7 +427,7 @@ SSM_STEP_CONFIG = (32, 8, 4)
 # Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/sweep_decode_rows.json): GPU step 3.97 -> 3.52
 # ms, the mixer 27.2 -> 18.3 us per layer. Batch 8 - 15 takes this path unmeasured (its weight-tile reads are the same).
 # ROWS_EARLY_H: the state-update kernel loads its float32 state tile before waiting for the kernel before it (PDL).
-# Batch 16 GPU step, same device call (benchmarks/results/gpu_decode_parts.md, session 7): 3.334 - 3.339 ms off,
+# Batch 16 GPU step, same device call (benchmarks/results/gpu_decode_parts.md, session 6): 3.334 - 3.339 ms off,
 # 3.308 - 3.309 on.
 ROWS_MIN_BATCH = 8
 ROWS_CONV_X_PROJ_CONFIG = (16, 128, 128, 64, 4)
