@@ -25,6 +25,7 @@ scan replaced by an empty tensor, to show where the time goes. Results go to ``b
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import shutil
@@ -68,7 +69,7 @@ def build_models(seed: int):
 
 
 def interleaved(fns: dict, repeats: int, warmup: int = 1):
-    """Time each callable ``repeats`` times, alternating between them.
+    """Time each callable ``repeats`` times, alternating between them, the garbage collector off inside each call.
 
     Returns {name: [wall seconds, ...]} and {name: [CPU seconds of this thread, ...]} (the latter only means
     something with one thread: it leaves out the time other processes held the core).
@@ -80,10 +81,17 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1):
     cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            fn()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.thread_time() - start_cpu)
+            # As timeit does: the garbage collector off inside a timed call (collected before it), so that a
+            # collection of whatever the previous calls left does not land in one run of either model.
+            gc.collect()
+            gc.disable()
+            try:
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                fn()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.thread_time() - start_cpu)
+            finally:
+                gc.enable()
     return wall, cpu
 
 
