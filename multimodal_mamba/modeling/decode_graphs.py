@@ -89,6 +89,26 @@ def _close_failed_capture(device) -> None:
         _say_once("capture-cleanup", f"CUDA-graph decode: could not close the failed capture ({error})")
 
 
+def capture_graph(fn: Callable, device, warmups: int = 1, pool=None, after_warmup: Optional[Callable] = None):
+    """``fn()`` run ``warmups`` times on a side stream (Triton compilation, cuBLAS workspaces: work a capture must not
+    do), then ``after_warmup()`` once they have finished (undoing what the warm-ups changed), then ``fn()`` captured in
+    a new CUDA graph (in ``pool``, else a private pool), all without gradients. Returns (graph, fn's output, in the
+    graph's memory). Raises what the warm-up or the capture raises: the caller then calls ``_close_failed_capture``
+    and runs eagerly. Used by the decode step and prefill graphs here and by ``forward_graphs.ForwardGraphs``."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if after_warmup is not None:
+        after_warmup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+        output = fn()
+    return graph, output
+
+
 class _Prefill:
     """A captured prompt prefill: its static inputs, the graph and its output logits."""
 
@@ -193,10 +213,7 @@ class DecodeGraphs:
     def step(self, input_ids: torch.Tensor, cache) -> Optional[torch.Tensor]:
         """One decode step through the bucket's graph (captured on first use). Returns None if capture fails
         (the caller then runs the step eagerly; this bucket stays eager from then on)."""
-        bucket: _Bucket = cache.graph_bucket
-        if bucket.owner is not cache:
-            raise ValueError("this cache_params belongs to an earlier generate() call whose CUDA-graph buffers "
-                             "were reused; pass a fresh cache")
+        bucket = self._owned_bucket(cache)
         batch = input_ids.shape[0]
         if bucket.graph is None:
             if not self._capture(bucket, input_ids, cache):
@@ -206,6 +223,15 @@ class DecodeGraphs:
         cache.seqlen_offset += 1
         return bucket.logits[:batch].clone()
 
+    @staticmethod
+    def _owned_bucket(cache) -> _Bucket:
+        """The bucket behind ``cache``; a ValueError when a later generate call took its buffers over."""
+        bucket: _Bucket = cache.graph_bucket
+        if bucket.owner is not cache:
+            raise ValueError("this cache_params belongs to an earlier generate() call whose CUDA-graph buffers "
+                             "were reused; pass a fresh cache")
+        return bucket
+
     def _capture(self, bucket: _Bucket, input_ids, cache) -> bool:
         static = bucket.cache
         batch = input_ids.shape[0]
@@ -214,24 +240,19 @@ class DecodeGraphs:
         static.seqlen_offset = max(1, cache.seqlen_offset)
         bucket.input_ids.zero_()
         bucket.input_ids[:batch].copy_(input_ids)
-        try:
-            stream = torch.cuda.Stream(device=static.conv_states.device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.no_grad():
-                for _ in range(2):
-                    self._decode_fn(bucket.input_ids, static)
-            torch.cuda.current_stream().wait_stream(stream)
+
+        def restore_states():
             static.conv_states.copy_(saved[0])
             static.ssm_states.copy_(saved[1])
+
+        try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
-                logits = self._decode_fn(bucket.input_ids, static)
+            graph, logits = capture_graph(lambda: self._decode_fn(bucket.input_ids, static), static.conv_states.device,
+                                          warmups=2, pool=self._pool, after_warmup=restore_states)
         except Exception as error:  # capture is impossible here (an op that syncs, an unsupported kernel, ...)
             _close_failed_capture(static.conv_states.device)
-            static.conv_states.copy_(saved[0])
-            static.ssm_states.copy_(saved[1])
+            restore_states()
             bucket.failed = True
             _say_once("capture", f"CUDA-graph decode: capture failed ({type(error).__name__}: {error}); "
                                  "decoding eagerly")
@@ -248,10 +269,7 @@ class DecodeGraphs:
 
         input_ids (batch, L) on the cache's device; attention_mask (batch, L) with 0 on (left) padding, or None.
         """
-        bucket: _Bucket = cache.graph_bucket
-        if bucket.owner is not cache:
-            raise ValueError("this cache_params belongs to an earlier generate() call whose CUDA-graph buffers "
-                             "were reused; pass a fresh cache")
+        bucket = self._owned_bucket(cache)
         if self._prefill_fn is None or cache.seqlen_offset != 0 or input_ids.dim() != 2:
             return None
         batch, length = input_ids.shape
@@ -291,18 +309,15 @@ class DecodeGraphs:
         static_ids = input_ids.clone()
         static_mask = attention_mask.clone() if attention_mask is not None else None
         device = static_ids.device
+
+        def fresh_cache():  # the warm-up prefill advanced it; the captured one must be a fresh cache's prefill too
+            cache.seqlen_offset = 0
+
         try:
-            stream = torch.cuda.Stream(device=device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.no_grad():
-                self._prefill_fn(static_ids, static_mask, cache, logits_to_keep)
-                cache.seqlen_offset = 0
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            # Its own memory pool: the prefill's activations are larger than a decode step's, and a private pool
-            # is freed with the graph (least recently used first out).
-            with torch.cuda.graph(graph), torch.no_grad():
-                logits = self._prefill_fn(static_ids, static_mask, cache, logits_to_keep)
+            # Its own memory pool (no pool given): the prefill's activations are larger than a decode step's, and a
+            # private pool is freed with the graph (least recently used first out).
+            graph, logits = capture_graph(lambda: self._prefill_fn(static_ids, static_mask, cache, logits_to_keep),
+                                          device, after_warmup=fresh_cache)
         except Exception as error:  # an op that syncs or cannot be captured: this key stays eager
             _close_failed_capture(device)
             _say_once("prefill-capture", f"CUDA-graph prefill: capture failed ({type(error).__name__}: {error}); "

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .decode_graphs import _close_failed_capture, _say_once
+from .decode_graphs import _close_failed_capture, _say_once, capture_graph
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +99,8 @@ class ForwardGraphs:
         device = inputs[0].device
         static_inputs = [t.clone() for t in inputs]
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                forward(*static_inputs)  # warm-up: compiles kernels, allocates library workspaces
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_output = forward(*static_inputs)
-            graph.replay()
+            graph, static_output = capture_graph(lambda: forward(*static_inputs), device)
+            graph.replay()  # (the capture recorded the kernels without running them)
         except Exception as error:  # noqa: BLE001 (any capture failure means: run eagerly)
             _close_failed_capture(device)
             _say_once(("forward capture", key[0]),
