@@ -95,6 +95,19 @@ def _prefetch_bc_chunk(Bm, Cm, row_bc_pf, stride_bc_l, t_first, length, offs_pf_
 
 
 @triton.jit
+def _prefetch_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k,
+                        offs_pf_line, M: tl.constexpr):
+    """``_prefetch_bc_chunk`` for each of the M chains (32 elements per 128-byte line)."""
+    _prefetch_bc_chunk(B0, C0, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line, 32)
+    if M > 1:
+        _prefetch_bc_chunk(B1, C1, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line, 32)
+    if M > 2:
+        _prefetch_bc_chunk(B2, C2, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line, 32)
+    if M > 3:
+        _prefetch_bc_chunk(B3, C3, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line, 32)
+
+
+@triton.jit
 def _softplus(x, FAST: tl.constexpr):
     """torch's softplus (threshold 20) with the MUFU exp2 / log2 (x < -15: exp(x), as log1p would give)."""
     e = _ex2(x * 1.4426950408889634, FAST)
@@ -144,6 +157,22 @@ def _load_bc(Bm, Cm, off_bc, mask_n, EVEN_N: tl.constexpr):
         Bv = tl.load(Bm + off_bc, mask=mask_n, other=0.0)
         Cv = tl.load(Cm + off_bc, mask=mask_n, other=0.0)
     return Bv.to(tl.float32), Cv.to(tl.float32)
+
+
+@triton.jit
+def _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, off_bc, mask_n, EVEN_N: tl.constexpr, M: tl.constexpr):
+    """``_load_bc`` for each of the M chains: (B, C) rows of chains 0 - 3; a chain past M gets chain 0's rows (no
+    load; its values are not read). Only where the results are not carried from one chunk to the next (the rows a
+    step ahead are: those of chains past M would be carried for nothing)."""
+    b0, c0 = _load_bc(B0, C0, off_bc, mask_n, EVEN_N)
+    b1, c1, b2, c2, b3, c3 = b0, c0, b0, c0, b0, c0
+    if M > 1:
+        b1, c1 = _load_bc(B1, C1, off_bc, mask_n, EVEN_N)
+    if M > 2:
+        b2, c2 = _load_bc(B2, C2, off_bc, mask_n, EVEN_N)
+    if M > 3:
+        b3, c3 = _load_bc(B3, C3, off_bc, mask_n, EVEN_N)
+    return b0, c0, b1, c1, b2, c2, b3, c3
 
 
 @triton.jit
@@ -285,33 +314,17 @@ def _coupled_seq_fwd_kernel(
     offs_pf_line = tl.arange(0, N_LINES)
     row_bc_pf = pid_b * stride_bc_b
     if PREFETCH_BC:
-        _prefetch_bc_chunk(B0, C0, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line, 32)
-        if M > 1:
-            _prefetch_bc_chunk(B1, C1, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line, 32)
-        if M > 2:
-            _prefetch_bc_chunk(B2, C2, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line, 32)
-        if M > 3:
-            _prefetch_bc_chunk(B3, C3, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line, 32)
-    if BC_AHEAD:
-        nB0, nC0 = _load_bc(B0, C0, row_bc, mask_n, EVEN_N)
-        if M > 1:
-            nB1, nC1 = _load_bc(B1, C1, row_bc, mask_n, EVEN_N)
-        if M > 2:
-            nB2, nC2 = _load_bc(B2, C2, row_bc, mask_n, EVEN_N)
-        if M > 3:
-            nB3, nC3 = _load_bc(B3, C3, row_bc, mask_n, EVEN_N)
+        _prefetch_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line,
+                            M)
+    if BC_AHEAD:  # (only chains below M reload these in the loop, so only theirs are carried from chunk to chunk)
+        nB0, nC0, nB1, nC1, nB2, nC2, nB3, nC3 = _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc, mask_n,
+                                                                 EVEN_N, M)
 
     n_chunks = tl.cdiv(length, K)
     for chunk in range(n_chunks):
         if PREFETCH_BC:
-            t_pf = chunk * K + K
-            _prefetch_bc_chunk(B0, C0, row_bc_pf, stride_bc_l, t_pf, length, offs_pf_k, offs_pf_line, 32)
-            if M > 1:
-                _prefetch_bc_chunk(B1, C1, row_bc_pf, stride_bc_l, t_pf, length, offs_pf_k, offs_pf_line, 32)
-            if M > 2:
-                _prefetch_bc_chunk(B2, C2, row_bc_pf, stride_bc_l, t_pf, length, offs_pf_k, offs_pf_line, 32)
-            if M > 3:
-                _prefetch_bc_chunk(B3, C3, row_bc_pf, stride_bc_l, t_pf, length, offs_pf_k, offs_pf_line, 32)
+            _prefetch_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc_pf, stride_bc_l, chunk * K + K, length,
+                                offs_pf_k, offs_pf_line, M)
         t = chunk * K + offs_k
         mask = (t < length)[:, None] & mask_d[None, :]
         tn = t + K
@@ -360,13 +373,8 @@ def _coupled_seq_fwd_kernel(
                     Bv3, Cv3 = nB3, nC3
                     nB3, nC3 = _load_bc(B3, C3, off_bc_next, mask_n, EVEN_N)
             else:
-                Bv0, Cv0 = _load_bc(B0, C0, off_bc, mask_n, EVEN_N)
-                if M > 1:
-                    Bv1, Cv1 = _load_bc(B1, C1, off_bc, mask_n, EVEN_N)
-                if M > 2:
-                    Bv2, Cv2 = _load_bc(B2, C2, off_bc, mask_n, EVEN_N)
-                if M > 3:
-                    Bv3, Cv3 = _load_bc(B3, C3, off_bc, mask_n, EVEN_N)
+                Bv0, Cv0, Bv1, Cv1, Bv2, Cv2, Bv3, Cv3 = _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, off_bc,
+                                                                         mask_n, EVEN_N, M)
             h0, yk = _step(H, A20, _row(dt0, offs_k, k), _row(dtu0, offs_k, k), lc, Bv0, Cv0, FAST)
             y0 = tl.where(offs_k[:, None] == k, yk[None, :], y0)
             H_new = h0
