@@ -261,7 +261,7 @@ def _gate_rows(z, chunks):
     In the mixer z is the second half of in_proj's (batch, L, 2 dim) output: a view with unit stride over channels and
     rows of 2 dim. At batch 1 and a whole number of chunks those rows are already chunk-major: they are read in place
     (the first half of each row, x, is read past), instead of copying z (a pass over 4 MB and its fresh pages for a
-    (2048, 512) layer: ~1.5 ms of a ~9 ms scan on 2 cores). Elsewhere z is copied, S = dim.
+    (2048, 512) layer: one scan on 2 cores 8.15 -> 7.33 ms). Elsewhere z is copied, S = dim.
     """
     batch, dim, length = z.shape
     row = z.stride(2)
