@@ -201,22 +201,25 @@ def test_graph_reused_then_recaptured_when_weights_move():
         model(ids[:, :1], cache_params=stale, use_cache=True)
 
 
-def with_host_sync(logits_fn):
-    """logits_fn, followed by a host sync (not capturable in a CUDA graph)."""
+def lm_whose_capture_fails(monkeypatch, graphed_fn: str, said_key: str):
+    """A small CUDA LM whose decode graphs' ``graphed_fn`` ("_decode_fn" or "_prefill_fn") ends with a host sync (not
+    capturable in a CUDA graph), its capture-failure message (``said_key``) not yet said in this process."""
+    model = small_lm("cuda")
+    logits_fn = getattr(model.decode_graphs, graphed_fn)
+
     def syncing(*args):
         logits = logits_fn(*args)
         float(logits.sum())
         return logits
 
-    return syncing
+    monkeypatch.setattr(model.decode_graphs, graphed_fn, syncing)
+    decode_graphs._said.discard(said_key)
+    return model
 
 
 @gpu
 def test_capture_failure_falls_back_and_says_so_once(caplog, monkeypatch):
-    model = small_lm("cuda")
-    graphs = model.decode_graphs
-    monkeypatch.setattr(graphs, "_decode_fn", with_host_sync(graphs._decode_fn))
-    decode_graphs._said.discard("capture")
+    model = lm_whose_capture_fails(monkeypatch, "_decode_fn", "capture")
     ids = prompts(1, device="cuda")
     with caplog.at_level(logging.WARNING, logger=decode_graphs.__name__):
         eager, graphed = generate_both(model, ids, max_new_tokens=10, do_sample=False)
@@ -445,10 +448,8 @@ def test_prefill_graph_switch_limits_and_recapture():
 
 @gpu
 def test_prefill_capture_failure_falls_back_and_says_so_once(caplog, monkeypatch):
-    model = small_lm("cuda")
+    model = lm_whose_capture_fails(monkeypatch, "_prefill_fn", "prefill-capture")
     graphs = model.decode_graphs
-    monkeypatch.setattr(graphs, "_prefill_fn", with_host_sync(graphs._prefill_fn))
-    decode_graphs._said.discard("prefill-capture")
     ids = prompts(1, device="cuda")
     with caplog.at_level(logging.WARNING, logger=decode_graphs.__name__):
         for _ in range(3):
