@@ -639,19 +639,20 @@ class MambaBackbone(MambaLMPreTrainedModel):
         for block in self.layers:
             mixer = block.mixer
             ops.add_rms_norm(residual_in, delta, block.norm.weight, block.norm.variance_epsilon, residual, normed,
-                             block.norm.weight.dtype)
-            xz = mixer.in_proj(normed)
+                             block.norm.weight.dtype, delta_dtype=dtype)
+            xz = ops.in_projection(normed, mixer.in_proj)
             layer = mixer.layer_idx
             ops.mixer_decode_step(
                 xz, cache_params.conv_states[layer], cache_params.ssm_states[layer], mixer.conv1d.weight[:, 0],
                 mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
                 mixer.D, partials, y,
             )
-            delta = mixer.out_proj(y)
+            delta = ops.out_projection(y, mixer.out_proj)  # (float32 partial sums where kernels route it so)
             residual_in = residual
         norm_f = self.norm_f
         out = torch.empty(batch, hidden, device=x.device, dtype=torch.promote_types(norm_f.weight.dtype, residual_dtype))
-        ops.add_rms_norm(residual_in, delta, norm_f.weight, norm_f.variance_epsilon, residual, out, residual_dtype)
+        ops.add_rms_norm(residual_in, delta, norm_f.weight, norm_f.variance_epsilon, residual, out, residual_dtype,
+                         delta_dtype=dtype)
         return out[:, None, :]
 
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaStateCache:
