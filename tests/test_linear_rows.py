@@ -81,8 +81,8 @@ def test_interpreter_linear_rows(triton_interpreter):
 
 @gpu
 def test_linear_rows_matches_the_reference_on_small_shapes():
-    check_against_reference("cuda", CONFIGS + GPU_CONFIGS[:3], SMALL_SHAPES + [(32, 300, 200, True), (24, 50, 75, False)],
-                            [torch.float32, torch.bfloat16, torch.float16])
+    shapes = SMALL_SHAPES + [(32, 300, 200, True), (24, 50, 75, False)]
+    check_against_reference("cuda", CONFIGS + GPU_CONFIGS[:3], shapes, [torch.float32, torch.bfloat16, torch.float16])
 
 
 @gpu

@@ -16,7 +16,8 @@ time is how fast and how early the weight bytes come in. This kernel
   output anyway): no atomics and no reduction kernel, the result does not depend on scheduling, so eager and graph
   decoding give the same tokens.
 
-Configurations: ``(block_n, block_k, k_split, pre_k, swap, warps, stages)``; k_split 0 = all of K in one program.
+Configurations: ``(block_n, block_k, k_split, pre_k, swap, warps, stages[, tma])``; k_split 0 = all of K in one
+program; tma: the loop's weight tiles through a device-side tensor descriptor (TMA).
 Reference: ``naive.py``. Inference only (no autograd).
 """
 
@@ -41,10 +42,11 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n_out, k_in, stride_x, stride_w, stride_os, stride_ob,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
                         PRE_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr):
     """Program (output block, K split, row block): acc = x[rows, K range] @ w[n-block, K range]^T in float32 (K in
     BLOCK_K steps after a first PRE_K-wide step whose weight tile is loaded before the PDL wait). PARTIAL: stored as
-    out[split, rows, n-block] (float32); else (one split) + bias, stored as out[rows, n-block] in out's dtype."""
+    out[split, rows, n-block] (float32); else (one split) + bias, stored as out[rows, n-block] in out's dtype.
+    TMA: the loop's weight tiles come through a tensor descriptor (Hopper's bulk tensor copies)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,6 +60,9 @@ def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n_out, k_in, stri
         acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if TMA:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[n_out, k_in], strides=[stride_w, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
     if PRE_K > 0:
         offs_p = k_lo + tl.arange(0, PRE_K)
         mask_p = (offs_p < k_in) & (tl.arange(0, PRE_K) < K_SPLIT)  # (PRE_K may pass the split's end)
@@ -79,11 +84,17 @@ def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n_out, k_in, stri
         offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_in
         if SWAP:
-            w = tl.load(w_rows[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if TMA:  # (zeros past N and K)
+                w = w_desc.load([pid_n * BLOCK_N, k_lo + k0])
+            else:
+                w = tl.load(w_rows[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             x = tl.load(x_rows[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_b[None, :], other=0.0)
             acc = _dot(w, x.to(w.dtype), acc, UPCAST, PRECISION)
         else:
-            w = tl.load(w_rows[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if TMA:
+                w = tl.trans(w_desc.load([pid_n * BLOCK_N, k_lo + k0]))
+            else:
+                w = tl.load(w_rows[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             x = tl.load(x_rows[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
             acc = _dot(x.to(w.dtype), w, acc, UPCAST, PRECISION)
     if SWAP:
@@ -116,16 +127,22 @@ def _check(x, weight, name):
 
 
 def _blocks(config, k_in):
-    """(block_n, block_k, K per split, pre_k, swap, warps, stages) with K per split a multiple of block_k and pre_k a
-    power of 2 multiple of block_k, at most the power of 2 that covers the split (0: nothing loaded before the
-    wait)."""
-    block_n, block_k, k_split, pre_k, swap, warps, stages = config
+    """(block_n, block_k, K per split, pre_k, swap, warps, stages, tma) with K per split a multiple of block_k and
+    pre_k a power of 2 multiple of block_k, at most the power of 2 that covers the split (0: nothing loaded before
+    the wait); tma (an optional 8th entry of config, default off) only where the weight's rows are 16-byte aligned."""
+    block_n, block_k, k_split, pre_k, swap, warps, stages = config[:7]
+    tma = bool(config[7]) if len(config) > 7 else False
     k_full = triton.cdiv(k_in, block_k) * block_k
     k_split = k_full if not k_split else min(triton.cdiv(k_split, block_k) * block_k, k_full)
     pre_k = min(pre_k, triton.next_power_of_2(k_split))
     if pre_k and (pre_k & (pre_k - 1) or pre_k % block_k):
         raise ValueError(f"linear_rows: pre_k must be a power of 2 and a multiple of block_k, got {config}")
-    return block_n, block_k, k_split, pre_k, bool(swap), warps, stages
+    return block_n, block_k, k_split, pre_k, bool(swap), warps, stages, tma
+
+
+def _scratch(size, alignment, stream):
+    """Triton's global scratch for device-side tensor descriptors (the TMA configurations)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def split_count(k_in: int, config) -> int:
@@ -136,7 +153,10 @@ def split_count(k_in: int, config) -> int:
 def _launch(x, weight, bias, out, config, partial):
     rows, k_in = x.shape
     n_out = weight.shape[0]
-    block_n, block_k, k_split, pre_k, swap, warps, stages = _blocks(config, k_in)
+    block_n, block_k, k_split, pre_k, swap, warps, stages, tma = _blocks(config, k_in)
+    tma = tma and weight.stride(0) * weight.element_size() % 16 == 0 and weight.data_ptr() % 16 == 0
+    if tma:  # (a context variable: set on every call, so a launch from another thread finds it too)
+        triton.set_allocator(_scratch)
     block_b = 16 if rows <= 16 else 32
     upcast = interpret_mode()
     precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"  # (only float32 operands read it)
@@ -147,7 +167,8 @@ def _launch(x, weight, bias, out, config, partial):
     _LINEAR_ROWS((triton.cdiv(n_out, block_n), splits, triton.cdiv(rows, block_b)),
                  (x, weight, bias if bias is not None else weight, out),
                  (rows, n_out, k_in, x.stride(0), weight.stride(0), stride_os, stride_ob),
-                 (block_b, block_n, block_k, k_split, pre_k, swap, bias is not None, partial, precision, upcast, pdl),
+                 (block_b, block_n, block_k, k_split, pre_k, swap, bias is not None, partial, precision, upcast, tma,
+                  pdl),
                  warps, pdl, num_stages=stages)
     return out
 
