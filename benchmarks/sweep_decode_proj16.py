@@ -6,15 +6,15 @@ split-K partials summed by ``add_rms_norm``) against cuBLAS, mamba-2.8b shape, b
    OUT_CANDIDATES (out_proj's partials are not summed here: add_rms_norm does that in the step), each checked against
    the float32 reference first.
 2. GPU step at batch 16 (graph replays back to back, the graph captured afresh per setting): cuBLAS for both
-   ("main"), the ``--top`` fastest candidates of each projection alone with the other on cuBLAS, the best two of
-   each together, then main and the best setting alternately (``--rounds``).
+   ("main"), every setting of VARIANTS (fused module attributes), the ``--top`` fastest in_proj candidates of part 1
+   and the 2 fastest out_proj ones in combination; then main, "out" and the best setting alternately (``--rounds``).
 3. generate() ms / step at batch 16 and 1 (128 new tokens after a 16-token prompt, prefill included, / 128), main and
-   the best setting alternately; eager vs graph greedy tokens at batch 16 with the best setting.
-4. CUPTI timeline of the batch-16 step (diag_decode_b16_timeline.timeline) for main and the best setting.
+   the best setting alternately; GPU step at batch 1; eager vs graph greedy tokens at batch 16 with the best setting.
+4. CUPTI timeline of the batch-16 step (diag_decode_b16_timeline.timeline) for "out" and the best setting.
 
 Writes ``sweep_decode_proj16.json`` to ``--out`` (default benchmarks/results).
 
-    python benchmarks/sweep_decode_proj16.py [--out DIR] [--top 5] [--rounds 3] [--no-timeline]
+    python benchmarks/sweep_decode_proj16.py [--out DIR] [--top 3] [--rounds 3] [--no-timeline]
 """
 
 from __future__ import annotations
@@ -35,27 +35,45 @@ import bench_gpu_generate as gen  # noqa: E402
 from multimodal_mamba.kernels.decode_step import fused  # noqa: E402
 from multimodal_mamba.kernels.linear_rows import fused as lr  # noqa: E402
 
-# (block_n, block_k, k_split, pre_k, swap, warps, stages[, tma]); k_split 0 = all of K. The first call's list
-# (gpu_decode_parts.md) less its slowest, plus neighbours of its fastest and TMA variants.
+# (block_n, block_k, k_split, pre_k, swap, warps, stages[, tma[, trigger]]); k_split 0 = all of K. This list: the
+# third H200 call's (neighbours of the second call's fastest TMA in_proj, TMA out_proj with fewer partial sums); the
+# first two calls' lists and results are in gpu_decode_parts.md.
 IN_CANDIDATES = [
-    (32, 128, 0, 512, True, 4, 4), (32, 128, 0, 512, True, 4, 5), (32, 128, 0, 512, True, 4, 3),
-    (32, 128, 0, 256, True, 4, 5), (32, 64, 0, 512, True, 4, 6), (64, 128, 0, 512, True, 4, 4),
-    (32, 256, 0, 512, True, 4, 3), (16, 128, 0, 512, True, 4, 4), (32, 128, 0, 512, True, 8, 4),
-    (64, 64, 0, 512, True, 4, 6), (64, 64, 0, 256, True, 4, 6), (128, 128, 0, 256, True, 8, 3),
-    (128, 64, 0, 0, True, 4, 4), (64, 128, 0, 0, True, 4, 4),
-    (32, 128, 0, 512, True, 4, 4, True), (64, 128, 0, 256, True, 4, 4, True), (64, 128, 0, 0, True, 4, 4, True),
-    (128, 128, 0, 0, True, 4, 4, True), (128, 64, 0, 0, True, 4, 6, True), (64, 256, 0, 0, True, 4, 3, True),
-    (32, 256, 0, 512, True, 4, 4, True),
+    (128, 64, 0, 0, True, 4, 6, True), (128, 64, 0, 0, True, 4, 8, True), (128, 64, 0, 0, True, 8, 6, True),
+    (64, 64, 0, 0, True, 4, 8, True), (256, 64, 0, 0, True, 8, 4, True), (128, 32, 0, 0, True, 4, 8, True),
+    (128, 64, 0, 256, True, 4, 6, True), (64, 64, 0, 0, True, 4, 6, True),
 ]
 OUT_CANDIDATES = [
-    (32, 128, 1024, 512, True, 4, 3), (64, 128, 512, 256, False, 4, 3), (64, 128, 512, 256, True, 4, 3),
-    (32, 256, 1280, 512, True, 4, 3), (64, 128, 640, 512, True, 4, 2), (32, 128, 1024, 512, True, 4, 4),
-    (32, 128, 1024, 256, True, 4, 4), (32, 128, 512, 512, True, 4, 2), (32, 128, 640, 512, True, 4, 3),
-    (32, 64, 1024, 512, True, 4, 4), (64, 128, 512, 256, False, 4, 2), (64, 64, 512, 256, True, 4, 4),
-    (32, 128, 1280, 512, True, 4, 3), (16, 128, 1024, 512, True, 4, 3), (32, 128, 2560, 512, True, 4, 4),
-    (32, 128, 1024, 512, True, 4, 3, True), (64, 128, 512, 256, True, 4, 3, True), (64, 128, 1024, 0, True, 4, 4, True),
-    (128, 128, 1024, 0, True, 4, 4, True), (64, 256, 1024, 0, True, 4, 3, True), (128, 64, 640, 0, True, 4, 4, True),
+    (32, 128, 1024, 512, True, 4, 3), (64, 64, 1024, 0, True, 4, 8, True), (128, 64, 1024, 0, True, 4, 6, True),
+    (64, 64, 1280, 0, True, 4, 8, True), (32, 64, 1024, 0, True, 4, 8, True),
 ]
+OUT = (32, 128, 1024, 512, True, 4, 3)  # the second call's fastest out_proj (GPU step 3.308 -> 3.204 ms)
+IN_TMA = (128, 64, 0, 0, True, 4, 6, True)  # the second call's fastest in_proj alone (3.301 -> 3.261 ms)
+IN_ROWS = (32, 128, 0, 512, True, 4, 4)
+AFTER = {"ADD_NORM_TRIGGER_AFTER_WAIT": True}
+# name -> fused attributes (on top of MAIN: both projections on cuBLAS, add_rms_norm as before)
+MAIN = {"IN_PROJ_CONFIG": None, "OUT_PROJ_CONFIG": None, "ADD_NORM_TRIGGER_AFTER_WAIT": False, "ADD_NORM_WARPS": None}
+VARIANTS = {
+    "out": {"OUT_PROJ_CONFIG": OUT},
+    "out trig1": {"OUT_PROJ_CONFIG": OUT + (False, 1)},
+    "out trig2": {"OUT_PROJ_CONFIG": OUT + (False, 2)},
+    "out, norm after wait": {"OUT_PROJ_CONFIG": OUT, **AFTER},
+    "out, norm 8 warps": {"OUT_PROJ_CONFIG": OUT, "ADD_NORM_WARPS": 8},
+    "out, norm 16 warps": {"OUT_PROJ_CONFIG": OUT, "ADD_NORM_WARPS": 16},
+    "out 4 splits": {"OUT_PROJ_CONFIG": (32, 128, 1280, 512, True, 4, 3)},
+    "out (32, 64, 1024, 512, 4 stages)": {"OUT_PROJ_CONFIG": (32, 64, 1024, 512, True, 4, 4)},
+    "out (64, 128, 512, 256) trig2": {"OUT_PROJ_CONFIG": (64, 128, 512, 256, True, 4, 3, False, 2)},
+    "in tma": {"IN_PROJ_CONFIG": IN_TMA},
+    "in tma trig1": {"IN_PROJ_CONFIG": IN_TMA + (1,)},
+    "in tma trig2": {"IN_PROJ_CONFIG": IN_TMA + (2,)},
+    "in tma trig2 + out": {"IN_PROJ_CONFIG": IN_TMA + (2,), "OUT_PROJ_CONFIG": OUT},
+    "in tma trig2 + out trig2": {"IN_PROJ_CONFIG": IN_TMA + (2,), "OUT_PROJ_CONFIG": OUT + (False, 2)},
+    "in tma trig2 + out, norm after wait": {"IN_PROJ_CONFIG": IN_TMA + (2,), "OUT_PROJ_CONFIG": OUT, **AFTER},
+    "in tma + out, norm after wait": {"IN_PROJ_CONFIG": IN_TMA, "OUT_PROJ_CONFIG": OUT, **AFTER},
+    "in tma trig2 + out trig2, norm after wait": {"IN_PROJ_CONFIG": IN_TMA + (2,), "OUT_PROJ_CONFIG": OUT + (False, 2),
+                                                  **AFTER},
+    "in rows trig2 + out, norm after wait": {"IN_PROJ_CONFIG": IN_ROWS + (False, 2), "OUT_PROJ_CONFIG": OUT, **AFTER},
+}
 RESULTS = {}
 
 
@@ -125,9 +143,9 @@ def isolated(name, n_out, k_in, candidates, partial, out):
     return times
 
 
-def apply(in_config, out_config):
-    fused.IN_PROJ_CONFIG = tuple(in_config) if in_config else None
-    fused.OUT_PROJ_CONFIG = tuple(out_config) if out_config else None
+def apply(setting):
+    for name, value in {**MAIN, **setting}.items():
+        setattr(fused, name, tuple(value) if isinstance(value, list) else value)
 
 
 def step_ms(model, ids, batch=16):
@@ -139,7 +157,7 @@ def step_ms(model, ids, batch=16):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--top", type=int, default=6)
+    parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-timeline", action="store_true")
     args = parser.parse_args()
@@ -155,50 +173,36 @@ def main():
             return [json.loads(k) for k, v in sorted(((k, v) for k, v in times.items() if k != "cublas" and v),
                                                       key=lambda kv: kv[1])]
 
-        best_in, best_out = ranked(iso_in)[:args.top], ranked(iso_out)[:args.top]
         args.skip_transformers = True
         _, systems = gen.build_models(args)
         model = systems["ours"]
         torch.manual_seed(1)
         ids = torch.randint(1, 50000, (16, gen.PROMPT), device="cuda")
-        apply(None, None)
+        settings = {"main": {}, **VARIANTS}
+        for config in ranked(iso_in)[:args.top]:  # the fastest in_proj alone, triggering after its loop, with out_proj
+            settings[f"in {config} trig2 + out, norm after wait"] = {
+                "IN_PROJ_CONFIG": tuple(config[:7]) + (bool(config[7:8] and config[7]), 2), "OUT_PROJ_CONFIG": OUT,
+                **AFTER}
+        for config in ranked(iso_out)[:2]:
+            settings[f"in tma trig2 + out {config}, norm after wait"] = {
+                "IN_PROJ_CONFIG": IN_TMA + (2,), "OUT_PROJ_CONFIG": tuple(config), **AFTER}
+        apply(settings["main"])
         step_ms(model, ids)  # warm-up
-        steps = {"main": step_ms(model, ids)}
-        record("step_ms/main", steps["main"], out)
-        settings = {"main": (None, None)}
-        for config in best_in:
-            name = f"in {config}"
-            settings[name] = (config, None)
-        for config in best_out:
-            name = f"out {config}"
-            settings[name] = (None, config)
-        for name, (ci, co) in list(settings.items())[1:]:
-            apply(ci, co)
+        steps = {}
+        for name, setting in settings.items():
+            apply(setting)
             try:
                 steps[name] = step_ms(model, ids)
             except Exception as error:
                 record(f"step_error/{name}", repr(error)[:300], out)
                 continue
             record(f"step_ms/{name}", steps[name], out)
-        in_ranked = sorted((n for n in steps if n.startswith("in ")), key=steps.get)[:2]
-        out_ranked = sorted((n for n in steps if n.startswith("out ")), key=steps.get)[:2]
-        for ni in in_ranked:
-            for no in out_ranked:
-                name = f"{ni} + {no}"
-                settings[name] = (settings[ni][0], settings[no][1])
-                apply(*settings[name])
-                try:
-                    steps[name] = step_ms(model, ids)
-                except Exception as error:
-                    record(f"step_error/{name}", repr(error)[:300], out)
-                    continue
-                record(f"step_ms/{name}", steps[name], out)
         best = min((n for n in steps if n != "main"), key=steps.get)
-        record("best", {"name": best, "in": settings[best][0], "out": settings[best][1]}, out)
-        rounds = {"main": [], best: []}
+        record("best", {"name": best, "settings": settings[best]}, out)
+        rounds = {"main": [], "out": [], best: []}
         for _ in range(args.rounds):
-            for name in ("main", best):
-                apply(*settings[name])
+            for name in rounds:
+                apply(settings[name])
                 rounds[name].append(step_ms(model, ids))
         record("step_ms_rounds", rounds, out)
         record("sweep_s", round(time.time() - start, 1), out)
@@ -206,7 +210,7 @@ def main():
         gen_ms = {f"b{b}/{n}": [] for b in (16, 1) for n in ("main", best)}
         for _ in range(2):
             for name in ("main", best):
-                apply(*settings[name])
+                apply(settings[name])
                 for batch in (16, 1):
                     model.decode_graphs.clear()
                     gen.ours_generate(model, ids[:batch], True, 8)
@@ -214,25 +218,25 @@ def main():
                     gen_ms[f"b{batch}/{name}"].append(round(t / gen.NEW * 1e3, 3))
         record("generate_ms_per_step", gen_ms, out)
         for name in ("main", best):
-            apply(*settings[name])
+            apply(settings[name])
             model.decode_graphs.clear()
             record(f"b1_step_ms/{name}", step_ms(model, ids, 1), out)
-        apply(*settings[best])
+        apply(settings[best])
         graphed = gen.ours_generate(model, ids, True, 32)
         eager = gen.ours_generate(model, ids, False, 32)
         record("b16_graph_equals_eager_32/best", bool(torch.equal(graphed, eager)), out)
-        apply(None, None)
+        apply(settings["main"])
         main_tokens = gen.ours_generate(model, ids, True, 32)
         record("b16_best_tokens_equal_main_32", bool(torch.equal(graphed, main_tokens)), out)
 
         if not args.no_timeline:
             import diag_decode_b16_timeline as diag
 
-            for name in ("main", best):
-                apply(*settings[name])
+            for name in dict.fromkeys(("out", best)):
+                apply(settings[name])
                 result = diag.timeline(model, ids)
                 record(f"timeline/{name}", result, out)
-    apply(None, None)
+    apply(settings["main"])
     record("total_s", round(time.time() - start, 1), out)
 
 

@@ -431,8 +431,10 @@ def test_programmatic_dependent_launch_changes_no_bit(batch, early_h, monkeypatc
 
 # kernels/linear_rows configurations for the small test LM (hidden 256: in_proj 256 -> 1024, out_proj 512 -> 256):
 # pre-wait loads shorter than K, out_proj in 2 and 4 split-K partial sums
-SMALL_IN_PROJ = [(64, 128, 0, 128, True, 4, 4), (32, 64, 0, 0, False, 4, 3)]
-SMALL_OUT_PROJ = [(64, 128, 256, 256, True, 4, 2), (32, 64, 128, 64, False, 4, 3)]
+# (the third: TMA weight tiles, the kernels after each projection and the norm launched only after their waits / loops)
+SMALL_IN_PROJ = [(64, 128, 0, 128, True, 4, 4), (32, 64, 0, 0, False, 4, 3), (128, 64, 0, 0, True, 4, 6, True, 2)]
+SMALL_OUT_PROJ = [(64, 128, 256, 256, True, 4, 2), (32, 64, 128, 64, False, 4, 3), (32, 128, 256, 128, True, 4, 3,
+                                                                                       False, 2)]
 
 
 def use_projections(monkeypatch, which=0):
@@ -440,10 +442,11 @@ def use_projections(monkeypatch, which=0):
 
     monkeypatch.setattr(fused, "IN_PROJ_CONFIG", SMALL_IN_PROJ[which])
     monkeypatch.setattr(fused, "OUT_PROJ_CONFIG", SMALL_OUT_PROJ[which])
+    monkeypatch.setattr(fused, "ADD_NORM_TRIGGER_AFTER_WAIT", which == 2)
 
 
 @gpu
-@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("which", [0, 1, 2])
 @pytest.mark.parametrize("batch", [4, 8, 16, 24])
 def test_fused_step_with_few_rows_projections_matches_the_module_path(batch, which, monkeypatch):
     """in_proj / out_proj on kernels/linear_rows (out_proj's partial sums added by add_rms_norm) from
@@ -460,9 +463,10 @@ def test_fused_step_with_few_rows_projections_matches_the_module_path(batch, whi
 
 
 @gpu
+@pytest.mark.parametrize("which", [0, 2])
 @pytest.mark.parametrize("batch", [16, 24])
-def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projections(batch, monkeypatch):
-    use_projections(monkeypatch)
+def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projections(batch, which, monkeypatch):
+    use_projections(monkeypatch, which)
     model = small_lm("cuda", torch.bfloat16, layers=4, hidden=256, vocab=1000)
     calls = _count_fused_steps(model, monkeypatch)
     ids = torch.randint(2, 1000, (batch, 7), generator=torch.Generator().manual_seed(1)).cuda()
@@ -472,12 +476,13 @@ def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projectio
 
 
 @gpu
-def test_programmatic_dependent_launch_changes_no_bit_with_few_rows_projections(monkeypatch):
+@pytest.mark.parametrize("which", [0, 2])
+def test_programmatic_dependent_launch_changes_no_bit_with_few_rows_projections(which, monkeypatch):
     """As test_programmatic_dependent_launch_changes_no_bit at batch 16, with in_proj / out_proj on
     kernels/linear_rows (PDL-launched too, their first weight columns loaded before the wait)."""
     from multimodal_mamba.kernels import utils
 
-    use_projections(monkeypatch)
+    use_projections(monkeypatch, which)
     monkeypatch.setattr(utils, "_PDL_DEVICES", {})
     monkeypatch.setattr(utils, "PDL", True)
     if not utils.pdl_available("cuda"):

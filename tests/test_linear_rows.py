@@ -17,14 +17,18 @@ import torch.nn.functional as F
 
 gpu = pytest.mark.gpu
 
-# (block_n, block_k, k_split, pre_k, swap, warps, stages): whole-K and split-K, swapped and not, weight columns
-# loaded before the PDL wait (pre_k) shorter than, equal to and longer than a split
+# (block_n, block_k, k_split, pre_k, swap, warps, stages[, tma[, trigger]]): whole-K and split-K, swapped and not,
+# weight columns loaded before the PDL wait (pre_k) shorter than, equal to and longer than a split
 CONFIGS = [(16, 16, 0, 0, True, 4, 2), (32, 16, 0, 32, False, 4, 2), (16, 32, 48, 32, True, 4, 2),
-           (32, 16, 64, 128, False, 4, 3), (16, 16, 32, 0, False, 4, 1)]
+           (32, 16, 64, 128, False, 4, 3), (16, 16, 32, 0, False, 4, 1), (16, 32, 0, 0, True, 4, 2, True, 2),
+           (32, 16, 64, 16, False, 4, 2, True, 1)]
 GPU_CONFIGS = [(64, 128, 0, 0, True, 4, 4), (64, 128, 0, 256, True, 4, 4), (32, 128, 0, 512, True, 4, 4),
                (16, 256, 0, 2048, True, 8, 2), (64, 128, 0, 256, False, 4, 3), (64, 128, 512, 512, True, 8, 2),
                (32, 256, 1024, 1024, True, 8, 2), (64, 128, 640, 512, True, 4, 2), (32, 128, 1024, 256, False, 4, 3),
-               (16, 256, 2560, 512, True, 4, 3), (128, 64, 0, 128, False, 4, 4)]
+               (16, 256, 2560, 512, True, 4, 3), (128, 64, 0, 128, False, 4, 4),
+               # weight tiles through TMA descriptors; the kernels after it launched after its wait / its K loop
+               (128, 64, 0, 0, True, 4, 6, True, 2), (64, 64, 1024, 0, True, 4, 8, True, 0),
+               (32, 128, 1024, 512, True, 4, 3, False, 1), (64, 64, 0, 128, False, 4, 4, True, 2)]
 
 
 def test_partial_sums_add_up_to_the_linear():
@@ -110,7 +114,7 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
         monkeypatch.setattr(utils, "PDL", pdl)
         monkeypatch.setattr(utils, "_PDL_DEVICES", {})
         outs = []
-        for config in GPU_CONFIGS[:2] + GPU_CONFIGS[5:7]:
+        for config in GPU_CONFIGS[:2] + GPU_CONFIGS[5:7] + GPU_CONFIGS[-4:]:
             # a chain: each call's input is written by the one before it (the PDL wait must hold the reads back)
             y = x.clone()
             for _ in range(3):

@@ -49,18 +49,23 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hidden,
                          stride_in, stride_delta, stride_delta_s, stride_res, stride_out, eps,
                          NORM_DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, DELTA_SPLITS: tl.constexpr,
-                         DELTA_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                         DELTA_DTYPE: tl.constexpr, BLOCK: tl.constexpr, TRIGGER_AFTER_WAIT: tl.constexpr,
+                         PDL: tl.constexpr):
     """res_out = round_res(res_in + delta) (float32 sum); out = w * round_norm(normalize(round_norm(res_out))).
     DELTA_SPLITS > 0: delta is that many float32 partial sums (stride_delta_s apart), added in split order and rounded
     to DELTA_DTYPE (the projection's output dtype) first. PDL: launched with programmatic dependent launch
-    (kernels/utils.pdl_available): the norm weight is loaded before waiting for the kernel before."""
+    (kernels/utils.pdl_available): the norm weight is loaded before waiting for the kernel before; the kernels after
+    it may launch from its start, or with TRIGGER_AFTER_WAIT once its wait returned."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PDL:
-        gdc_launch_dependents()
+        if not TRIGGER_AFTER_WAIT:
+            gdc_launch_dependents()
         gdc_wait()
+        if TRIGGER_AFTER_WAIT:
+            gdc_launch_dependents()
     res = tl.load(res_in_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
         delta_row = delta_ptr + row * stride_delta + offs
@@ -81,6 +86,11 @@ def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hid
 
 
 _ADD_NORM = CachedLaunch(_add_rms_norm_kernel)
+# add_rms_norm's warps per row (None: 4 up to 4096 features, else 8) and where the kernels after it may launch under
+# PDL (False: from its start; True: once its wait returned, so a PDL in_proj does not sit on SM resources while the
+# kernel before the norm still runs).
+ADD_NORM_WARPS = None
+ADD_NORM_TRIGGER_AFTER_WAIT = False
 
 
 def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype, delta_dtype=None):
@@ -114,8 +124,9 @@ def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype,
         _ADD_NORM((rows, 1, 1), (residual_in, delta_arg, residual_out, weight, out),
                   (hidden, residual_in.stride(0), stride_delta, stride_split, residual_out.stride(0), out.stride(0),
                    float(eps)),
-                  (_TL_DTYPES[norm_dtype], has_delta, splits, _TL_DTYPES[delta_dtype or torch.float32], block, pdl),
-                  4 if block <= 4096 else 8, pdl)
+                  (_TL_DTYPES[norm_dtype], has_delta, splits, _TL_DTYPES[delta_dtype or torch.float32], block,
+                   bool(ADD_NORM_TRIGGER_AFTER_WAIT), pdl),
+                  ADD_NORM_WARPS or (4 if block <= 4096 else 8), pdl)
     return out
 
 
@@ -591,10 +602,12 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
 # out_proj then writes float32 split-K partial sums, which ``add_rms_norm`` adds in split order (no reduce kernel, no
 # atomics). IN_PROJ_CONFIG / OUT_PROJ_CONFIG: kernels/linear_rows configurations (block_n, block_k, k_split, pre_k,
 # swap, warps, stages), or None for the module call.
+# Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/gpu_decode_parts.md, sweep_decode_proj16.py):
+# out_proj (32, 128, 1024, 512, swapped, 4 warps, 3 stages): 5 partial sums, GPU step 3.308 -> 3.204 ms.
 PROJ_MIN_BATCH = 8
 PROJ_MAX_BATCH = 32
 IN_PROJ_CONFIG = None
-OUT_PROJ_CONFIG = None
+OUT_PROJ_CONFIG = (32, 128, 1024, 512, True, 4, 3)
 
 
 def _projection_config(x, linear, config):

@@ -16,8 +16,9 @@ time is how fast and how early the weight bytes come in. This kernel
   output anyway): no atomics and no reduction kernel, the result does not depend on scheduling, so eager and graph
   decoding give the same tokens.
 
-Configurations: ``(block_n, block_k, k_split, pre_k, swap, warps, stages[, tma])``; k_split 0 = all of K in one
-program; tma: the loop's weight tiles through a device-side tensor descriptor (TMA).
+Configurations: ``(block_n, block_k, k_split, pre_k, swap, warps, stages[, tma[, trigger]])``; k_split 0 = all of K
+in one program; tma: the loop's weight tiles through a device-side tensor descriptor (TMA); trigger: where the kernels
+after it may launch under PDL (0: at the start, 1: after the wait, 2: after the K loop).
 Reference: ``naive.py``. Inference only (no autograd).
 """
 
@@ -42,11 +43,14 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n_out, k_in, stride_x, stride_w, stride_os, stride_ob,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
                         PRE_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr):
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, TRIGGER: tl.constexpr,
+                        PDL: tl.constexpr):
     """Program (output block, K split, row block): acc = x[rows, K range] @ w[n-block, K range]^T in float32 (K in
     BLOCK_K steps after a first PRE_K-wide step whose weight tile is loaded before the PDL wait). PARTIAL: stored as
     out[split, rows, n-block] (float32); else (one split) + bias, stored as out[rows, n-block] in out's dtype.
-    TMA: the loop's weight tiles come through a tensor descriptor (Hopper's bulk tensor copies)."""
+    TMA: the loop's weight tiles come through a tensor descriptor (Hopper's bulk tensor copies). TRIGGER: where the
+    kernels after it may launch (PDL): 0 at the start, 1 after the wait, 2 after the K loop (kernels launched early
+    hold SM resources while they wait)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,8 +75,11 @@ def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n_out, k_in, stri
         else:  # (PRE_K, BLOCK_N)
             wp = tl.load(w_rows[None, :] + offs_p[:, None], mask=mask_p[:, None] & mask_n[None, :], other=0.0)
     if PDL:
-        gdc_launch_dependents()
+        if TRIGGER == 0:
+            gdc_launch_dependents()
         gdc_wait()
+        if TRIGGER == 1:
+            gdc_launch_dependents()
     if PRE_K > 0:
         if SWAP:
             xp = tl.load(x_rows[None, :] + offs_p[:, None], mask=mask_p[:, None] & mask_b[None, :], other=0.0)
@@ -97,6 +104,9 @@ def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n_out, k_in, stri
                 w = tl.load(w_rows[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             x = tl.load(x_rows[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
             acc = _dot(x.to(w.dtype), w, acc, UPCAST, PRECISION)
+    if PDL:
+        if TRIGGER == 2:
+            gdc_launch_dependents()
     if SWAP:
         offs_out = offs_b.to(tl.int64)[None, :] * stride_ob + offs_n[:, None]
         mask_out = mask_n[:, None] & mask_b[None, :]
@@ -127,17 +137,19 @@ def _check(x, weight, name):
 
 
 def _blocks(config, k_in):
-    """(block_n, block_k, K per split, pre_k, swap, warps, stages, tma) with K per split a multiple of block_k and
-    pre_k a power of 2 multiple of block_k, at most the power of 2 that covers the split (0: nothing loaded before
-    the wait); tma (an optional 8th entry of config, default off) only where the weight's rows are 16-byte aligned."""
+    """(block_n, block_k, K per split, pre_k, swap, warps, stages, tma, trigger) with K per split a multiple of
+    block_k and pre_k a power of 2 multiple of block_k, at most the power of 2 that covers the split (0: nothing
+    loaded before the wait); tma and trigger: optional 8th and 9th entries of config (default off, 0); tma only where
+    the weight's rows are 16-byte aligned."""
     block_n, block_k, k_split, pre_k, swap, warps, stages = config[:7]
     tma = bool(config[7]) if len(config) > 7 else False
+    trigger = int(config[8]) if len(config) > 8 else 0
     k_full = triton.cdiv(k_in, block_k) * block_k
     k_split = k_full if not k_split else min(triton.cdiv(k_split, block_k) * block_k, k_full)
     pre_k = min(pre_k, triton.next_power_of_2(k_split))
     if pre_k and (pre_k & (pre_k - 1) or pre_k % block_k):
         raise ValueError(f"linear_rows: pre_k must be a power of 2 and a multiple of block_k, got {config}")
-    return block_n, block_k, k_split, pre_k, bool(swap), warps, stages, tma
+    return block_n, block_k, k_split, pre_k, bool(swap), warps, stages, tma, trigger
 
 
 def _scratch(size, alignment, stream):
@@ -153,7 +165,7 @@ def split_count(k_in: int, config) -> int:
 def _launch(x, weight, bias, out, config, partial):
     rows, k_in = x.shape
     n_out = weight.shape[0]
-    block_n, block_k, k_split, pre_k, swap, warps, stages, tma = _blocks(config, k_in)
+    block_n, block_k, k_split, pre_k, swap, warps, stages, tma, trigger = _blocks(config, k_in)
     tma = tma and weight.stride(0) * weight.element_size() % 16 == 0 and weight.data_ptr() % 16 == 0
     if tma:  # (a context variable: set on every call, so a launch from another thread finds it too)
         triton.set_allocator(_scratch)
@@ -168,7 +180,7 @@ def _launch(x, weight, bias, out, config, partial):
                  (x, weight, bias if bias is not None else weight, out),
                  (rows, n_out, k_in, x.stride(0), weight.stride(0), stride_os, stride_ob),
                  (block_b, block_n, block_k, k_split, pre_k, swap, bias is not None, partial, precision, upcast, tma,
-                  pdl),
+                  trigger, pdl),
                  warps, pdl, num_stages=stages)
     return out
 
