@@ -10,11 +10,14 @@ split-K partials summed by ``add_rms_norm``) against cuBLAS, mamba-2.8b shape, b
    and the 2 fastest out_proj ones in combination; then main, "out" and the best setting alternately (``--rounds``).
 3. generate() ms / step at batch 16 and 1 (128 new tokens after a 16-token prompt, prefill included, / 128), main and
    the best setting alternately; GPU step at batch 1; eager vs graph greedy tokens at batch 16 with the best setting.
-4. CUPTI timeline of the batch-16 step (diag_decode_b16_timeline.timeline) for "out" and the best setting.
+4. CUPTI timeline of the batch-16 step (diag_decode_b16_timeline.timeline) for "out" (or the defaults) and the best
+   setting.
 
 Writes ``sweep_decode_proj16.json`` to ``--out`` (default benchmarks/results).
 
-    python benchmarks/sweep_decode_proj16.py [--out DIR] [--top 3] [--rounds 3] [--no-timeline]
+    python benchmarks/sweep_decode_proj16.py [--out DIR] [--top 3] [--rounds 3] [--no-timeline] [--final]
+
+``--final``: no part 1; part 2 for main, the committed defaults and FINAL; parts 3 (with the defaults) and 4.
 """
 
 from __future__ import annotations
@@ -73,6 +76,13 @@ VARIANTS = {
     "in tma trig2 + out trig2, norm after wait": {"IN_PROJ_CONFIG": IN_TMA + (2,), "OUT_PROJ_CONFIG": OUT + (False, 2),
                                                   **AFTER},
     "in rows trig2 + out, norm after wait": {"IN_PROJ_CONFIG": IN_ROWS + (False, 2), "OUT_PROJ_CONFIG": OUT, **AFTER},
+}
+# --final: the committed defaults (captured at import) against main and two norm widths, no isolated part
+DEFAULTS = {name: getattr(fused, name) for name in MAIN}
+FINAL = {
+    "defaults": DEFAULTS,
+    "defaults, norm 16 warps": {**DEFAULTS, "ADD_NORM_WARPS": 16},
+    "defaults, norm 8 warps": {**DEFAULTS, "ADD_NORM_WARPS": 8},
 }
 RESULTS = {}
 
@@ -160,14 +170,17 @@ def main():
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-timeline", action="store_true")
+    parser.add_argument("--final", action="store_true", help="only main, the defaults and FINAL (no part 1)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out
     start = time.time()
     with torch.no_grad():
-        iso_in = isolated("in_proj", 10240, 2560, IN_CANDIDATES, False, out)
-        iso_out = isolated("out_proj", 2560, 5120, OUT_CANDIDATES, True, out)
-        record("isolated_s", round(time.time() - start, 1), out)
+        iso_in, iso_out = {}, {}
+        if not args.final:
+            iso_in = isolated("in_proj", 10240, 2560, IN_CANDIDATES, False, out)
+            iso_out = isolated("out_proj", 2560, 5120, OUT_CANDIDATES, True, out)
+            record("isolated_s", round(time.time() - start, 1), out)
 
         def ranked(times):
             return [json.loads(k) for k, v in sorted(((k, v) for k, v in times.items() if k != "cublas" and v),
@@ -178,7 +191,8 @@ def main():
         model = systems["ours"]
         torch.manual_seed(1)
         ids = torch.randint(1, 50000, (16, gen.PROMPT), device="cuda")
-        settings = {"main": {}, **VARIANTS}
+        settings = {"main": {}, **(FINAL if args.final else VARIANTS)}
+        record("settings", settings, out)
         for config in ranked(iso_in)[:args.top]:  # the fastest in_proj alone, triggering after its loop, with out_proj
             settings[f"in {config} trig2 + out, norm after wait"] = {
                 "IN_PROJ_CONFIG": tuple(config[:7]) + (bool(config[7:8] and config[7]), 2), "OUT_PROJ_CONFIG": OUT,
@@ -199,7 +213,8 @@ def main():
             record(f"step_ms/{name}", steps[name], out)
         best = min((n for n in steps if n != "main"), key=steps.get)
         record("best", {"name": best, "settings": settings[best]}, out)
-        rounds = {"main": [], "out": [], best: []}
+        reference = "defaults" if args.final else "out"
+        rounds = {"main": [], reference: [], best: []}
         for _ in range(args.rounds):
             for name in rounds:
                 apply(settings[name])
@@ -207,9 +222,10 @@ def main():
         record("step_ms_rounds", rounds, out)
         record("sweep_s", round(time.time() - start, 1), out)
 
-        gen_ms = {f"b{b}/{n}": [] for b in (16, 1) for n in ("main", best)}
+        shipped = "defaults" if args.final else best
+        gen_ms = {f"b{b}/{n}": [] for b in (16, 1) for n in ("main", shipped)}
         for _ in range(2):
-            for name in ("main", best):
+            for name in ("main", shipped):
                 apply(settings[name])
                 for batch in (16, 1):
                     model.decode_graphs.clear()
@@ -217,22 +233,22 @@ def main():
                     t = gen.median_time(lambda: gen.ours_generate(model, ids[:batch], True), repeats=3, warmup=1)
                     gen_ms[f"b{batch}/{name}"].append(round(t / gen.NEW * 1e3, 3))
         record("generate_ms_per_step", gen_ms, out)
-        for name in ("main", best):
+        for name in ("main", shipped):
             apply(settings[name])
             model.decode_graphs.clear()
             record(f"b1_step_ms/{name}", step_ms(model, ids, 1), out)
-        apply(settings[best])
+        apply(settings[shipped])
         graphed = gen.ours_generate(model, ids, True, 32)
         eager = gen.ours_generate(model, ids, False, 32)
-        record("b16_graph_equals_eager_32/best", bool(torch.equal(graphed, eager)), out)
+        record(f"b16_graph_equals_eager_32/{shipped}", bool(torch.equal(graphed, eager)), out)
         apply(settings["main"])
         main_tokens = gen.ours_generate(model, ids, True, 32)
-        record("b16_best_tokens_equal_main_32", bool(torch.equal(graphed, main_tokens)), out)
+        record(f"b16_{shipped}_tokens_equal_main_32", bool(torch.equal(graphed, main_tokens)), out)
 
         if not args.no_timeline:
             import diag_decode_b16_timeline as diag
 
-            for name in dict.fromkeys(("out", best)):
+            for name in dict.fromkeys((reference, best)):
                 apply(settings[name])
                 result = diag.timeline(model, ids)
                 record(f"timeline/{name}", result, out)

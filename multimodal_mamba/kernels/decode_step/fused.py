@@ -86,11 +86,14 @@ def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hid
 
 
 _ADD_NORM = CachedLaunch(_add_rms_norm_kernel)
-# add_rms_norm's warps per row (None: 4 up to 4096 features, else 8) and where the kernels after it may launch under
-# PDL (False: from its start; True: once its wait returned, so a PDL in_proj does not sit on SM resources while the
-# kernel before the norm still runs).
+# From PROJ_MIN_BATCH to PROJ_MAX_BATCH rows (where in_proj may run on kernels/linear_rows, below): add_rms_norm's warps
+# per row (None: 4 up to 4096 features, else 8) and where the kernels after it may launch under PDL (False: from its
+# start; True: once its wait returned, so the linear_rows in_proj after it does not hold SM resources, waiting, while
+# the out_proj before the norm still streams its weights). Other row counts keep None / False. Measured on an H200
+# (batch-16 GPU step, benchmarks/results/gpu_decode_parts.md): True 3.161 ms against False 3.199 with both
+# projections on linear_rows.
 ADD_NORM_WARPS = None
-ADD_NORM_TRIGGER_AFTER_WAIT = False
+ADD_NORM_TRIGGER_AFTER_WAIT = True
 
 
 def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype, delta_dtype=None):
@@ -117,6 +120,8 @@ def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype,
     block = next_pow2(hidden)
     if rows:
         pdl = pdl_available(out.device)
+        few_rows = PROJ_MIN_BATCH <= rows <= PROJ_MAX_BATCH
+        warps = (ADD_NORM_WARPS if few_rows else None) or (4 if block <= 4096 else 8)
         has_delta = delta is not None
         delta_arg = delta if has_delta else residual_in
         stride_delta = delta_arg.stride(1) if splits else delta_arg.stride(0)
@@ -125,8 +130,8 @@ def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype,
                   (hidden, residual_in.stride(0), stride_delta, stride_split, residual_out.stride(0), out.stride(0),
                    float(eps)),
                   (_TL_DTYPES[norm_dtype], has_delta, splits, _TL_DTYPES[delta_dtype or torch.float32], block,
-                   bool(ADD_NORM_TRIGGER_AFTER_WAIT), pdl),
-                  ADD_NORM_WARPS or (4 if block <= 4096 else 8), pdl)
+                   bool(ADD_NORM_TRIGGER_AFTER_WAIT and few_rows), pdl),
+                  warps, pdl)
     return out
 
 
@@ -602,12 +607,16 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
 # out_proj then writes float32 split-K partial sums, which ``add_rms_norm`` adds in split order (no reduce kernel, no
 # atomics). IN_PROJ_CONFIG / OUT_PROJ_CONFIG: kernels/linear_rows configurations (block_n, block_k, k_split, pre_k,
 # swap, warps, stages), or None for the module call.
-# Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/gpu_decode_parts.md, sweep_decode_proj16.py):
-# out_proj (32, 128, 1024, 512, swapped, 4 warps, 3 stages): 5 partial sums, GPU step 3.308 -> 3.204 ms.
+# Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/gpu_decode_parts.md, sweep_decode_proj16.py),
+# GPU step 3.300 ms with both on cuBLAS: out_proj alone on (32, 128, 1024, 512, swapped, 4 warps, 3 stages) 3.197;
+# in_proj alone on (128, 64, 0, 0, swapped, 4 warps, 6 stages, TMA, launching the next kernels after its K loop)
+# 3.238; both (out_proj as below: TMA tiles, 5 partial sums), with add_rms_norm triggering after its wait: 3.149.
+# Each projection alone reads its weight more slowly than cuBLAS does (in_proj 15.9 us against 15.2, out_proj 9.9
+# against 11.6 with cuBLAS's reduce, back to back in a graph); the step gains from the PDL overlap around them.
 PROJ_MIN_BATCH = 8
 PROJ_MAX_BATCH = 32
-IN_PROJ_CONFIG = None
-OUT_PROJ_CONFIG = (32, 128, 1024, 512, True, 4, 3)
+IN_PROJ_CONFIG = (128, 64, 0, 0, True, 4, 6, True, 2)
+OUT_PROJ_CONFIG = (64, 64, 1024, 0, True, 4, 8, True)
 
 
 def _projection_config(x, linear, config):

@@ -154,7 +154,7 @@ def _blocks(config, k_in):
 
 def _scratch(size, alignment, stream):
     """Triton's global scratch for device-side tensor descriptors (the TMA configurations)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())  # (where the kernel runs)
 
 
 def split_count(k_in: int, config) -> int:
