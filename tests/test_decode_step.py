@@ -99,6 +99,28 @@ def test_fused_step_keeps_the_residual_in_the_model_dtype_when_asked():
     compare_steps(model, naive_ops(), 2, steps=2, atol=2e-2, rtol=2e-2, scaled=True)
 
 
+def partial_sum_ops(k_split):
+    """The naive reference ops with out_proj handing float32 split-K partial sums to add_rms_norm (as the fused ops
+    do where ``fused.OUT_PROJ_CONFIG`` routes out_proj to kernels/linear_rows)."""
+    import types
+
+    from multimodal_mamba.kernels.linear_rows.naive import linear_rows_partials_ref
+
+    naive = naive_ops()
+    ops = types.SimpleNamespace(**{name: getattr(naive, name) for name in dir(naive) if not name.startswith("__")})
+    ops.out_projection = lambda y, linear: linear_rows_partials_ref(y, linear.weight, k_split)
+    return ops
+
+
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_fused_step_with_out_proj_partial_sums_equals_the_module_path(residual_in_fp32):
+    """out_proj's partial sums (3 K ranges of its 128 inputs) added by add_rms_norm, rounded to the model dtype first:
+    the same step as the module path (float32; bf16 with the residual in bf16)."""
+    compare_steps(small_lm(residual_in_fp32=residual_in_fp32), partial_sum_ops(48), 3)
+    compare_steps(small_lm(dtype=torch.bfloat16, residual_in_fp32=residual_in_fp32), partial_sum_ops(48), 2,
+                  steps=2, atol=2e-2, rtol=2e-2, scaled=True)
+
+
 def test_which_models_take_the_fused_path():
     model = small_lm()
     backbone = model.backbone
@@ -165,6 +187,17 @@ def check_kernels_against_naive(device):
                 results.append((res_out, normed))
             torch.testing.assert_close(results[1][0], results[0][0])
             torch.testing.assert_close(results[1][1].float(), results[0][1].float(), atol=1.6e-2, rtol=1.6e-2)
+            # delta as float32 split-K partial sums (out_proj on kernels/linear_rows), rounded to bf16 once summed
+            # (the interpreter rounds float32 -> bf16 toward zero: one bf16 step of tolerance)
+            parts = torch.randn(3, batch, hidden, device=device)
+            results = []
+            for fn in (naive.add_rms_norm_ref, fused.add_rms_norm):
+                res_out = torch.empty(batch, hidden, device=device, dtype=res_dtype)
+                normed = torch.empty(batch, hidden, device=device, dtype=torch.bfloat16)
+                fn(res_in, parts, weight, 1e-5, res_out, normed, torch.bfloat16, delta_dtype=torch.bfloat16)
+                results.append((res_out, normed))
+            torch.testing.assert_close(results[1][0].float(), results[0][0].float(), atol=2e-2, rtol=8e-3)
+            torch.testing.assert_close(results[1][1].float(), results[0][1].float(), atol=3e-2, rtol=1.6e-2)
     # bad shapes: a clear ValueError
     with pytest.raises(ValueError, match="mixer_decode_step"):
         fused.mixer_decode_step(xz[:, :-1], *states[1], conv_w, conv_b, x_w, dt_w, dt_b, A_log, D)
@@ -173,6 +206,8 @@ def check_kernels_against_naive(device):
                                 torch.empty(1, 1, 1, device=device))
     with pytest.raises(ValueError, match="add_rms_norm"):
         fused.add_rms_norm(res_in, None, weight[:-1], 1e-5, res_in.clone(), res_in.clone(), torch.float32)
+    with pytest.raises(ValueError, match="delta_dtype"):  # partial sums without the dtype to round them to
+        fused.add_rms_norm(res_in, parts, weight, 1e-5, res_in.clone(), res_in.clone(), torch.float32)
 
 
 def check_rows_kernels_against_naive(device):
@@ -387,6 +422,87 @@ def test_programmatic_dependent_launch_changes_no_bit(batch, early_h, monkeypatc
                 steps.append(backbone._fused_decode_step(backbone.embeddings(ids[:, t:t + 1]), cache, ops).clone())
                 cache.seqlen_offset += 1
         model.decode_graphs.clear()  # captured again with this launch mode
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+        results.append((steps, cache.conv_states.clone(), cache.ssm_states.clone(), tokens))
+    (steps_a, conv_a, ssm_a, tokens_a), (steps_b, conv_b, ssm_b, tokens_b) = results
+    assert all(torch.equal(a, b) for a, b in zip(steps_a, steps_b))
+    assert torch.equal(conv_a, conv_b) and torch.equal(ssm_a, ssm_b) and torch.equal(tokens_a, tokens_b)
+
+
+# kernels/linear_rows configurations for the small test LM (hidden 256: in_proj 256 -> 1024, out_proj 512 -> 256):
+# pre-wait loads shorter than K, out_proj in 2 and 4 split-K partial sums
+# (the third: TMA weight tiles, the kernels after each projection and the norm launched only after their waits / loops)
+SMALL_IN_PROJ = [(64, 128, 0, 128, True, 4, 4), (32, 64, 0, 0, False, 4, 3), (128, 64, 0, 0, True, 4, 6, True, 2)]
+SMALL_OUT_PROJ = [(64, 128, 256, 256, True, 4, 2), (32, 64, 128, 64, False, 4, 3), (32, 128, 256, 128, True, 4, 3,
+                                                                                       False, 2)]
+
+
+def use_projections(monkeypatch, which=0):
+    from multimodal_mamba.kernels.decode_step import fused
+
+    monkeypatch.setattr(fused, "IN_PROJ_CONFIG", SMALL_IN_PROJ[which])
+    monkeypatch.setattr(fused, "OUT_PROJ_CONFIG", SMALL_OUT_PROJ[which])
+    monkeypatch.setattr(fused, "ADD_NORM_TRIGGER_AFTER_WAIT", which == 2)
+
+
+@gpu
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("batch", [4, 8, 16, 24])
+def test_fused_step_with_few_rows_projections_matches_the_module_path(batch, which, monkeypatch):
+    """in_proj / out_proj on kernels/linear_rows (out_proj's partial sums added by add_rms_norm) from
+    PROJ_MIN_BATCH rows on (batch 4: the module calls): the step equals the module path in bf16."""
+    from multimodal_mamba.kernels.decode_step import fused
+
+    use_projections(monkeypatch, which)
+    routed = []
+    original = fused.linear_rows_partials
+    monkeypatch.setattr(fused, "linear_rows_partials", lambda *a, **k: routed.append(1) or original(*a, **k))
+    model = small_lm("cuda", torch.bfloat16, layers=4, hidden=256, vocab=1000)
+    compare_steps(model, fused, batch, steps=4, atol=3e-2, rtol=0, scaled=True)
+    assert bool(routed) == (fused.PROJ_MIN_BATCH <= batch <= fused.PROJ_MAX_BATCH)
+
+
+@gpu
+@pytest.mark.parametrize("which", [0, 2])
+@pytest.mark.parametrize("batch", [16, 24])
+def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projections(batch, which, monkeypatch):
+    use_projections(monkeypatch, which)
+    model = small_lm("cuda", torch.bfloat16, layers=4, hidden=256, vocab=1000)
+    calls = _count_fused_steps(model, monkeypatch)
+    ids = torch.randint(2, 1000, (batch, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    eager = model.generate(ids, decode_cuda_graph=False, max_new_tokens=16, do_sample=False)
+    graphed = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(eager, graphed) and len(calls) >= 15
+
+
+@gpu
+@pytest.mark.parametrize("which", [0, 2])
+def test_programmatic_dependent_launch_changes_no_bit_with_few_rows_projections(which, monkeypatch):
+    """As test_programmatic_dependent_launch_changes_no_bit at batch 16, with in_proj / out_proj on
+    kernels/linear_rows (PDL-launched too, their first weight columns loaded before the wait)."""
+    from multimodal_mamba.kernels import utils
+
+    use_projections(monkeypatch, which)
+    monkeypatch.setattr(utils, "_PDL_DEVICES", {})
+    monkeypatch.setattr(utils, "PDL", True)
+    if not utils.pdl_available("cuda"):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 and Triton >= 3.4")
+    model = small_lm("cuda", torch.bfloat16, layers=3, hidden=256, vocab=1000)
+    backbone = model.backbone
+    ops = modeling_mamba_lm._package_kernels()["decode_step"]
+    ids = torch.randint(2, 1000, (16, 8), generator=torch.Generator().manual_seed(3)).cuda()
+    results = []
+    for pdl in (True, False):
+        monkeypatch.setattr(utils, "PDL", pdl)
+        monkeypatch.setattr(utils, "_PDL_DEVICES", {})
+        with torch.no_grad():
+            cache = model.allocate_cache(16)
+            model(ids[:, :6], cache_params=cache, use_cache=True)
+            steps = []
+            for t in (6, 7):
+                steps.append(backbone._fused_decode_step(backbone.embeddings(ids[:, t:t + 1]), cache, ops).clone())
+                cache.seqlen_offset += 1
+        model.decode_graphs.clear()
         tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
         results.append((steps, cache.conv_states.clone(), cache.ssm_states.clone(), tokens))
     (steps_a, conv_a, ssm_a, tokens_a), (steps_b, conv_b, ssm_b, tokens_b) = results

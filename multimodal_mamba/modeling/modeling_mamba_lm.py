@@ -573,14 +573,18 @@ class MambaBackbone(MambaLMPreTrainedModel):
     # A one-token step with a cache on CUDA runs per layer as: residual add + RMSNorm (one kernel), in_proj (module
     # call), conv + x_proj + dt_proj + state update + gate (two kernels, kernels/decode_step), out_proj (module call):
     # about half the launches of the module-by-module path, in eager decoding and in the captured CUDA graph alike
-    # (so both give the same tokens). Set ``backbone.fused_decode = False`` to run decode steps module by module.
+    # (so both give the same tokens). At a few rows (batch 8 - 32) ``ops.in_projection`` / ``ops.out_projection`` may
+    # run in_proj / out_proj on kernels/linear_rows from their raw weights instead (out_proj as float32 partial sums
+    # that the next add + RMSNorm adds up): only on this path, i.e. only for plain modules without hooks.
+    # Set ``backbone.fused_decode = False`` to run decode steps module by module.
     fused_decode = True
     _MAX_WORKSPACES = 8
 
     def _fused_decode_ops(self, inputs_embeds):
         """The fused decode-step kernels (kernels/decode_step) if they may run this step, else None.
 
-        They read x_proj's, dt_proj's and conv1d's raw weights, so they run only when nothing could see or change
+        They read x_proj's, dt_proj's and conv1d's raw weights (and at a few rows in_proj's and out_proj's,
+        ``fused.in_projection`` / ``fused.out_projection``), so they run only when nothing could see or change
         those modules' calls: every block, norm, mixer and projection is this package's own class (or a plain
         ``nn.Linear`` / ``nn.Conv1d``) without forward hooks, no global module hooks are set, no op backend is forced
         (a forced backend must run the ops it names) and every weight has the step's device and dtype. PEFT / LoRA
@@ -639,19 +643,20 @@ class MambaBackbone(MambaLMPreTrainedModel):
         for block in self.layers:
             mixer = block.mixer
             ops.add_rms_norm(residual_in, delta, block.norm.weight, block.norm.variance_epsilon, residual, normed,
-                             block.norm.weight.dtype)
-            xz = mixer.in_proj(normed)
+                             block.norm.weight.dtype, delta_dtype=dtype)
+            xz = ops.in_projection(normed, mixer.in_proj)
             layer = mixer.layer_idx
             ops.mixer_decode_step(
                 xz, cache_params.conv_states[layer], cache_params.ssm_states[layer], mixer.conv1d.weight[:, 0],
                 mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
                 mixer.D, partials, y,
             )
-            delta = mixer.out_proj(y)
+            delta = ops.out_projection(y, mixer.out_proj)  # (float32 partial sums where kernels route it so)
             residual_in = residual
         norm_f = self.norm_f
         out = torch.empty(batch, hidden, device=x.device, dtype=torch.promote_types(norm_f.weight.dtype, residual_dtype))
-        ops.add_rms_norm(residual_in, delta, norm_f.weight, norm_f.variance_epsilon, residual, out, residual_dtype)
+        ops.add_rms_norm(residual_in, delta, norm_f.weight, norm_f.variance_epsilon, residual, out, residual_dtype,
+                         delta_dtype=dtype)
         return out[:, None, :]
 
     def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaStateCache:

@@ -4,8 +4,8 @@ without Triton). ``modeling_mamba_lm.MambaBackbone`` runs a decode step through 
 ``MambaBackbone._fused_decode_ops``)."""
 
 try:  # Triton is optional; the naive reference is not
-    from .fused import add_rms_norm, mixer_decode_step, split_count
+    from .fused import add_rms_norm, in_projection, mixer_decode_step, out_projection, split_count
 
-    __all__ = ["add_rms_norm", "mixer_decode_step", "split_count"]
+    __all__ = ["add_rms_norm", "in_projection", "mixer_decode_step", "out_projection", "split_count"]
 except ImportError:  # pragma: no cover - without Triton
     __all__ = []

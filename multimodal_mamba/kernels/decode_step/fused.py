@@ -13,7 +13,10 @@ kernels costs 2-4 us of latency whatever its work, 64 layers over. Here the same
   2. per block of channels: the sum of the partials in a fixed order (each program sums all of them: cheaper than a
      launch for the sum), dt_proj + bias + softplus, the conv again (its state rolled here, after step 1 read it),
      the state update, the D skip and the silu(z) gate, writing y;
-- in_proj and out_proj stay module calls (the one-row GEMV of kernels/gemv at batch 1, cuBLAS above).
+- in_proj and out_proj stay module calls (the one-row GEMV of kernels/gemv at batch 1, cuBLAS above), except at
+  ``PROJ_MIN_BATCH`` - ``PROJ_MAX_BATCH`` rows where ``IN_PROJ_CONFIG`` / ``OUT_PROJ_CONFIG`` route them to
+  kernels/linear_rows (``in_projection``, ``out_projection``; out_proj then hands float32 split-K partial sums to
+  ``add_rms_norm``, which adds them in a fixed order).
 
 From ``ROWS_MIN_BATCH`` rows on, the two mixer kernels are replaced by their ``_rows`` forms (blocks of rows per
 program, x_proj and dt_proj by ``tl.dot``), with a small kernel between them that sums the partials once per step.
@@ -33,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..linear_rows.fused import linear_rows, linear_rows_partials
 from ..utils import CachedLaunch, gdc_launch_dependents, gdc_wait, interpret_mode, next_pow2, pdl_available, softplus
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -43,21 +47,35 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hidden,
-                         stride_in, stride_delta, stride_res, stride_out, eps,
-                         NORM_DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                         stride_in, stride_delta, stride_delta_s, stride_res, stride_out, eps,
+                         NORM_DTYPE: tl.constexpr, HAS_DELTA: tl.constexpr, DELTA_SPLITS: tl.constexpr,
+                         DELTA_DTYPE: tl.constexpr, BLOCK: tl.constexpr, TRIGGER_AFTER_WAIT: tl.constexpr,
+                         PDL: tl.constexpr):
     """res_out = round_res(res_in + delta) (float32 sum); out = w * round_norm(normalize(round_norm(res_out))).
-    PDL: launched with programmatic dependent launch (kernels/utils.pdl_available): the norm weight is loaded before
-    waiting for the kernel before."""
+    DELTA_SPLITS > 0: delta is that many float32 partial sums (stride_delta_s apart), added in split order and rounded
+    to DELTA_DTYPE (the projection's output dtype) first. PDL: launched with programmatic dependent launch
+    (kernels/utils.pdl_available): the norm weight is loaded before waiting for the kernel before; the kernels after
+    it may launch from its start, or with TRIGGER_AFTER_WAIT once its wait returned."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PDL:
-        gdc_launch_dependents()
+        if not TRIGGER_AFTER_WAIT:
+            gdc_launch_dependents()
         gdc_wait()
+        if TRIGGER_AFTER_WAIT:
+            gdc_launch_dependents()
     res = tl.load(res_in_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        res += tl.load(delta_ptr + row * stride_delta + offs, mask=mask, other=0.0).to(tl.float32)
+        delta_row = delta_ptr + row * stride_delta + offs
+        if DELTA_SPLITS > 0:
+            delta = tl.load(delta_row, mask=mask, other=0.0)
+            for s in tl.static_range(1, DELTA_SPLITS):
+                delta += tl.load(delta_row + s * stride_delta_s, mask=mask, other=0.0)
+            res += delta.to(DELTA_DTYPE).to(tl.float32)
+        else:
+            res += tl.load(delta_row, mask=mask, other=0.0).to(tl.float32)
     res = res.to(res_out_ptr.dtype.element_ty)  # the residual's own rounding (bf16 when not residual_in_fp32)
     tl.store(res_out_ptr + row * stride_res + offs, res, mask=mask)
     # MambaRMSNorm(x, input_dtype): x rounded to input_dtype, normalized in float32, rounded again, times the weight
@@ -68,17 +86,33 @@ def _add_rms_norm_kernel(res_in_ptr, delta_ptr, res_out_ptr, w_ptr, out_ptr, hid
 
 
 _ADD_NORM = CachedLaunch(_add_rms_norm_kernel)
+# From PROJ_MIN_BATCH to PROJ_MAX_BATCH rows (where in_proj may run on kernels/linear_rows, below): add_rms_norm's warps
+# per row (None: 4 up to 4096 features, else 8) and where the kernels after it may launch under PDL (False: from its
+# start; True: once its wait returned, so the linear_rows in_proj after it does not hold SM resources, waiting, while
+# the out_proj before the norm still streams its weights). Other row counts keep None / False. Measured on an H200
+# (batch-16 GPU step, benchmarks/results/gpu_decode_parts.md): True 3.161 ms against False 3.199 with both
+# projections on linear_rows.
+ADD_NORM_WARPS = None
+ADD_NORM_TRIGGER_AFTER_WAIT = True
 
 
-def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype):
+def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype, delta_dtype=None):
     """residual_out = residual_in + delta (float32 sum, stored in residual_out's dtype), then
     out = ``MambaRMSNorm(residual_out, input_dtype=norm_dtype)`` stored in out's dtype.
 
     residual_in, delta (optional), residual_out, out: (rows, hidden) with unit stride along hidden (residual_out may be
-    residual_in: each element is read before it is written, by the same program); weight (hidden,). Returns out.
+    residual_in: each element is read before it is written, by the same program); weight (hidden,). delta may also be
+    float32 split-K partial sums (splits, rows, hidden) (``out_projection``): added in split order and rounded to
+    ``delta_dtype`` (required then: the projection's output dtype) before the residual add. Returns out.
     """
     rows, hidden = residual_out.shape
-    for name, t in (("residual_in", residual_in), ("delta", delta), ("out", out)):
+    splits = 0
+    if delta is not None and delta.dim() == 3:
+        splits = delta.shape[0]
+        if delta.dtype != torch.float32 or splits < 1 or delta_dtype not in _TL_DTYPES:
+            raise ValueError("add_rms_norm: partial sums must be float32 (splits, rows, hidden), with delta_dtype, got "
+                             f"{tuple(delta.shape)} {delta.dtype}, delta_dtype {delta_dtype}")
+    for name, t in (("residual_in", residual_in), ("delta", delta if not splits else delta[0]), ("out", out)):
         if t is not None and (tuple(t.shape) != (rows, hidden) or t.stride(-1) != 1):
             raise ValueError(f"add_rms_norm: {name} must be ({rows}, {hidden}) with unit stride, got {tuple(t.shape)}")
     if tuple(weight.shape) != (hidden,) or residual_out.stride(-1) != 1:
@@ -86,11 +120,18 @@ def add_rms_norm(residual_in, delta, weight, eps, residual_out, out, norm_dtype)
     block = next_pow2(hidden)
     if rows:
         pdl = pdl_available(out.device)
+        few_rows = PROJ_MIN_BATCH <= rows <= PROJ_MAX_BATCH
+        warps = (ADD_NORM_WARPS if few_rows else None) or (4 if block <= 4096 else 8)
         has_delta = delta is not None
         delta_arg = delta if has_delta else residual_in
+        stride_delta = delta_arg.stride(1) if splits else delta_arg.stride(0)
+        stride_split = delta_arg.stride(0) if splits else 0
         _ADD_NORM((rows, 1, 1), (residual_in, delta_arg, residual_out, weight, out),
-                  (hidden, residual_in.stride(0), delta_arg.stride(0), residual_out.stride(0), out.stride(0), float(eps)),
-                  (_TL_DTYPES[norm_dtype], has_delta, block, pdl), 4 if block <= 4096 else 8, pdl)
+                  (hidden, residual_in.stride(0), stride_delta, stride_split, residual_out.stride(0), out.stride(0),
+                   float(eps)),
+                  (_TL_DTYPES[norm_dtype], has_delta, splits, _TL_DTYPES[delta_dtype or torch.float32], block,
+                   bool(ADD_NORM_TRIGGER_AFTER_WAIT and few_rows), pdl),
+                  warps, pdl)
     return out
 
 
@@ -554,3 +595,52 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
          *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
         (state_size, next_pow2(state_size), width, block_b, block_d, block_r, conv_bias is not None,
          dt_proj_bias is not None, D is not None, precision, upcast, early_h, pdl), warps_2, pdl)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# in_proj / out_proj at a few rows
+# ----------------------------------------------------------------------------------------------------------------
+# From PROJ_MIN_BATCH to PROJ_MAX_BATCH rows in a 16-bit dtype, in_proj and out_proj (plain nn.Linear modules: the
+# model takes this fused path only then, see MambaBackbone._fused_decode_ops) run on kernels/linear_rows instead of
+# their module call (cuBLAS, launched without PDL; out_proj as cuBLAS's split-K GEMM plus its separate reduce kernel):
+# a PDL-launched GEMM that loads the first columns of its weight tile before waiting for the kernel before it.
+# out_proj then writes float32 split-K partial sums, which ``add_rms_norm`` adds in split order (no reduce kernel, no
+# atomics). IN_PROJ_CONFIG / OUT_PROJ_CONFIG: kernels/linear_rows configurations (block_n, block_k, k_split, pre_k,
+# swap, warps, stages), or None for the module call.
+# Measured on an H200, mamba-2.8b shape, batch 16 (benchmarks/results/gpu_decode_parts.md, sweep_decode_proj16.py),
+# GPU step 3.300 ms with both on cuBLAS: out_proj alone on (32, 128, 1024, 512, swapped, 4 warps, 3 stages) 3.197;
+# in_proj alone on (128, 64, 0, 0, swapped, 4 warps, 6 stages, TMA, launching the next kernels after its K loop)
+# 3.238; both (out_proj as below: TMA tiles, 5 partial sums), with add_rms_norm triggering after its wait: 3.149.
+# Each projection alone reads its weight more slowly than cuBLAS does (in_proj 15.9 us against 15.2, out_proj 9.9
+# against 11.6 with cuBLAS's reduce, back to back in a graph); the step gains from the PDL overlap around them.
+PROJ_MIN_BATCH = 8
+PROJ_MAX_BATCH = 32
+IN_PROJ_CONFIG = (128, 64, 0, 0, True, 4, 6, True, 2)
+OUT_PROJ_CONFIG = (64, 64, 1024, 0, True, 4, 8, True)
+
+
+def _projection_config(x, linear, config):
+    if (config is None or not PROJ_MIN_BATCH <= x.shape[0] <= PROJ_MAX_BATCH or x.dim() != 2
+            or x.dtype not in (torch.float16, torch.bfloat16) or linear.weight.dtype != x.dtype
+            or x.stride(-1) != 1 or linear.weight.stride(-1) != 1):
+        return None
+    return config
+
+
+def in_projection(x, linear):
+    """in_proj of a decode step: x (rows, hidden) -> (rows, 2 * intermediate) = ``linear(x)`` (the module call, or
+    ``linear_rows`` on its weight where ``IN_PROJ_CONFIG`` applies)."""
+    config = _projection_config(x, linear, IN_PROJ_CONFIG)
+    if config is None:
+        return linear(x)
+    return linear_rows(x, linear.weight, linear.bias, config)
+
+
+def out_projection(y, linear):
+    """out_proj of a decode step: y (rows, intermediate) -> ``linear(y)`` (rows, hidden), or where ``OUT_PROJ_CONFIG``
+    applies (and the module has no bias) its float32 split-K partial sums (splits, rows, hidden) for ``add_rms_norm``
+    (with ``delta_dtype`` = y's dtype)."""
+    config = _projection_config(y, linear, OUT_PROJ_CONFIG)
+    if config is None or linear.bias is not None:
+        return linear(y)
+    return linear_rows_partials(y, linear.weight, config)

@@ -8,11 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from ...modeling.ops_selective_scan import causal_conv1d_update_ref, selective_state_update_ref
+from ..linear_rows.naive import sum_partials_ref
 
 
-def add_rms_norm_ref(residual_in, delta, weight, eps, residual_out, out, norm_dtype):
+def add_rms_norm_ref(residual_in, delta, weight, eps, residual_out, out, norm_dtype, delta_dtype=None):
     """Same contract as ``fused.add_rms_norm``: residual_out = residual_in + delta (float32 sum, in residual_out's
-    dtype); out = ``MambaRMSNorm(residual_out, input_dtype=norm_dtype)`` in out's dtype. Returns out."""
+    dtype); out = ``MambaRMSNorm(residual_out, input_dtype=norm_dtype)`` in out's dtype. A 3-D delta holds float32
+    partial sums (splits, rows, hidden): added in split order, rounded to ``delta_dtype`` first. Returns out."""
+    if delta is not None and delta.dim() == 3:
+        if delta_dtype is None:
+            raise ValueError("add_rms_norm_ref: partial sums need delta_dtype")
+        delta = sum_partials_ref(delta, delta_dtype)
     total = residual_in.float() if delta is None else residual_in.float() + delta.float()
     residual_out.copy_(total.to(residual_out.dtype))
     # MambaRMSNorm(residual_out, input_dtype=norm_dtype) (as kernels/rms_norm/naive.py, which imports Triton's package)
@@ -44,6 +50,16 @@ def mixer_decode_step_ref(xz, conv_state, ssm_state, conv_weight, conv_bias, x_p
         out.copy_(y)
         return out
     return y
+
+
+def in_projection(x, linear):
+    """Same contract as ``fused.in_projection``: the module call."""
+    return linear(x)
+
+
+def out_projection(y, linear):
+    """Same contract as ``fused.out_projection``: the module call (never partial sums)."""
+    return linear(y)
 
 
 # The names the model's decode step calls on its kernel module (``MambaBackbone._fused_decode_step(..., ops)``), so
