@@ -188,7 +188,8 @@ def check_kernels_against_naive(device):
             torch.testing.assert_close(results[1][0], results[0][0])
             torch.testing.assert_close(results[1][1].float(), results[0][1].float(), atol=1.6e-2, rtol=1.6e-2)
             # delta as float32 split-K partial sums (out_proj on kernels/linear_rows), rounded to bf16 once summed
-            # (the interpreter rounds float32 -> bf16 toward zero: one bf16 step of tolerance)
+            # (the interpreter rounds float32 -> bf16 toward zero: one bf16 step of the summed delta, |delta| up to ~5,
+            # i.e. 0.03, plus one of a bf16 residual, |res| up to ~4, i.e. 0.016)
             parts = torch.randn(3, batch, hidden, device=device)
             results = []
             for fn in (naive.add_rms_norm_ref, fused.add_rms_norm):
@@ -196,7 +197,7 @@ def check_kernels_against_naive(device):
                 normed = torch.empty(batch, hidden, device=device, dtype=torch.bfloat16)
                 fn(res_in, parts, weight, 1e-5, res_out, normed, torch.bfloat16, delta_dtype=torch.bfloat16)
                 results.append((res_out, normed))
-            torch.testing.assert_close(results[1][0].float(), results[0][0].float(), atol=2e-2, rtol=8e-3)
+            torch.testing.assert_close(results[1][0].float(), results[0][0].float(), atol=5e-2, rtol=8e-3)
             torch.testing.assert_close(results[1][1].float(), results[0][1].float(), atol=3e-2, rtol=1.6e-2)
     # bad shapes: a clear ValueError
     with pytest.raises(ValueError, match="mixer_decode_step"):

@@ -166,7 +166,9 @@ def _launch(x, weight, bias, out, config, partial):
     rows, k_in = x.shape
     n_out = weight.shape[0]
     block_n, block_k, k_split, pre_k, swap, warps, stages, tma, trigger = _blocks(config, k_in)
-    tma = tma and weight.stride(0) * weight.element_size() % 16 == 0 and weight.data_ptr() % 16 == 0
+    # TMA needs Hopper (sm_90) or later and 16-byte aligned rows; elsewhere the same tiles come through pointers
+    tma = (tma and weight.stride(0) * weight.element_size() % 16 == 0 and weight.data_ptr() % 16 == 0
+           and (interpret_mode() or torch.cuda.get_device_capability(weight.device) >= (9, 0)))
     if tma:  # (a context variable: set on every call, so a launch from another thread finds it too)
         triton.set_allocator(_scratch)
     block_b = 16 if rows <= 16 else 32
