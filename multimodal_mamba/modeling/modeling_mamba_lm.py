@@ -776,16 +776,25 @@ class MambaGenerationMixin(GenerationMixin):
             allow_deferred_stop_check()
         return cache
 
-    def _graph_decode_step(self, cache_params, input_ids, inputs_embeds=None, **blockers) -> Optional[torch.Tensor]:
-        """Logits (batch, 1, vocab) of a decode step replayed from the CUDA graph, or None (run it eagerly)."""
-        if getattr(cache_params, "graph_bucket", None) is None or cache_params.seqlen_offset == 0:
-            return None
-        if inputs_embeds is not None or input_ids is None or input_ids.shape[1] != 1 or torch.is_grad_enabled():
-            return None
-        if any(value is not None and value is not False for value in blockers.values()):
-            return None
+    @staticmethod
+    def _graph_cache_applies(cache_params, prompt: bool, blockers: dict) -> bool:
+        """Whether a call may replay a CUDA graph on ``cache_params``: a cache handed out by the decode graphs, at the
+        prompt (``prompt``: nothing run on it yet) or past it, no gradients, and none of ``blockers`` (outputs or
+        inputs a graph does not handle, e.g. labels) set. Raises for a cache that can no longer be used."""
+        if getattr(cache_params, "graph_bucket", None) is None or (cache_params.seqlen_offset == 0) != prompt:
+            return False
+        if torch.is_grad_enabled() or any(value is not None and value is not False for value in blockers.values()):
+            return False
         if cache_params.invalid_reason:
             raise ValueError(f"cache_params can no longer be used: {cache_params.invalid_reason}")
+        return True
+
+    def _graph_decode_step(self, cache_params, input_ids, inputs_embeds=None, **blockers) -> Optional[torch.Tensor]:
+        """Logits (batch, 1, vocab) of a decode step replayed from the CUDA graph, or None (run it eagerly)."""
+        if not self._graph_cache_applies(cache_params, False, blockers):
+            return None
+        if inputs_embeds is not None or input_ids is None or input_ids.shape[1] != 1:
+            return None
         return self._decode_language_model().decode_graphs.step(input_ids, cache_params)
 
     def prepare_inputs_for_generation(
@@ -897,15 +906,11 @@ class MambaCausalLM(MambaLMPreTrainedModel, MambaGenerationMixin):
         """Logits of a generate call's prompt prefill replayed from a CUDA graph (decode_graphs.py), or None (run it
         eagerly): only for a fresh cache handed out by the decode graphs, token ids, no gradients, an int
         logits_to_keep, ``config.prefill_cuda_graph`` not False."""
-        if getattr(cache_params, "graph_bucket", None) is None or cache_params.seqlen_offset != 0:
+        if not self._graph_cache_applies(cache_params, True, blockers):
             return None
-        if (input_ids is None or inputs_embeds is not None or use_cache is False or torch.is_grad_enabled()
+        if (input_ids is None or inputs_embeds is not None or use_cache is False
                 or not isinstance(logits_to_keep, int) or not getattr(self.config, "prefill_cuda_graph", True)):
             return None
-        if any(value is not None and value is not False for value in blockers.values()):
-            return None
-        if cache_params.invalid_reason:
-            raise ValueError(f"cache_params can no longer be used: {cache_params.invalid_reason}")
         if not input_ids.is_cuda or input_ids.device != cache_params.conv_states.device:
             return None
         return self.decode_graphs.prefill(input_ids, attention_mask, cache_params, logits_to_keep)
