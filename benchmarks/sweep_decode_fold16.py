@@ -17,12 +17,15 @@
 Writes ``sweep_decode_fold16.json`` to ``--out`` (default benchmarks/results).
 
     python benchmarks/sweep_decode_fold16.py [--out DIR] [--rounds 3] [--only NAME ...] [--ship NAME] [--timeline]
+    python benchmarks/sweep_decode_fold16.py --isolated NAME ...   (GPU steps only, a child process per crash)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +66,13 @@ VARIANTS = {
     "all, out trig2": {**ALL, "OUT_PROJ_CONFIG": OUT + (2,)},
     "all, state (16, 16, 4)": {**ALL, "ROWS_SSM_STEP_CONFIG": (16, 16, 4)},
     "all + norm 16 warps": {**ALL, "ADD_NORM_WARPS": 16},
+    "fold reduce + pre wait + norm 16 warps": {**FR, **PW, "ADD_NORM_WARPS": 16},
+    # pointer-loaded weight tiles instead of TMA (the first call's norm fold stopped on an illegal instruction)
+    "all, in no tma": {**ALL, "IN_PROJ_CONFIG": (128, 64, 0, 0, True, 4, 6, False, 2)},
+    "all, out no tma": {**ALL, "OUT_PROJ_CONFIG": (64, 64, 1024, 0, True, 4, 8, False)},
+    "all, out (32, 128, 1024, 512)": {**ALL, "OUT_PROJ_CONFIG": (32, 128, 1024, 512, True, 4, 3)},
+    "all, in + out no tma": {**ALL, "IN_PROJ_CONFIG": (128, 64, 0, 0, True, 4, 6, False, 2),
+                             "OUT_PROJ_CONFIG": (32, 128, 1024, 512, True, 4, 3)},
     "defaults": DEFAULTS,
 }
 RESULTS = {}
@@ -93,7 +103,14 @@ def main():
     parser.add_argument("--ship", default=None, help="the setting of part 2 (default: the fastest)")
     parser.add_argument("--timeline", action="store_true")
     parser.add_argument("--no-generate", action="store_true")
+    parser.add_argument("--isolated", nargs="*", default=None,
+                        help="only GPU steps of base and these VARIANTS, each group in a child process that stops at "
+                             "its first error (a kernel fault leaves the CUDA context unusable), resumed in a new "
+                             "one after it")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.isolated is not None:
+        return isolated(args)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out
     start = time.time()
@@ -115,8 +132,12 @@ def main():
                 steps[name] = step_ms(model, ids)
             except Exception as error:
                 record(f"step_error/{name}", repr(error)[:400], out)
+                if args.child:
+                    os._exit(3)
                 continue
             record(f"step_ms/{name}", steps[name], out)
+        if args.child:
+            return
         best = min((n for n in steps if n != "base"), key=steps.get)
         ship = args.ship or best
         record("best", best, out)
@@ -158,6 +179,29 @@ def main():
                 record(f"timeline/{name}", diag.timeline(model, ids), out)
     apply(DEFAULTS)
     record("total_s", round(time.time() - start, 1), out)
+
+
+def isolated(args):
+    """GPU steps of base and ``args.isolated`` in child processes (``--child --only ...``), each resumed after an
+    error with the names not yet measured; results merged into ``sweep_decode_fold16_isolated.json``."""
+    names = [n for n in args.isolated if n in VARIANTS]
+    merged = {}
+    while names:
+        child_out = args.out / "child"
+        child_out.mkdir(parents=True, exist_ok=True)
+        (child_out / "sweep_decode_fold16.json").unlink(missing_ok=True)
+        subprocess.run([sys.executable, __file__, "--child", "--no-generate", "--out", str(child_out), "--only",
+                        *names], timeout=300)
+        path = child_out / "sweep_decode_fold16.json"
+        found = json.loads(path.read_text()) if path.exists() else {}
+        done = {k.split("/", 1)[1] for k in found if k.startswith(("step_ms/", "step_error/"))}
+        merged.update({k: v for k, v in found.items() if k.startswith(("step_ms/", "step_error/"))})
+        print(json.dumps({k: v for k, v in found.items() if k.startswith("step_")}), flush=True)
+        if not done - {"base"}:
+            break  # (the child failed before any variant)
+        names = [n for n in names if n not in done]
+        (args.out / "sweep_decode_fold16_isolated.json").write_text(json.dumps(merged, indent=1))
+    (args.out / "sweep_decode_fold16_isolated.json").write_text(json.dumps(merged, indent=1))
 
 
 if __name__ == "__main__":

@@ -557,12 +557,15 @@ ROWS_SSM_STEP_CONFIG = (16, 32, 4)
 ROWS_REDUCE = True
 ROWS_EARLY_H = True
 # ROWS_FOLD_REDUCE: with ROWS_REDUCE, the x_proj partials are summed by the last-arriving conv + x_proj program of each
-# output tile (a per-tile int32 counter elects it; the sums keep split order) instead of by the reduction kernel: one
-# kernel less per layer. ROWS_PRE_WAIT: the state-update kernel computes everything that does not need the x_proj
-# sums (conv, z, the dt_proj tile) before its PDL wait (only together with ROWS_EARLY_H, whose launch condition
-# makes that safe).
-ROWS_FOLD_REDUCE = False
-ROWS_PRE_WAIT = False
+# output tile (a per-tile int32 counter elects it; the sums keep split order, so they equal the reduction kernel's
+# bit for bit) instead of by the reduction kernel: one kernel less per layer. ROWS_PRE_WAIT: the state-update kernel
+# computes everything that does not need the x_proj sums (conv, z, the dt_proj tile) before its PDL wait (only
+# together with ROWS_EARLY_H, whose launch condition makes that safe), so after the wait only the sums' loads, dt_proj's
+# dot, the state update and the stores remain.
+# Batch-16 GPU step on an H200 (benchmarks/results/gpu_decode_parts.md, branch dec16c, first call): 3.147 ms with both
+# off, 3.087 fold, 2.952 pre-wait, 2.919 both.
+ROWS_FOLD_REDUCE = True
+ROWS_PRE_WAIT = True
 
 
 def _uses_rows(batch) -> bool:
