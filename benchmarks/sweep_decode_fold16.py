@@ -3,13 +3,12 @@
 - ``ROWS_FOLD_REDUCE``: the x_proj partial sums reduced by the conv + x_proj kernel's last-arriving program of each
   output tile (a counter elects it) instead of by ``_reduce_partials_kernel``;
 - ``ROWS_PRE_WAIT``: the state-update kernel computes the conv, z and loads the dt_proj tile before its PDL wait;
-- ``NORM_FOLD``: no add_rms_norm kernel between layers: out_proj's last program per column block adds the residual and
-  writes sums of squares, the next in_proj normalizes the residual as it loads it;
-- ``ADD_NORM_WARPS`` 16 (the last round's lead), and block / trigger variants of these.
+- ``ADD_NORM_WARPS`` 16 (the last round's lead), and block variants of these. (The first two calls of dec16c also
+  swept a norm folded into out_proj / in_proj, since removed: gpu_decode_parts.md.)
 
 1. GPU step at batch 16 (graph replays back to back, the graph captured afresh per setting) for "base" (the committed
-   defaults with the three switches off, i.e. main's step) and every VARIANT (fused module attributes on top of base);
-   then base and the fastest alternately (``--rounds``).
+   defaults with the two switches off and 4-warp norms, i.e. main's step) and every VARIANT (fused module attributes
+   on top of base); then base and the fastest alternately (``--rounds``).
 2. generate() ms / step at batch 16 and 1 (128 new tokens after a 16-token prompt, prefill included, / 128), base and
    the fastest (or ``--ship``) alternately; GPU step at batch 1; greedy tokens at batch 16: eager = graph.
 3. Optional CUPTI timeline (diag_decode_b16_timeline.timeline) of base and the shipped setting.
@@ -38,17 +37,16 @@ import torch  # noqa: E402
 import bench_gpu_generate as gen  # noqa: E402
 from multimodal_mamba.kernels.decode_step import fused  # noqa: E402
 
-KNOBS = ("ADD_NORM_WARPS", "ROWS_FOLD_REDUCE", "ROWS_PRE_WAIT", "NORM_FOLD", "ROWS_CONV_X_PROJ_CONFIG",
+KNOBS = ("ADD_NORM_WARPS", "ROWS_FOLD_REDUCE", "ROWS_PRE_WAIT", "ROWS_CONV_X_PROJ_CONFIG",
          "ROWS_SSM_STEP_CONFIG", "IN_PROJ_CONFIG", "OUT_PROJ_CONFIG", "ADD_NORM_TRIGGER_AFTER_WAIT")
 DEFAULTS = {name: getattr(fused, name) for name in KNOBS}  # the committed defaults (captured at import)
-# base: main's step (f879a77): the three switches off, norm warps as there
-BASE = {**DEFAULTS, "ADD_NORM_WARPS": None, "ROWS_FOLD_REDUCE": False, "ROWS_PRE_WAIT": False, "NORM_FOLD": False,
+# base: main's step (f879a77): the two switches off, norm warps as there
+BASE = {**DEFAULTS, "ADD_NORM_WARPS": None, "ROWS_FOLD_REDUCE": False, "ROWS_PRE_WAIT": False,
         "ROWS_CONV_X_PROJ_CONFIG": (16, 128, 128, 64, 4), "ROWS_SSM_STEP_CONFIG": (16, 32, 4),
         "IN_PROJ_CONFIG": (128, 64, 0, 0, True, 4, 6, True, 2), "OUT_PROJ_CONFIG": (64, 64, 1024, 0, True, 4, 8, True),
         "ADD_NORM_TRIGGER_AFTER_WAIT": True}
 OUT = BASE["OUT_PROJ_CONFIG"]
-FR, PW, NF = {"ROWS_FOLD_REDUCE": True}, {"ROWS_PRE_WAIT": True}, {"NORM_FOLD": True}
-ALL = {**FR, **PW, **NF}
+FR, PW = {"ROWS_FOLD_REDUCE": True}, {"ROWS_PRE_WAIT": True}
 VARIANTS = {
     "norm 16 warps": {"ADD_NORM_WARPS": 16},
     "fold reduce": FR,
@@ -58,21 +56,7 @@ VARIANTS = {
     "fold reduce + pre wait, state (32, 32, 8)": {**FR, **PW, "ROWS_SSM_STEP_CONFIG": (32, 32, 8)},
     "fold reduce + pre wait, conv block_c 256": {**FR, **PW, "ROWS_CONV_X_PROJ_CONFIG": (16, 256, 128, 64, 4)},
     "fold reduce + pre wait, conv block_p 32": {**FR, **PW, "ROWS_CONV_X_PROJ_CONFIG": (16, 128, 128, 32, 4)},
-    "norm fold": NF,
-    "norm fold, out trig1": {**NF, "OUT_PROJ_CONFIG": OUT + (1,)},
-    "norm fold, out trig2": {**NF, "OUT_PROJ_CONFIG": OUT + (2,)},
-    "all": ALL,
-    "all, out trig1": {**ALL, "OUT_PROJ_CONFIG": OUT + (1,)},
-    "all, out trig2": {**ALL, "OUT_PROJ_CONFIG": OUT + (2,)},
-    "all, state (16, 16, 4)": {**ALL, "ROWS_SSM_STEP_CONFIG": (16, 16, 4)},
-    "all + norm 16 warps": {**ALL, "ADD_NORM_WARPS": 16},
     "fold reduce + pre wait + norm 16 warps": {**FR, **PW, "ADD_NORM_WARPS": 16},
-    # pointer-loaded weight tiles instead of TMA (the first call's norm fold stopped on an illegal instruction)
-    "all, in no tma": {**ALL, "IN_PROJ_CONFIG": (128, 64, 0, 0, True, 4, 6, False, 2)},
-    "all, out no tma": {**ALL, "OUT_PROJ_CONFIG": (64, 64, 1024, 0, True, 4, 8, False)},
-    "all, out (32, 128, 1024, 512)": {**ALL, "OUT_PROJ_CONFIG": (32, 128, 1024, 512, True, 4, 3)},
-    "all, in + out no tma": {**ALL, "IN_PROJ_CONFIG": (128, 64, 0, 0, True, 4, 6, False, 2),
-                             "OUT_PROJ_CONFIG": (32, 128, 1024, 512, True, 4, 3)},
     "defaults": DEFAULTS,
 }
 RESULTS = {}

@@ -121,34 +121,6 @@ def test_fused_step_with_out_proj_partial_sums_equals_the_module_path(residual_i
                   steps=2, atol=2e-2, rtol=2e-2, scaled=True)
 
 
-def folded_norm_ops(blocks=3):
-    """The naive reference ops with the norm between layers folded into the projections (as the fused ops do where
-    ``fused.NORM_FOLD`` applies): out_proj adds its output to the residual and writes its sums of squares, the next
-    in_proj normalizes the residual itself."""
-    import types
-
-    naive = naive_ops()
-    ops = types.SimpleNamespace(**{name: getattr(naive, name) for name in dir(naive) if not name.startswith("__")})
-    ops.fold_norm_sizes = lambda batch, dtype, in_linear, out_linear: (blocks, blocks)
-    return ops
-
-
-@pytest.mark.parametrize("residual_in_fp32", [True, False])
-def test_fused_step_with_the_norm_folded_into_the_projections_equals_the_module_path(residual_in_fp32, monkeypatch):
-    """in_proj_normed / out_projection_residual in place of add_rms_norm between layers (the first layer's norm and
-    norm_f stay add_rms_norm): the same step as the module path (float32; bf16), and they are really called."""
-    ops = folded_norm_ops()
-    calls = []
-    for name in ("in_projection_normed", "out_projection_residual", "add_rms_norm"):
-        original = getattr(ops, name)
-        setattr(ops, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
-    compare_steps(small_lm(residual_in_fp32=residual_in_fp32), ops, 3)
-    assert calls.count("add_rms_norm") == 2 * 3 and calls.count("in_projection_normed") == 2 * 3  # 3 layers, 3 steps
-    assert calls.count("out_projection_residual") == 3 * 3
-    compare_steps(small_lm(dtype=torch.bfloat16, residual_in_fp32=residual_in_fp32), ops, 2, steps=2, atol=2e-2,
-                  rtol=2e-2, scaled=True)
-
-
 def test_which_models_take_the_fused_path():
     model = small_lm()
     backbone = model.backbone
@@ -482,39 +454,38 @@ SMALL_OUT_PROJ = [(64, 128, 256, 256, True, 4, 2), (32, 64, 128, 64, False, 4, 3
                                                                                        False, 2)]
 
 
-def use_projections(monkeypatch, which=0, fold=False):
-    """fold: also the norm between layers folded into the projections (NORM_FOLD), the x_proj partials summed by the
-    conv kernel (ROWS_FOLD_REDUCE) and the state kernel's conv / z / dt_proj reads before its wait (ROWS_PRE_WAIT)."""
+def use_projections(monkeypatch, which=0, fold=True):
+    """fold: the x_proj partials summed by the conv kernel (ROWS_FOLD_REDUCE) and the state kernel's conv / z /
+    dt_proj reads before its wait (ROWS_PRE_WAIT), as by default; False: both off (a reduction kernel between)."""
     from multimodal_mamba.kernels.decode_step import fused
 
     monkeypatch.setattr(fused, "IN_PROJ_CONFIG", SMALL_IN_PROJ[which])
     monkeypatch.setattr(fused, "OUT_PROJ_CONFIG", SMALL_OUT_PROJ[which])
     monkeypatch.setattr(fused, "ADD_NORM_TRIGGER_AFTER_WAIT", which == 2)
-    for name in ("NORM_FOLD", "ROWS_FOLD_REDUCE", "ROWS_PRE_WAIT"):
+    for name in ("ROWS_FOLD_REDUCE", "ROWS_PRE_WAIT"):
         monkeypatch.setattr(fused, name, fold)
 
 
 @gpu
-@pytest.mark.parametrize("which, fold", [(0, False), (1, False), (2, False), (0, True), (2, True)])
+@pytest.mark.parametrize("which, fold", [(0, True), (1, True), (2, True), (2, False)])
 @pytest.mark.parametrize("batch", [4, 8, 16, 24])
 def test_fused_step_with_few_rows_projections_matches_the_module_path(batch, which, fold, monkeypatch):
-    """in_proj / out_proj on kernels/linear_rows (out_proj's partial sums added by add_rms_norm, or with fold by its
-    own last programs to the residual, the next in_proj normalizing it) from PROJ_MIN_BATCH rows on (batch 4: the
-    module calls): the step equals the module path in bf16."""
+    """in_proj / out_proj on kernels/linear_rows (out_proj's partial sums added by add_rms_norm) from
+    PROJ_MIN_BATCH rows on (batch 4: the module calls): the step equals the module path in bf16 (with the x_proj
+    partials summed by the conv kernel and the state kernel's early reads, or without)."""
     from multimodal_mamba.kernels.decode_step import fused
 
     use_projections(monkeypatch, which, fold)
     routed = []
-    name = "linear_rows_residual" if fold else "linear_rows_partials"
-    original = getattr(fused, name)
-    monkeypatch.setattr(fused, name, lambda *a, **k: routed.append(1) or original(*a, **k))
+    original = fused.linear_rows_partials
+    monkeypatch.setattr(fused, "linear_rows_partials", lambda *a, **k: routed.append(1) or original(*a, **k))
     model = small_lm("cuda", torch.bfloat16, layers=4, hidden=256, vocab=1000)
     compare_steps(model, fused, batch, steps=4, atol=3e-2, rtol=0, scaled=True)
     assert bool(routed) == (fused.PROJ_MIN_BATCH <= batch <= fused.PROJ_MAX_BATCH)
 
 
 @gpu
-@pytest.mark.parametrize("which, fold", [(0, False), (2, False), (2, True)])
+@pytest.mark.parametrize("which, fold", [(0, True), (2, True), (2, False)])
 @pytest.mark.parametrize("batch", [16, 24])
 def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projections(batch, which, fold, monkeypatch):
     use_projections(monkeypatch, which, fold)
@@ -527,11 +498,11 @@ def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projectio
 
 
 @gpu
-@pytest.mark.parametrize("which, fold", [(0, False), (2, False), (2, True)])
+@pytest.mark.parametrize("which, fold", [(0, True), (2, True), (2, False)])
 def test_programmatic_dependent_launch_changes_no_bit_with_few_rows_projections(which, fold, monkeypatch):
     """As test_programmatic_dependent_launch_changes_no_bit at batch 16, with in_proj / out_proj on
     kernels/linear_rows (PDL-launched too, their first weight columns loaded before the wait), with and without the
-    folded norm and reduction."""
+    x_proj partials summed by the conv kernel and the state kernel's early reads."""
     from multimodal_mamba.kernels import utils
 
     use_projections(monkeypatch, which, fold)

@@ -601,12 +601,10 @@ class MambaBackbone(MambaLMPreTrainedModel):
             return None
         return kernels["decode_step"]
 
-    def _decode_workspace(self, batch, device, dtype, residual_dtype, ops, fold=None):
+    def _decode_workspace(self, batch, device, dtype, residual_dtype, ops):
         """Buffers the fused decode step reuses across layers and steps: residual (batch, hidden) in residual_dtype,
         normed (batch, hidden) and y (batch, intermediate) in dtype, x_proj partials (splits, batch, rank + 2N) float32,
-        the mixer kernels' int32 counters (zeros; every step leaves them zero) or None, and with ``fold`` (the folded
-        norm's (blocks, counters), ``ops.fold_norm_sizes``) its float32 sums of squares (blocks, batch) and int32
-        counters (zeros), else None, None.
+        the mixer kernels' int32 counters (zeros; every step leaves them zero) or None.
         Kept per (device, dtypes, batch) so that eager steps allocate nothing and a captured graph keeps its buffers
         (up to ``_MAX_WORKSPACES`` shapes; beyond that a step allocates its own, never freeing one a graph may use)."""
         config = self.config
@@ -615,7 +613,7 @@ class MambaBackbone(MambaLMPreTrainedModel):
         n_proj = mixer.time_step_rank + 2 * mixer.state_size
         counter_count = getattr(ops, "counter_count", None)
         counters = counter_count(n_proj, batch) if counter_count is not None else 0
-        key = (str(device), dtype, residual_dtype, batch, id(ops), splits, counters, fold)
+        key = (str(device), dtype, residual_dtype, batch, id(ops), splits, counters)
         workspaces = self.__dict__.setdefault("_decode_workspaces", {})
         found = workspaces.get(key)
         if found is not None:
@@ -626,8 +624,6 @@ class MambaBackbone(MambaLMPreTrainedModel):
             torch.empty(splits, batch, n_proj, device=device, dtype=torch.float32),
             torch.empty(batch, mixer.intermediate_size, device=device, dtype=dtype),
             torch.zeros(counters, device=device, dtype=torch.int32) if counters else None,
-            torch.empty(fold[0], batch, device=device, dtype=torch.float32) if fold else None,
-            torch.zeros(fold[1], device=device, dtype=torch.int32) if fold else None,
         )
         if len(workspaces) < self._MAX_WORKSPACES:
             workspaces[key] = found
@@ -646,36 +642,21 @@ class MambaBackbone(MambaLMPreTrainedModel):
             x = x.contiguous()
         dtype = x.dtype
         residual_dtype = torch.float32 if self.layers[0].residual_in_fp32 else dtype
-        # fold: at a few rows, no add + RMSNorm kernel between layers: out_proj adds its output to the residual and
-        # writes its sums of squares, the next in_proj normalizes the residual as it reads it (ops.fold_norm_sizes)
-        fold_sizes = getattr(ops, "fold_norm_sizes", None)
-        first = self.layers[0].mixer
-        fold = fold_sizes(batch, dtype, first.in_proj, first.out_proj) if fold_sizes is not None else None
-        residual, normed, partials, y, counters, sumsq, fold_counters = self._decode_workspace(
-            batch, x.device, dtype, residual_dtype, ops, fold)
+        residual, normed, partials, y, counters = self._decode_workspace(batch, x.device, dtype, residual_dtype, ops)
         extra = {"counters": counters} if counters is not None else {}
         residual_in, delta = x, None
-        for i, block in enumerate(self.layers):
+        for block in self.layers:
             mixer = block.mixer
-            norm_dtype = block.norm.weight.dtype
-            if fold is not None and i > 0:
-                xz = ops.in_projection_normed(residual, sumsq, block.norm.weight, block.norm.variance_epsilon,
-                                              norm_dtype, mixer.in_proj)
-            else:
-                ops.add_rms_norm(residual_in, delta, block.norm.weight, block.norm.variance_epsilon, residual, normed,
-                                 norm_dtype, delta_dtype=dtype)
-                xz = ops.in_projection(normed, mixer.in_proj)
+            ops.add_rms_norm(residual_in, delta, block.norm.weight, block.norm.variance_epsilon, residual, normed,
+                             block.norm.weight.dtype, delta_dtype=dtype)
+            xz = ops.in_projection(normed, mixer.in_proj)
             layer = mixer.layer_idx
             ops.mixer_decode_step(
                 xz, cache_params.conv_states[layer], cache_params.ssm_states[layer], mixer.conv1d.weight[:, 0],
                 mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
                 mixer.D, partials, y, **extra,
             )
-            if fold is not None:  # residual += out_proj(y); sumsq for the next layer's norm (unused after the last)
-                ops.out_projection_residual(y, mixer.out_proj, residual, residual, sumsq, fold_counters, norm_dtype)
-                delta = None
-            else:
-                delta = ops.out_projection(y, mixer.out_proj)  # (float32 partial sums where kernels route it so)
+            delta = ops.out_projection(y, mixer.out_proj)  # (float32 partial sums where kernels route it so)
             residual_in = residual
         norm_f = self.norm_f
         out = torch.empty(batch, hidden, device=x.device, dtype=torch.promote_types(norm_f.weight.dtype, residual_dtype))

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_rows.fused import linear_rows, linear_rows_normed, linear_rows_partials, linear_rows_residual, residual_blocks
+from ..linear_rows.fused import linear_rows, linear_rows_partials
 from ..utils import CachedLaunch, gdc_launch_dependents, gdc_wait, interpret_mode, next_pow2, pdl_available, softplus
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -91,8 +91,9 @@ _ADD_NORM = CachedLaunch(_add_rms_norm_kernel)
 # start; True: once its wait returned, so the linear_rows in_proj after it does not hold SM resources, waiting, while
 # the out_proj before the norm still streams its weights). Other row counts keep None / False. Measured on an H200
 # (batch-16 GPU step, benchmarks/results/gpu_decode_parts.md): True 3.161 ms against False 3.199 with both
-# projections on linear_rows.
-ADD_NORM_WARPS = None
+# projections on linear_rows. 16 warps (branch dec16c, second H200 call): 2.892 ms against 2.920 with 4 (on top of
+# ROWS_FOLD_REDUCE and ROWS_PRE_WAIT); the row's sum of squares is then reduced over 16 warps (another float32 order).
+ADD_NORM_WARPS = 16
 ADD_NORM_TRIGGER_AFTER_WAIT = True
 
 
@@ -413,8 +414,8 @@ def _ssm_step_rows_kernel(
     BLOCK_R chunks of the rank (time_step = the partial sums, rounded to the model dtype), the state update on
     (rows, channels, N) tiles; the conv state rolled here. PDL: A_log (and with EARLY_H the state tile h) is loaded
     before waiting for the kernel before. PRE_WAIT (only with EARLY_H's launch condition): the dt_proj tile, the conv
-    and z too, and dt_proj as tl.dot over the rank in two power-of-2 parts (R_PAD, then R_LO if > 0; the second
-    padded); after the wait only the sums' loads, those dots, the state update and the stores remain."""
+    and z too, and dt_proj as tl.dot over the rank in two power-of-2 parts (R_PAD, then R_LO if > 0; padded, masked);
+    after the wait only the sums' loads, those dots, the state update and the stores remain."""
     pid_d = tl.program_id(0)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
@@ -599,6 +600,11 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
     workspace; out: optional (batch, dim) in xz's dtype; counters: optional int32 (>= counter_count(rank + 2N, batch),)
     workspace, zeros (each call leaves it zero; allocated per call when needed and not given). Returns y (batch, dim) in
     xz's dtype, gated by silu(z).
+
+    With programmatic dependent launch the kernels may still run when this returns, and a kernel launched after them
+    may start before they end: buffers allocated here when not given are freed (to the caching allocator) while they
+    may still be in use, so a following PDL kernel that writes memory before its wait (kernels/linear_rows' TMA
+    descriptors) could get and overwrite them. Pass the workspaces (the model's decode step does).
     """
     batch, two_dim = xz.shape
     dim = two_dim // 2
@@ -713,9 +719,10 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
 
 def _rank_parts(rank):
     """(R_PAD, R_LO) of ``_ssm_step_rows_kernel``'s PRE_WAIT: the largest power of 2 <= rank, then the rest padded
-    to a power of 2 (0 if none)."""
-    high = 1 << (rank.bit_length() - 1)
-    return high, (next_pow2(rank - high) if rank > high else 0)
+    to a power of 2 (0 if none), each at least 16 (tl.dot's K on a GPU): 160 -> (128, 32), 48 -> (32, 16), 20 ->
+    (16, 16), 6 -> (16, 0)."""
+    high = max(16, 1 << (rank.bit_length() - 1))
+    return high, (max(16, next_pow2(rank - high)) if rank > high else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -766,38 +773,3 @@ def out_projection(y, linear):
         return linear(y)
     return linear_rows_partials(y, linear.weight, config)
 
-
-# NORM_FOLD (at PROJ_MIN_BATCH - PROJ_MAX_BATCH rows, both projections on kernels/linear_rows, out_proj without bias):
-# no add_rms_norm kernel between two layers. out_proj's last-arriving program of each column block adds its split-K
-# partial sums, adds them to the residual and writes that block's sums of squares (``out_projection_residual``); the
-# next layer's in_proj applies the RMSNorm to the residual as it loads it (``in_projection_normed``). The first
-# layer's norm and norm_f stay add_rms_norm calls. Only the mean square's summation order differs from add_rms_norm.
-NORM_FOLD = False
-
-
-def fold_norm_sizes(batch, dtype, in_linear, out_linear):
-    """(sumsq blocks, counters) of the workspace the folded norm (``NORM_FOLD``) needs for a step of ``batch`` rows in
-    ``dtype`` with these in_proj / out_proj modules (those of every layer), or None where it does not apply."""
-    if (not NORM_FOLD or IN_PROJ_CONFIG is None or OUT_PROJ_CONFIG is None
-            or not PROJ_MIN_BATCH <= batch <= PROJ_MAX_BATCH or dtype not in (torch.float16, torch.bfloat16)
-            or in_linear.weight.dtype != dtype or out_linear.weight.dtype != dtype or out_linear.bias is not None
-            or in_linear.weight.stride(-1) != 1 or out_linear.weight.stride(-1) != 1):
-        return None
-    blocks = residual_blocks(out_linear.weight.shape[0], OUT_PROJ_CONFIG)
-    return blocks, blocks * triton.cdiv(batch, 16 if batch <= 16 else 32)
-
-
-def out_projection_residual(y, linear, residual_in, residual_out, sumsq, counters, norm_dtype):
-    """out_proj of a decode step added to the residual stream (where ``fold_norm_sizes`` applies): residual_out =
-    residual_in + ``linear(y)`` (float32 sum, in residual_out's dtype) and sumsq (blocks, rows) float32 = per column
-    block sums of squares of residual_out rounded to norm_dtype, for ``in_projection_normed``; counters: int32 zeros
-    (left zero). Returns residual_out."""
-    return linear_rows_residual(y, linear.weight, residual_in, residual_out, sumsq, counters, norm_dtype,
-                                OUT_PROJ_CONFIG)
-
-
-def in_projection_normed(residual, sumsq, norm_weight, eps, norm_dtype, linear):
-    """``linear(MambaRMSNorm(residual))`` (in_proj of a decode step, where ``fold_norm_sizes`` applies) with the
-    norm's mean squares from sumsq (``out_projection_residual``): (rows, hidden) -> (rows, 2 * intermediate)."""
-    return linear_rows_normed(residual, sumsq, norm_weight, eps, norm_dtype, linear.weight, linear.bias,
-                              IN_PROJ_CONFIG)

@@ -67,32 +67,6 @@ def out_projection(y, linear):
     return linear(y)
 
 
-def fold_norm_sizes(batch, dtype, in_linear, out_linear):
-    """Same contract as ``fused.fold_norm_sizes``; the reference folds nothing by default (None). Tests that run the
-    step on the folded norm's references put a size here."""
-    return None
-
-
-def out_projection_residual(y, linear, residual_in, residual_out, sumsq, counters, norm_dtype):
-    """Same contract as ``fused.out_projection_residual``: the module call added to the residual; the whole row's sum
-    of squares in sumsq[0], zeros in the other blocks."""
-    rows = y.shape[0]
-    delta = linear(y)
-    residual_out.copy_((residual_in.float() + delta.float()).to(residual_out.dtype))
-    sumsq.zero_()
-    sumsq[0, :rows] = residual_out.to(norm_dtype).float().pow(2).sum(-1)
-    return residual_out
-
-
-def in_projection_normed(residual, sumsq, norm_weight, eps, norm_dtype, linear):
-    """Same contract as ``fused.in_projection_normed``: MambaRMSNorm's math (as ``add_rms_norm_ref``) with the mean
-    square from sumsq, then the module call."""
-    rows, hidden = residual.shape
-    mean_square = sumsq[:, :rows].sum(0) / hidden
-    normed = residual.to(norm_dtype).to(torch.float32) * torch.rsqrt(mean_square + eps)[:, None]
-    return linear((norm_weight * normed.to(norm_dtype)).to(linear.weight.dtype))
-
-
 # The names the model's decode step calls on its kernel module (``MambaBackbone._fused_decode_step(..., ops)``), so
 # this module can stand in for ``fused`` (tests run the whole step on it).
 add_rms_norm = add_rms_norm_ref

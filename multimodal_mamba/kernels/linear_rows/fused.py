@@ -40,40 +40,17 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _normed_x(x, offs_k, mask_k, nw_ptr, rs, SWAP: tl.constexpr, NORM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """MambaRMSNorm's output for a residual tile x ((K, rows) with SWAP, else (rows, K)) given the rows' reciprocal
-    root mean squares rs: w * round(round(x) * rs), rounded to OUT_DTYPE, as ``decode_step.add_rms_norm`` computes it."""
-    w = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    xn = x.to(NORM_DTYPE).to(tl.float32)
-    if SWAP:
-        xn = (xn * rs[None, :]).to(NORM_DTYPE).to(tl.float32)
-        return (w[:, None] * xn).to(OUT_DTYPE)
-    else:
-        xn = (xn * rs[:, None]).to(NORM_DTYPE).to(tl.float32)
-        return (w[None, :] * xn).to(OUT_DTYPE)
-
-
-@triton.jit
-def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, sq_ptr, res_in_ptr, res_out_ptr, cnt_ptr,
-                        rows, n_out, k_in, stride_x, stride_w, stride_os, stride_ob, n_sq, stride_sq, stride_ri,
-                        stride_ro, eps,
+def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n_out, k_in, stride_x, stride_w, stride_os, stride_ob,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
                         PRE_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, TRIGGER: tl.constexpr,
-                        NORM_IN: tl.constexpr, Q_PAD: tl.constexpr, NORM_DTYPE: tl.constexpr,
-                        RES_SPLITS: tl.constexpr, DELTA_DTYPE: tl.constexpr, PDL: tl.constexpr):
+                        PDL: tl.constexpr):
     """Program (output block, K split, row block): acc = x[rows, K range] @ w[n-block, K range]^T in float32 (K in
     BLOCK_K steps after a first PRE_K-wide step whose weight tile is loaded before the PDL wait). PARTIAL: stored as
     out[split, rows, n-block] (float32); else (one split) + bias, stored as out[rows, n-block] in out's dtype.
     TMA: the loop's weight tiles come through a tensor descriptor (Hopper's bulk tensor copies). TRIGGER: where the
     kernels after it may launch (PDL): 0 at the start, 1 after the wait, 2 after the K loop (kernels launched early
-    hold SM resources while they wait).
-    NORM_IN (``linear_rows_normed``): x is a residual stream and the product is taken with its MambaRMSNorm
-    (weight nw, in NORM_DTYPE, eps) instead: the rows' mean squares are the sums of sq[0:n_sq, rows] / k_in.
-    RES_SPLITS > 0 (``linear_rows_residual``, with PARTIAL and that many splits): the program that stores the last
-    split of its (n-block, rows) tile (an int32 counter per tile, zero before the launch, elects it and is set back to
-    0) adds the splits in order, rounds the sum to DELTA_DTYPE, adds it to res_in (float32 sum) and stores
-    res_out in its dtype, and sq[n-block, rows] = sum over the block of round(res_out, NORM_DTYPE)^2 (float32)."""
+    hold SM resources while they wait)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,7 +60,6 @@ def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, sq_ptr, res_in_
     k_lo = split * K_SPLIT
     w_rows = w_ptr + offs_n.to(tl.int64) * stride_w
     x_rows = x_ptr + offs_b.to(tl.int64) * stride_x
-    w_dtype = w_ptr.dtype.element_ty
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     else:
@@ -104,22 +80,12 @@ def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, sq_ptr, res_in_
         gdc_wait()
         if TRIGGER == 1:
             gdc_launch_dependents()
-    rs = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    if NORM_IN:  # the rows' 1 / RMS from the partial sums of squares, in a fixed order
-        offs_q = tl.arange(0, Q_PAD)
-        sq = tl.load(sq_ptr + offs_q[:, None] * stride_sq + offs_b[None, :], mask=(offs_q < n_sq)[:, None]
-                     & mask_b[None, :], other=0.0)
-        rs = tl.rsqrt(tl.sum(sq, axis=0) / k_in + eps)
     if PRE_K > 0:
         if SWAP:
             xp = tl.load(x_rows[None, :] + offs_p[:, None], mask=mask_p[:, None] & mask_b[None, :], other=0.0)
-            if NORM_IN:
-                xp = _normed_x(xp, offs_p, mask_p, nw_ptr, rs, SWAP, NORM_DTYPE, w_dtype)
             acc = _dot(wp, xp.to(wp.dtype), acc, UPCAST, PRECISION)
         else:
             xp = tl.load(x_rows[:, None] + offs_p[None, :], mask=mask_b[:, None] & mask_p[None, :], other=0.0)
-            if NORM_IN:
-                xp = _normed_x(xp, offs_p, mask_p, nw_ptr, rs, SWAP, NORM_DTYPE, w_dtype)
             acc = _dot(xp.to(wp.dtype), wp, acc, UPCAST, PRECISION)
     for k0 in range(PRE_K, K_SPLIT, BLOCK_K):
         offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
@@ -130,8 +96,6 @@ def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, sq_ptr, res_in_
             else:
                 w = tl.load(w_rows[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             x = tl.load(x_rows[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_b[None, :], other=0.0)
-            if NORM_IN:
-                x = _normed_x(x, offs_k, mask_k, nw_ptr, rs, SWAP, NORM_DTYPE, w_dtype)
             acc = _dot(w, x.to(w.dtype), acc, UPCAST, PRECISION)
         else:
             if TMA:
@@ -139,46 +103,18 @@ def _linear_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, sq_ptr, res_in_
             else:
                 w = tl.load(w_rows[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             x = tl.load(x_rows[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-            if NORM_IN:
-                x = _normed_x(x, offs_k, mask_k, nw_ptr, rs, SWAP, NORM_DTYPE, w_dtype)
             acc = _dot(x.to(w.dtype), w, acc, UPCAST, PRECISION)
     if PDL:
         if TRIGGER == 2:
             gdc_launch_dependents()
-    rows_i64 = offs_b.to(tl.int64)
     if SWAP:
-        offs_out = rows_i64[None, :] * stride_ob + offs_n[:, None]
+        offs_out = offs_b.to(tl.int64)[None, :] * stride_ob + offs_n[:, None]
         mask_out = mask_n[:, None] & mask_b[None, :]
     else:
-        offs_out = rows_i64[:, None] * stride_ob + offs_n[None, :]
+        offs_out = offs_b.to(tl.int64)[:, None] * stride_ob + offs_n[None, :]
         mask_out = mask_b[:, None] & mask_n[None, :]
     if PARTIAL:
         tl.store(out_ptr + split * stride_os + offs_out, acc, mask=mask_out)
-        if RES_SPLITS > 0:
-            counter = cnt_ptr + pid_n * tl.num_programs(2) + tl.program_id(2)
-            tl.debug_barrier()  # every thread's store of this program is issued before the release below
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == RES_SPLITS - 1:  # the tile's last program: every split is stored and visible
-                delta = tl.load(out_ptr + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
-                for s in tl.static_range(1, RES_SPLITS):
-                    delta += tl.load(out_ptr + s * stride_os + offs_out, mask=mask_out, other=0.0,
-                                     cache_modifier=".cg")
-                if SWAP:
-                    offs_ri = rows_i64[None, :] * stride_ri + offs_n[:, None]
-                    offs_ro = rows_i64[None, :] * stride_ro + offs_n[:, None]
-                else:
-                    offs_ri = rows_i64[:, None] * stride_ri + offs_n[None, :]
-                    offs_ro = rows_i64[:, None] * stride_ro + offs_n[None, :]
-                res = tl.load(res_in_ptr + offs_ri, mask=mask_out, other=0.0).to(tl.float32)
-                res = (res + delta.to(DELTA_DTYPE).to(tl.float32)).to(res_out_ptr.dtype.element_ty)
-                tl.store(res_out_ptr + offs_ro, res, mask=mask_out)
-                xs = res.to(NORM_DTYPE).to(tl.float32)
-                if SWAP:
-                    sq_rows = tl.sum(xs * xs, axis=0)
-                else:
-                    sq_rows = tl.sum(xs * xs, axis=1)
-                tl.store(sq_ptr + pid_n * stride_sq + offs_b, sq_rows, mask=mask_b)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # (read again only by a later launch)
     else:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -217,7 +153,12 @@ def _blocks(config, k_in):
 
 
 def _scratch(size, alignment, stream):
-    """Triton's global scratch for device-side tensor descriptors (the TMA configurations)."""
+    """Triton's global scratch for device-side tensor descriptors (the TMA configurations). The kernel writes its
+    descriptors there at its start, before its PDL wait: with PDL this memory must not be in use by a kernel that may
+    still run, i.e. no tensor that such a kernel reads or writes may be freed before this launch (a block freed to the
+    caching allocator is handed out again at once). In branch dec16c, out_proj's split-K partials freed as soon as
+    its launch returned, then taken as the next in_proj's scratch while out_proj still wrote them, ended in an
+    illegal instruction (gpu_decode_parts.md)."""
     return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())  # (where the kernel runs)
 
 
@@ -226,12 +167,7 @@ def split_count(k_in: int, config) -> int:
     return triton.cdiv(k_in, _blocks(config, k_in)[2])
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _launch(x, weight, bias, out, config, partial, norm=None, residual=None):
-    """norm: (norm_weight, sumsq, eps, norm_dtype) for NORM_IN; residual: (residual_in, residual_out, sumsq, counters,
-    delta_dtype, norm_dtype) for RES_SPLITS (both checked by their callers)."""
+def _launch(x, weight, bias, out, config, partial):
     rows, k_in = x.shape
     n_out = weight.shape[0]
     block_n, block_k, k_split, pre_k, swap, warps, stages, tma, trigger = _blocks(config, k_in)
@@ -242,107 +178,17 @@ def _launch(x, weight, bias, out, config, partial, norm=None, residual=None):
         triton.set_allocator(_scratch)
     block_b = 16 if rows <= 16 else 32
     upcast = interpret_mode()
-    precision = "ieee" if weight.dtype == torch.float32 or upcast else "tf32"  # (only float32 operands read it)
+    precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"  # (only float32 operands read it)
     pdl = pdl_available(x.device)
     splits = triton.cdiv(k_in, k_split)
     stride_os = out.stride(0) if partial else 0
     stride_ob = out.stride(1) if partial else out.stride(0)
-    nw = sq = res_in = res_out = counters = weight
-    n_sq = stride_sq = stride_ri = stride_ro = 0
-    eps = 0.0
-    norm_dtype = delta_dtype = tl.float32
-    q_pad = 1
-    if norm is not None:
-        nw, sq, eps, norm_dtype = norm
-        n_sq, stride_sq, eps, norm_dtype = sq.shape[0], sq.stride(0), float(eps), _TL_DTYPES[norm_dtype]
-        q_pad = triton.next_power_of_2(n_sq)
-    res_splits = 0
-    if residual is not None:
-        res_in, res_out, sq, counters, delta_dtype, norm_dtype = residual
-        stride_sq, stride_ri, stride_ro = sq.stride(0), res_in.stride(0), res_out.stride(0)
-        delta_dtype, norm_dtype = _TL_DTYPES[delta_dtype], _TL_DTYPES[norm_dtype]
-        res_splits = splits
     _LINEAR_ROWS((triton.cdiv(n_out, block_n), splits, triton.cdiv(rows, block_b)),
-                 (x, weight, bias if bias is not None else weight, out, nw, sq, res_in, res_out, counters),
-                 (rows, n_out, k_in, x.stride(0), weight.stride(0), stride_os, stride_ob, n_sq, stride_sq, stride_ri,
-                  stride_ro, eps),
+                 (x, weight, bias if bias is not None else weight, out),
+                 (rows, n_out, k_in, x.stride(0), weight.stride(0), stride_os, stride_ob),
                  (block_b, block_n, block_k, k_split, pre_k, swap, bias is not None, partial, precision, upcast, tma,
-                  trigger, norm is not None, q_pad, norm_dtype, res_splits, delta_dtype, pdl),
+                  trigger, pdl),
                  warps, pdl, num_stages=stages)
-    return out
-
-
-def residual_blocks(n_out: int, config) -> int:
-    """How many column blocks (rows of its ``sumsq`` output, and counters per row block) ``linear_rows_residual``
-    uses for N = ``n_out`` with ``config``."""
-    return triton.cdiv(n_out, config[0])
-
-
-def linear_rows_residual(x, weight, residual_in, residual_out, sumsq, counters, norm_dtype,
-                         config=(64, 64, 1024, 0, True, 4, 8, True)):
-    """A projection without bias added to a residual stream, and that stream's partial sums of squares, in one launch:
-    residual_out = residual_in + round(x @ weight^T) (the product rounded to x's dtype, the sum in float32, stored in
-    residual_out's dtype), sumsq[j, r] = sum over the j-th block of config's block_n columns of
-    round(residual_out[r], norm_dtype)^2 (float32) (``linear_rows_normed`` turns them into the RMSNorm of
-    residual_out). The product is taken as float32 split-K partial sums (``linear_rows_partials``; config's k_split)
-    added in split order. x (rows, K), weight (N, K), residual_in / residual_out (rows, N) (may be one tensor),
-    sumsq float32 (>= residual_blocks(N, config), rows), counters int32 (>= residual_blocks(N, config) * row blocks of
-    16 (32 above 16 rows)) zeros, left zero. Returns residual_out."""
-    _check(x, weight, "linear_rows_residual")
-    rows, k_in = x.shape
-    n_out = weight.shape[0]
-    blocks = residual_blocks(n_out, config)
-    row_blocks = triton.cdiv(rows, 16 if rows <= 16 else 32)
-    for name, t in (("residual_in", residual_in), ("residual_out", residual_out)):
-        if tuple(t.shape) != (rows, n_out) or t.stride(-1) != 1:
-            raise ValueError(f"linear_rows_residual: {name} must be ({rows}, {n_out}) with unit stride, got "
-                             f"{tuple(t.shape)}")
-    if (sumsq.dim() != 2 or sumsq.shape[0] < blocks or sumsq.shape[1] < rows or sumsq.stride(1) != 1
-            or sumsq.dtype != torch.float32):
-        raise ValueError(f"linear_rows_residual: sumsq must be float32 (>= {blocks}, >= {rows}), got "
-                         f"{tuple(sumsq.shape)} {sumsq.dtype}")
-    if counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < blocks * row_blocks:
-        raise ValueError(f"linear_rows_residual: counters must be int32 (>= {blocks * row_blocks},), got "
-                         f"{tuple(counters.shape)} {counters.dtype}")
-    if norm_dtype not in _TL_DTYPES or x.dtype not in _TL_DTYPES:
-        raise ValueError(f"linear_rows_residual: norm_dtype must be a float dtype, got {norm_dtype}")
-    if rows and n_out:
-        if not k_in:
-            raise ValueError("linear_rows_residual: K must be positive")
-        parts = torch.empty(split_count(k_in, config), rows, n_out, device=x.device, dtype=torch.float32)
-        _launch(x, weight, None, parts, config, True,
-                residual=(residual_in, residual_out, sumsq, counters, x.dtype, norm_dtype))
-    return residual_out
-
-
-def linear_rows_normed(residual, sumsq, norm_weight, eps, norm_dtype, weight, bias=None,
-                       config=(128, 64, 0, 0, True, 4, 6, True, 2), out=None):
-    """``linear_rows(MambaRMSNorm(residual), weight, bias)`` with the norm folded into the product's loads: the rows'
-    mean squares are sumsq.sum(0) / K (sumsq float32 (blocks, rows): partial sums of squares of the residual rounded
-    to norm_dtype, as ``linear_rows_residual`` writes them); the normed rows are norm_weight * round(round(residual,
-    norm_dtype) / RMS, norm_dtype), rounded to weight's dtype. residual (rows, K) in any float dtype, norm_weight (K,).
-    Returns out (rows, N) in weight's dtype."""
-    rows, k_in = residual.shape
-    n_out = weight.shape[0]
-    if weight.dim() != 2 or weight.shape[1] != k_in or weight.stride(-1) != 1 or residual.stride(-1) != 1:
-        raise ValueError(f"linear_rows_normed: residual must be (rows, K) and weight (N, K) with unit stride along K, "
-                         f"got {tuple(residual.shape)} and {tuple(weight.shape)}")
-    if tuple(norm_weight.shape) != (k_in,) or norm_weight.stride(0) != 1:
-        raise ValueError(f"linear_rows_normed: norm_weight must be ({k_in},), got {tuple(norm_weight.shape)}")
-    if (sumsq.dim() != 2 or sumsq.shape[0] < 1 or sumsq.shape[1] < rows or sumsq.stride(1) != 1
-            or sumsq.dtype != torch.float32):
-        raise ValueError(f"linear_rows_normed: sumsq must be float32 (blocks, >= {rows}), got {tuple(sumsq.shape)}")
-    if bias is not None and tuple(bias.shape) != (n_out,):
-        raise ValueError(f"linear_rows_normed: bias must be ({n_out},), got {tuple(bias.shape)}")
-    if norm_dtype not in _TL_DTYPES or weight.dtype not in _TL_DTYPES:
-        raise ValueError(f"linear_rows_normed: norm_dtype must be a float dtype, got {norm_dtype}")
-    if out is None:
-        out = torch.empty(rows, n_out, device=residual.device, dtype=weight.dtype)
-    elif tuple(out.shape) != (rows, n_out) or out.stride(-1) != 1:
-        raise ValueError(f"linear_rows_normed: out must be ({rows}, {n_out}) with unit stride, got {tuple(out.shape)}")
-    if rows and n_out:
-        _launch(residual, weight, bias, out, (config[0], config[1], 0, *config[3:]), False,
-                norm=(norm_weight, sumsq, eps, norm_dtype))
     return out
 
 
