@@ -19,7 +19,8 @@ kernels costs 2-4 us of latency whatever its work, 64 layers over. Here the same
   ``add_rms_norm``, which adds them in a fixed order).
 
 From ``ROWS_MIN_BATCH`` rows on, the two mixer kernels are replaced by their ``_rows`` forms (blocks of rows per
-program, x_proj and dt_proj by ``tl.dot``), with a small kernel between them that sums the partials once per step.
+program, x_proj and dt_proj by ``tl.dot``); the partials are summed once per step, by the conv kernel's last program
+of each output tile (``ROWS_FOLD_REDUCE``) or by a small kernel between the two.
 
 On sm_90+ every kernel here is launched with programmatic dependent launch (kernels/utils ``pdl_available``): it
 loads its weights, then waits for the kernel before it, so launch gaps and first loads overlap the previous kernel
