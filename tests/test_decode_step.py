@@ -167,12 +167,14 @@ def check_kernels_against_naive(device):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(states[1][0], states[0][0])
         torch.testing.assert_close(states[1][1], states[0][1], atol=1e-4, rtol=1e-4)
-        # a preallocated, larger partials buffer and output give the same
+        # a preallocated, larger partials buffer, output and counters give the same (and leave the counters zero)
         partials = torch.full((fused.split_count(dim), batch + 2, rank + 2 * state + 3), float("nan"), device=device)
         again = torch.empty(batch, dim, device=device)
+        counters = torch.zeros(fused.counter_count(rank + 2 * state, batch) + 1, device=device, dtype=torch.int32)
         states2 = (conv_state.clone(), ssm_state.clone())
-        fused.mixer_decode_step(xz, *states2, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, partials, again)
+        fused.mixer_decode_step(xz, *states2, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, partials, again, counters)
         torch.testing.assert_close(again, out, atol=1e-6, rtol=1e-6)
+        assert not counters.any()
 
         for hidden, has_delta, res_dtype in [(64, True, torch.float32), (100, False, torch.float32),
                                              (64, True, torch.bfloat16)]:
@@ -217,17 +219,23 @@ def check_rows_kernels_against_naive(device):
     kernel and by the separate reduction."""
     from multimodal_mamba.kernels.decode_step import fused
 
-    names = ("ROWS_MIN_BATCH", "ROWS_CONV_X_PROJ_CONFIG", "ROWS_SSM_STEP_CONFIG", "ROWS_REDUCE", "ROWS_EARLY_H")
+    names = ("ROWS_MIN_BATCH", "ROWS_CONV_X_PROJ_CONFIG", "ROWS_SSM_STEP_CONFIG", "ROWS_REDUCE", "ROWS_EARLY_H",
+             "ROWS_FOLD_REDUCE", "ROWS_PRE_WAIT")
     saved = {name: getattr(fused, name) for name in names}
     try:
         fused.ROWS_MIN_BATCH = 1
-        # then the same with the state tile loaded before the PDL wait (the PDL launch itself needs a GPU of sm_90+)
-        for conv_cfg, ssm_cfg, reduce, early in [((16, 64, 32, 16, 4), (16, 16, 4), True, False),
-                                                 ((16, 32, 32, 32, 4), (32, 16, 4), False, False),
-                                                 ((16, 64, 32, 16, 4), (16, 16, 4), True, True),
-                                                 ((16, 32, 32, 32, 4), (32, 16, 4), False, True)]:
+        # then the same with the state tile loaded before the PDL wait (the PDL launch itself needs a GPU of sm_90+),
+        # the partials summed by the conv kernel's last program per tile, the conv, z and dt_proj's tile before the wait
+        for conv_cfg, ssm_cfg, reduce, early, fold, pre in [
+                ((16, 64, 32, 16, 4), (16, 16, 4), True, False, False, False),
+                ((16, 32, 32, 32, 4), (32, 16, 4), False, False, False, False),
+                ((16, 64, 32, 16, 4), (16, 16, 4), True, True, False, False),
+                ((16, 32, 32, 32, 4), (32, 16, 4), False, True, False, False),
+                ((16, 64, 32, 16, 4), (16, 16, 4), True, True, True, True),
+                ((16, 32, 32, 32, 4), (32, 16, 4), True, True, True, False),
+                ((16, 64, 32, 16, 4), (16, 16, 4), True, True, False, True)]:
             fused.ROWS_CONV_X_PROJ_CONFIG, fused.ROWS_SSM_STEP_CONFIG, fused.ROWS_REDUCE = conv_cfg, ssm_cfg, reduce
-            fused.ROWS_EARLY_H = early
+            fused.ROWS_EARLY_H, fused.ROWS_FOLD_REDUCE, fused.ROWS_PRE_WAIT = early, fold, pre
             check_kernels_against_naive(device)
     finally:
         for name, value in saved.items():
@@ -348,12 +356,15 @@ def test_greedy_tokens_identical_with_and_without_graphs_on_the_fused_step(dtype
 
 
 @gpu
-@pytest.mark.parametrize("early_h", [False, True])
-def test_early_state_load_changes_no_bit(early_h, monkeypatch):
+@pytest.mark.parametrize("early_h, fold, pre_wait", [(False, False, False), (True, False, False), (True, True, True),
+                                                     (False, True, True), (True, False, True)])
+def test_early_state_load_changes_no_bit(early_h, fold, pre_wait, monkeypatch):
     """``fused.ROWS_EARLY_H`` (the state-update kernel reads its state tile before its PDL wait) on a mamba-2.8b-shaped
     mixer at batch 16: 12 mixer steps back to back on the same states, with no other kernel between them (the case
     where a step's early read could meet the previous step's write if the conv kernel let it launch too soon), give
-    bit for bit the outputs and states of the same kernels launched without PDL."""
+    bit for bit the outputs and states of the same kernels launched without PDL; likewise with the x_proj partials
+    summed by the conv kernel's last programs (ROWS_FOLD_REDUCE, one counter workspace for all 12 steps) and the conv,
+    z and dt_proj tile read before the wait (ROWS_PRE_WAIT, which applies only with early_h)."""
     from multimodal_mamba.kernels import utils
     from multimodal_mamba.kernels.decode_step import fused
 
@@ -362,6 +373,8 @@ def test_early_state_load_changes_no_bit(early_h, monkeypatch):
     if not utils.pdl_available("cuda"):
         pytest.skip("programmatic dependent launch needs compute capability 9.0 and Triton >= 3.4")
     monkeypatch.setattr(fused, "ROWS_EARLY_H", early_h)
+    monkeypatch.setattr(fused, "ROWS_FOLD_REDUCE", fold)
+    monkeypatch.setattr(fused, "ROWS_PRE_WAIT", pre_wait)
     torch.manual_seed(0)
     batch, dim, rank, n, width = 16, 5120, 160, 16, 4
     dtype = torch.bfloat16
@@ -382,10 +395,13 @@ def test_early_state_load_changes_no_bit(early_h, monkeypatch):
         conv, ssm = conv0.clone(), ssm0.clone()
         partials = torch.empty(fused.split_count(dim, batch), batch, rank + 2 * n, device="cuda")
         outs = torch.empty(12, batch, dim, device="cuda", dtype=dtype)
+        counters = torch.zeros(fused.counter_count(rank + 2 * n, batch), device="cuda", dtype=torch.int32)
         torch.cuda.synchronize()
         for i in range(12):
-            fused.mixer_decode_step(xzs[i], conv, ssm, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, partials, outs[i])
+            fused.mixer_decode_step(xzs[i], conv, ssm, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, partials, outs[i],
+                                    counters)
         torch.cuda.synchronize()
+        assert not counters.any()
         results.append((outs, conv, ssm))
     (out_a, conv_a, ssm_a), (out_b, conv_b_, ssm_b) = results
     assert torch.equal(out_a, out_b) and torch.equal(conv_a, conv_b_) and torch.equal(ssm_a, ssm_b)
@@ -438,23 +454,28 @@ SMALL_OUT_PROJ = [(64, 128, 256, 256, True, 4, 2), (32, 64, 128, 64, False, 4, 3
                                                                                        False, 2)]
 
 
-def use_projections(monkeypatch, which=0):
+def use_projections(monkeypatch, which=0, fold=True):
+    """fold: the x_proj partials summed by the conv kernel (ROWS_FOLD_REDUCE) and the state kernel's conv / z /
+    dt_proj reads before its wait (ROWS_PRE_WAIT), as by default; False: both off (a reduction kernel between)."""
     from multimodal_mamba.kernels.decode_step import fused
 
     monkeypatch.setattr(fused, "IN_PROJ_CONFIG", SMALL_IN_PROJ[which])
     monkeypatch.setattr(fused, "OUT_PROJ_CONFIG", SMALL_OUT_PROJ[which])
     monkeypatch.setattr(fused, "ADD_NORM_TRIGGER_AFTER_WAIT", which == 2)
+    for name in ("ROWS_FOLD_REDUCE", "ROWS_PRE_WAIT"):
+        monkeypatch.setattr(fused, name, fold)
 
 
 @gpu
-@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("which, fold", [(0, True), (1, True), (2, True), (2, False)])
 @pytest.mark.parametrize("batch", [4, 8, 16, 24])
-def test_fused_step_with_few_rows_projections_matches_the_module_path(batch, which, monkeypatch):
+def test_fused_step_with_few_rows_projections_matches_the_module_path(batch, which, fold, monkeypatch):
     """in_proj / out_proj on kernels/linear_rows (out_proj's partial sums added by add_rms_norm) from
-    PROJ_MIN_BATCH rows on (batch 4: the module calls): the step equals the module path in bf16."""
+    PROJ_MIN_BATCH rows on (batch 4: the module calls): the step equals the module path in bf16 (with the x_proj
+    partials summed by the conv kernel and the state kernel's early reads, or without)."""
     from multimodal_mamba.kernels.decode_step import fused
 
-    use_projections(monkeypatch, which)
+    use_projections(monkeypatch, which, fold)
     routed = []
     original = fused.linear_rows_partials
     monkeypatch.setattr(fused, "linear_rows_partials", lambda *a, **k: routed.append(1) or original(*a, **k))
@@ -464,10 +485,10 @@ def test_fused_step_with_few_rows_projections_matches_the_module_path(batch, whi
 
 
 @gpu
-@pytest.mark.parametrize("which", [0, 2])
+@pytest.mark.parametrize("which, fold", [(0, True), (2, True), (2, False)])
 @pytest.mark.parametrize("batch", [16, 24])
-def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projections(batch, which, monkeypatch):
-    use_projections(monkeypatch, which)
+def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projections(batch, which, fold, monkeypatch):
+    use_projections(monkeypatch, which, fold)
     model = small_lm("cuda", torch.bfloat16, layers=4, hidden=256, vocab=1000)
     calls = _count_fused_steps(model, monkeypatch)
     ids = torch.randint(2, 1000, (batch, 7), generator=torch.Generator().manual_seed(1)).cuda()
@@ -477,13 +498,14 @@ def test_greedy_tokens_identical_with_and_without_graphs_with_few_rows_projectio
 
 
 @gpu
-@pytest.mark.parametrize("which", [0, 2])
-def test_programmatic_dependent_launch_changes_no_bit_with_few_rows_projections(which, monkeypatch):
+@pytest.mark.parametrize("which, fold", [(0, True), (2, True), (2, False)])
+def test_programmatic_dependent_launch_changes_no_bit_with_few_rows_projections(which, fold, monkeypatch):
     """As test_programmatic_dependent_launch_changes_no_bit at batch 16, with in_proj / out_proj on
-    kernels/linear_rows (PDL-launched too, their first weight columns loaded before the wait)."""
+    kernels/linear_rows (PDL-launched too, their first weight columns loaded before the wait), with and without the
+    x_proj partials summed by the conv kernel and the state kernel's early reads."""
     from multimodal_mamba.kernels import utils
 
-    use_projections(monkeypatch, which)
+    use_projections(monkeypatch, which, fold)
     monkeypatch.setattr(utils, "_PDL_DEVICES", {})
     monkeypatch.setattr(utils, "PDL", True)
     if not utils.pdl_available("cuda"):

@@ -19,7 +19,8 @@ kernels costs 2-4 us of latency whatever its work, 64 layers over. Here the same
   ``add_rms_norm``, which adds them in a fixed order).
 
 From ``ROWS_MIN_BATCH`` rows on, the two mixer kernels are replaced by their ``_rows`` forms (blocks of rows per
-program, x_proj and dt_proj by ``tl.dot``), with a small kernel between them that sums the partials once per step.
+program, x_proj and dt_proj by ``tl.dot``); the partials are summed once per step, by the conv kernel's last program
+of each output tile (``ROWS_FOLD_REDUCE``) or by a small kernel between the two.
 
 On sm_90+ every kernel here is launched with programmatic dependent launch (kernels/utils ``pdl_available``): it
 loads its weights, then waits for the kernel before it, so launch gaps and first loads overlap the previous kernel
@@ -91,8 +92,9 @@ _ADD_NORM = CachedLaunch(_add_rms_norm_kernel)
 # start; True: once its wait returned, so the linear_rows in_proj after it does not hold SM resources, waiting, while
 # the out_proj before the norm still streams its weights). Other row counts keep None / False. Measured on an H200
 # (batch-16 GPU step, benchmarks/results/gpu_decode_parts.md): True 3.161 ms against False 3.199 with both
-# projections on linear_rows.
-ADD_NORM_WARPS = None
+# projections on linear_rows. 16 warps (branch dec16c, second H200 call): 2.892 ms against 2.920 with 4 (on top of
+# ROWS_FOLD_REDUCE and ROWS_PRE_WAIT); the row's sum of squares is then reduced over 16 warps (another float32 order).
+ADD_NORM_WARPS = 16
 ADD_NORM_TRIGGER_AFTER_WAIT = True
 
 
@@ -293,19 +295,39 @@ def _conv_silu_rows(xz_ptr, state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, o
 
 
 @triton.jit
+def _roll_conv_rows(xz_ptr, state_ptr, offs_b, mask_b, offs_c, mask_c, stride_xz_b, stride_xz_d, stride_s_b,
+                    stride_s_d, stride_s_w, W: tl.constexpr, W_PAD: tl.constexpr):
+    """The conv state's roll of ``_conv_silu_rows(..., ROLL=True)`` alone (shifted by one, the new input last), as one
+    (rows, channels, W_PAD) load and store."""
+    mask = mask_b[:, None] & mask_c[None, :]
+    rows = offs_b.to(tl.int64)[:, None]
+    offs_k = tl.arange(0, W_PAD)[None, None, :]
+    state_ptrs = (state_ptr + rows * stride_s_b + offs_c[None, :] * stride_s_d)[:, :, None] + offs_k * stride_s_w
+    shifted = tl.load(state_ptrs + stride_s_w, mask=mask[:, :, None] & (offs_k < W - 1), other=0.0)
+    x_in = tl.load(xz_ptr + rows * stride_xz_b + offs_c[None, :] * stride_xz_d, mask=mask, other=0.0)
+    window = tl.where(offs_k == W - 1, x_in.to(state_ptr.dtype.element_ty)[:, :, None], shifted)
+    tl.store(state_ptrs, window, mask=mask[:, :, None] & (offs_k < W))
+
+
+@triton.jit
 def _conv_x_proj_rows_kernel(
-    xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr,
+    xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, xw_ptr, part_ptr, counter_ptr,
     batch, dim, n_proj,
     stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
     stride_xw_n, stride_xw_k, stride_part_s, stride_part_b,
     W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_CONV_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TRIGGER_AFTER_WAIT: tl.constexpr,
-    PDL: tl.constexpr,
+    FOLD_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (channel block s, output block p, row block): part[s, rows, p-block] = x[rows, channels] @
     x_proj.weight[p-block, channels]^T (float32), x = silu(conv) (the conv state only read). PDL: waits for the
     kernel before first; with TRIGGER_AFTER_WAIT the kernels after it may launch only once that wait returned
-    (``_ssm_step_rows_kernel``'s EARLY_H relies on it)."""
+    (``_ssm_step_rows_kernel``'s EARLY_H relies on it).
+    FOLD_SPLITS > 0 (= the number of channel blocks): the partial sums are also reduced here, in place into split 0:
+    each program counts itself in at counter[p-block, row block] (int32, zero before the launch), and the one that
+    arrives last, when every split of its (rows, p-block) tile is stored, adds them in split order (as
+    ``_reduce_partials_kernel``) and sets the counter back to 0. The counter only elects that program; the sums do not
+    depend on the arrival order (no atomics in them)."""
     if PDL:
         if TRIGGER_AFTER_WAIT:
             gdc_wait()
@@ -333,8 +355,19 @@ def _conv_x_proj_rows_kernel(
             x = x.to(tl.float32)
             xw = xw.to(tl.float32)
         acc = tl.dot(x, xw, acc, input_precision=PRECISION)
-    tl.store(part_ptr + pid_s * stride_part_s + offs_b.to(tl.int64)[:, None] * stride_part_b + offs_p[None, :], acc,
-             mask=mask_b[:, None] & mask_p[None, :])
+    tile = part_ptr + offs_b.to(tl.int64)[:, None] * stride_part_b + offs_p[None, :]
+    mask_tile = mask_b[:, None] & mask_p[None, :]
+    tl.store(tile + pid_s * stride_part_s, acc, mask=mask_tile)
+    if FOLD_SPLITS > 0:
+        counter = counter_ptr + pid_p * tl.num_programs(2) + tl.program_id(2)
+        tl.debug_barrier()  # every thread's store of this program is issued before the release below
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == FOLD_SPLITS - 1:  # the last of this tile's programs: every split is stored and visible
+            total = tl.load(tile, mask=mask_tile, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, FOLD_SPLITS):
+                total += tl.load(tile + s * stride_part_s, mask=mask_tile, other=0.0, cache_modifier=".cg")
+            tl.store(tile, total, mask=mask_tile)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # (read again only by a later launch)
 
 
 @triton.jit
@@ -375,12 +408,15 @@ def _ssm_step_rows_kernel(
     stride_h_b, stride_h_d, stride_h_n, stride_y_b, stride_y_d,
     N: tl.constexpr, N_PAD: tl.constexpr, W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EARLY_H: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EARLY_H: tl.constexpr, PRE_WAIT: tl.constexpr,
+    R_PAD: tl.constexpr, R_LO: tl.constexpr, W_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """``_ssm_step_kernel`` for a block of rows: dt = time_step[rows] @ dt_proj.weight[channels]^T by tl.dot in
     BLOCK_R chunks of the rank (time_step = the partial sums, rounded to the model dtype), the state update on
     (rows, channels, N) tiles; the conv state rolled here. PDL: A_log (and with EARLY_H the state tile h) is loaded
-    before waiting for the kernel before."""
+    before waiting for the kernel before. PRE_WAIT (only with EARLY_H's launch condition): the dt_proj tile, the conv
+    and z too, and dt_proj as tl.dot over the rank in two power-of-2 parts (R_PAD, then R_LO if > 0; padded, masked);
+    after the wait only the sums' loads, those dots, the state update and the stores remain."""
     pid_d = tl.program_id(0)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
@@ -402,34 +438,77 @@ def _ssm_step_rows_kernel(
         # it), so no earlier step's write is pending, and neither kernel in between touches h: it may be read before
         # the wait, its 5 MB (batch 16, d_inner 5120) streaming while the conv kernel and the reduction run.
         h_old = tl.load(h_ptrs, mask=mask_h, other=0.0)
+    mask = mask_b[:, None] & mask_d[None, :]
+    if PRE_WAIT:
+        # Everything that does not depend on the x_proj sums, before the wait (safe under the same condition as
+        # EARLY_H: in_proj, which writes xz, has finished when this kernel launches, and the conv state is written
+        # only by this kernel, its roll stored after the wait): the whole dt_proj tile (rank padded to R_PAD), the conv
+        # and silu(x) (the conv state only read here, rolled below), z and silu(z)'s sigmoid, D and dt_proj's bias.
+        offs_rp = tl.arange(0, R_PAD)
+        mask_rp = offs_rp < rank
+        dtw_all = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + offs_rp[:, None] * stride_dtw_r,
+                          mask=mask_rp[:, None] & mask_d[None, :], other=0.0).to(dtype)
+        if R_LO > 0:  # the rank as R_PAD + R_LO (160 = 128 + 32): no padded rows of the tile in registers
+            offs_rl = R_PAD + tl.arange(0, R_LO)
+            mask_rl = offs_rl < rank
+            dtw_lo = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + offs_rl[:, None] * stride_dtw_r,
+                             mask=mask_rl[:, None] & mask_d[None, :], other=0.0).to(dtype)
+        x = _conv_silu_rows(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, offs_d, mask_d,
+                            stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+                            W, HAS_CONV_BIAS, False).to(tl.float32)
+        z = tl.load(xz_ptr + rows[:, None] * stride_xz_b + (dim + offs_d)[None, :] * stride_xz_d, mask=mask,
+                    other=0.0).to(tl.float32)
+        z_sig = tl.sigmoid(z)
+        if HAS_DT_BIAS:
+            dt_bias = tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_D:
+            D_vec = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
 
-    offs_r = tl.arange(0, BLOCK_R)
-    dt = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        rr = r0 + offs_r
-        mask_r = rr < rank
-        time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rr, mask_r).to(dtype)
-        dtw = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + rr[:, None] * stride_dtw_r,
-                      mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-        dtw = dtw.to(dtype)
+    if PRE_WAIT:
+        time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, offs_rp, mask_rp).to(dtype)
+        if R_LO > 0:
+            time_lo = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, offs_rl, mask_rl).to(dtype)
+        Bv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + offs_n, mask_n)
+        Cv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + N + offs_n, mask_n)
         if UPCAST:  # (as in _conv_x_proj_rows_kernel)
-            time_step = time_step.to(tl.float32)
-            dtw = dtw.to(tl.float32)
-        dt = tl.dot(time_step, dtw, dt, input_precision=PRECISION)
-    if HAS_DT_BIAS:
-        dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+            dt = tl.dot(time_step.to(tl.float32), dtw_all.to(tl.float32), input_precision=PRECISION)
+            if R_LO > 0:
+                dt = tl.dot(time_lo.to(tl.float32), dtw_lo.to(tl.float32), dt, input_precision=PRECISION)
+        else:
+            dt = tl.dot(time_step, dtw_all, input_precision=PRECISION)
+            if R_LO > 0:
+                dt = tl.dot(time_lo, dtw_lo, dt, input_precision=PRECISION)
+        if HAS_DT_BIAS:
+            dt += dt_bias[None, :]
+        _roll_conv_rows(xz_ptr, conv_state_ptr, offs_b, mask_b, offs_d, mask_d, stride_xz_b, stride_xz_d,
+                        stride_s_b, stride_s_d, stride_s_w, W, W_PAD)
+    else:
+        offs_r = tl.arange(0, BLOCK_R)
+        dt = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            rr = r0 + offs_r
+            mask_r = rr < rank
+            time_step = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rr, mask_r).to(dtype)
+            dtw = tl.load(dtw_ptr + offs_d[None, :] * stride_dtw_d + rr[:, None] * stride_dtw_r,
+                          mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+            dtw = dtw.to(dtype)
+            if UPCAST:  # (as in _conv_x_proj_rows_kernel)
+                time_step = time_step.to(tl.float32)
+                dtw = dtw.to(tl.float32)
+            dt = tl.dot(time_step, dtw, dt, input_precision=PRECISION)
+        if HAS_DT_BIAS:
+            dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        Bv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + offs_n, mask_n)
+        Cv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + N + offs_n, mask_n)
+        x = _conv_silu_rows(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, offs_d, mask_d,
+                            stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
+                            W, HAS_CONV_BIAS, True).to(tl.float32)
     dt = softplus(dt.to(dtype).to(tl.float32))
-
-    Bv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + offs_n, mask_n).to(dtype).to(tl.float32)
-    Cv = _sum_partials_rows(part_rows, mask_b, stride_part_s, n_splits, rank + N + offs_n, mask_n)
+    Bv = Bv.to(dtype).to(tl.float32)
     Cv = Cv.to(dtype).to(tl.float32)
-
-    x = _conv_silu_rows(xz_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, offs_b, mask_b, offs_d, mask_d,
-                        stride_xz_b, stride_xz_d, stride_s_b, stride_s_d, stride_s_w, stride_cw_d, stride_cw_k,
-                        W, HAS_CONV_BIAS, True).to(tl.float32)
 
     A = -tl.exp(A_log.to(tl.float32))
     if not EARLY_H:
@@ -437,12 +516,16 @@ def _ssm_step_rows_kernel(
     h = tl.exp(dt[:, :, None] * A[None, :, :]) * h_old.to(tl.float32) + (dt * x)[:, :, None] * Bv[:, None, :]
     tl.store(h_ptrs, h.to(ssm_state_ptr.dtype.element_ty), mask=mask_h)
     y = tl.sum(h * Cv[:, None, :], axis=2)
-    if HAS_D:
-        y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    mask = mask_b[:, None] & mask_d[None, :]
-    z = tl.load(xz_ptr + rows[:, None] * stride_xz_b + (dim + offs_d)[None, :] * stride_xz_d, mask=mask,
-                other=0.0).to(tl.float32)
-    y = y * z * tl.sigmoid(z)
+    if PRE_WAIT:
+        if HAS_D:
+            y += x * D_vec[None, :]
+        y = y * z * z_sig
+    else:
+        if HAS_D:
+            y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(xz_ptr + rows[:, None] * stride_xz_b + (dim + offs_d)[None, :] * stride_xz_d, mask=mask,
+                    other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
     tl.store(y_ptr + rows[:, None] * stride_y_b + offs_d[None, :] * stride_y_d, y.to(dtype), mask=mask)
 
 
@@ -475,6 +558,16 @@ ROWS_CONV_X_PROJ_CONFIG = (16, 128, 128, 64, 4)
 ROWS_SSM_STEP_CONFIG = (16, 32, 4)
 ROWS_REDUCE = True
 ROWS_EARLY_H = True
+# ROWS_FOLD_REDUCE: with ROWS_REDUCE, the x_proj partials are summed by the last-arriving conv + x_proj program of each
+# output tile (a per-tile int32 counter elects it; the sums keep split order, so they equal the reduction kernel's
+# bit for bit) instead of by the reduction kernel: one kernel less per layer. ROWS_PRE_WAIT: the state-update kernel
+# computes everything that does not need the x_proj sums (conv, z, the dt_proj tile) before its PDL wait (only
+# together with ROWS_EARLY_H, whose launch condition makes that safe), so after the wait only the sums' loads, dt_proj's
+# dot, the state update and the stores remain.
+# Batch-16 GPU step on an H200 (benchmarks/results/gpu_decode_parts.md, branch dec16c, first call): 3.147 ms with both
+# off, 3.087 fold, 2.952 pre-wait, 2.919 both.
+ROWS_FOLD_REDUCE = True
+ROWS_PRE_WAIT = True
 
 
 def _uses_rows(batch) -> bool:
@@ -491,15 +584,28 @@ def split_count(dim: int, batch=None) -> int:
     return rows if _uses_rows(batch) else one_row
 
 
+def counter_count(n_proj: int, batch: int) -> int:
+    """How many int32 counters ``mixer_decode_step`` may use for an x_proj of ``n_proj`` outputs at this batch size
+    (its ``counters`` workspace: zeros, and left zero by every call)."""
+    return triton.cdiv(n_proj, ROWS_CONV_X_PROJ_CONFIG[3]) * triton.cdiv(max(batch, 1), ROWS_CONV_X_PROJ_CONFIG[0])
+
+
 def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                      A_log, D, partials=None, out=None):
+                      A_log, D, partials=None, out=None, counters=None):
     """One decode step of a Mamba mixer between in_proj and out_proj, the states updated in place.
 
     xz: (batch, 2 * dim) in_proj's output (x, then the gate z); conv_state: (batch, dim, W) in xz's dtype;
     ssm_state: (batch, dim, N) float32; conv_weight: (dim, W); conv_bias: (dim,) or None; x_proj_weight:
     (rank + 2N, dim); dt_proj_weight: (dim, rank); dt_proj_bias: (dim,) or None; A_log: (dim, N) float32
     (A = -exp(A_log)); D: (dim,) or None. partials: optional float32 (>= split_count(dim, batch), >= batch, >= rank + 2N)
-    workspace; out: optional (batch, dim) in xz's dtype. Returns y (batch, dim) in xz's dtype, gated by silu(z).
+    workspace; out: optional (batch, dim) in xz's dtype; counters: optional int32 (>= counter_count(rank + 2N, batch),)
+    workspace, zeros (each call leaves it zero; allocated per call when needed and not given). Returns y (batch, dim) in
+    xz's dtype, gated by silu(z).
+
+    With programmatic dependent launch the kernels may still run when this returns, and a kernel launched after them
+    may start before they end: buffers allocated here when not given are freed (to the caching allocator) while they
+    may still be in use, so a following PDL kernel that writes memory before its wait (kernels/linear_rows' TMA
+    descriptors) could get and overwrite them. Pass the workspaces (the model's decode step does).
     """
     batch, two_dim = xz.shape
     dim = two_dim // 2
@@ -534,8 +640,17 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
     conv_b = conv_bias if conv_bias is not None else conv_weight
     pdl = pdl_available(xz.device)
     if _uses_rows(batch):
+        fold = bool(ROWS_REDUCE and ROWS_FOLD_REDUCE and splits > 1)
+        if fold:
+            needed = counter_count(n_proj, batch)
+            if counters is None:
+                counters = torch.zeros(needed, device=xz.device, dtype=torch.int32)
+            elif counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < needed:
+                raise ValueError(f"mixer_decode_step: counters must be int32 (>= {needed},), got "
+                                 f"{tuple(counters.shape)} {counters.dtype}")
         _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_proj_weight, dt_proj_weight,
-                    dt_proj_bias, A_log, D, partials, out, splits, rank, state_size, pdl)
+                    dt_proj_bias, A_log, D, partials, out, splits, rank, state_size, pdl,
+                    counters if fold else None)
         return out
     block_c, block_p, warps_1 = CONV_X_PROJ_CONFIG
     block_d, split_block, warps_2 = SSM_STEP_CONFIG
@@ -559,9 +674,10 @@ def mixer_decode_step(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
 
 
 def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_proj_weight, dt_proj_weight,
-                dt_proj_bias, A_log, D, partials, out, splits, rank, state_size, pdl):
+                dt_proj_bias, A_log, D, partials, out, splits, rank, state_size, pdl, counters):
     """``mixer_decode_step`` on blocks of rows (checked arguments; see ROWS_MIN_BATCH); pdl: launch with programmatic
-    dependent launch."""
+    dependent launch; counters: the zeroed int32 workspace when the partials' reduction is folded into the conv
+    kernel (ROWS_FOLD_REDUCE), else None."""
     batch, two_dim = xz.shape
     dim = two_dim // 2
     width = conv_weight.shape[-1]
@@ -569,19 +685,23 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
     block_b, block_c, block_k, block_p, warps_1 = ROWS_CONV_X_PROJ_CONFIG
     block_d, block_r, warps_2 = ROWS_SSM_STEP_CONFIG
     early_h = bool(ROWS_EARLY_H)
+    pre_wait = bool(ROWS_PRE_WAIT and early_h)
+    fold = counters is not None
     upcast = interpret_mode()  # (see _conv_x_proj_rows_kernel)
     precision = "ieee" if xz.dtype == torch.float32 or upcast else "tf32"  # (only float32 operands read it)
     row_blocks = triton.cdiv(batch, block_b)
     _CONV_X_PROJ_ROWS(
         (splits, triton.cdiv(n_proj, block_p), row_blocks),
-        (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials),
+        (xz, conv_state, conv_weight, conv_b, x_proj_weight, partials, counters if fold else partials),
         (batch, dim, n_proj, *xz.stride(), *conv_state.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
          partials.stride(0), partials.stride(1)),
         (width, block_b, block_c, min(block_k, block_c), block_p, conv_bias is not None, precision, upcast, early_h,
-         pdl),
+         splits if fold else 0, pdl),
         warps_1, pdl)
     summed_splits = splits
-    if ROWS_REDUCE and splits > 1:
+    if fold:
+        summed_splits = 1
+    elif ROWS_REDUCE and splits > 1:
         block = min(256, next_pow2(n_proj))
         _REDUCE_PARTIALS((triton.cdiv(n_proj, block), batch, 1), (partials,),
                          (n_proj, splits, partials.stride(0), partials.stride(1)), (block, pdl), 4, pdl)
@@ -594,7 +714,16 @@ def _mixer_rows(xz, conv_state, ssm_state, conv_weight, conv_bias, conv_b, x_pro
         (batch, dim, rank, summed_splits, partials.stride(0), partials.stride(1), *xz.stride(), *conv_state.stride(),
          *conv_weight.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(), *out.stride()),
         (state_size, next_pow2(state_size), width, block_b, block_d, block_r, conv_bias is not None,
-         dt_proj_bias is not None, D is not None, precision, upcast, early_h, pdl), warps_2, pdl)
+         dt_proj_bias is not None, D is not None, precision, upcast, early_h, pre_wait, *_rank_parts(rank),
+         next_pow2(width), pdl), warps_2, pdl)
+
+
+def _rank_parts(rank):
+    """(R_PAD, R_LO) of ``_ssm_step_rows_kernel``'s PRE_WAIT: the largest power of 2 <= rank, then the rest padded
+    to a power of 2 (0 if none), each at least 16 (tl.dot's K on a GPU): 160 -> (128, 32), 48 -> (32, 16), 20 ->
+    (16, 16), 6 -> (16, 0)."""
+    high = max(16, 1 << (rank.bit_length() - 1))
+    return high, (max(16, next_pow2(rank - high)) if rank > high else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -644,3 +773,4 @@ def out_projection(y, linear):
     if config is None or linear.bias is not None:
         return linear(y)
     return linear_rows_partials(y, linear.weight, config)
+

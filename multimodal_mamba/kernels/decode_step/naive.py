@@ -33,10 +33,15 @@ def split_count(dim: int, batch=None) -> int:
     return 1
 
 
+def counter_count(n_proj: int, batch: int) -> int:
+    """The reference needs no counters; one keeps the callers' workspace shapes valid."""
+    return 1
+
+
 def mixer_decode_step_ref(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                          dt_proj_bias, A_log, D, partials=None, out=None):
-    """Same contract as ``fused.mixer_decode_step`` (``partials`` is ignored): xz (batch, 2 * dim) -> y (batch, dim),
-    conv_state (batch, dim, W) and ssm_state (batch, dim, N) updated in place."""
+                          dt_proj_bias, A_log, D, partials=None, out=None, counters=None):
+    """Same contract as ``fused.mixer_decode_step`` (``partials`` and ``counters`` are ignored): xz (batch, 2 * dim)
+    -> y (batch, dim), conv_state (batch, dim, W) and ssm_state (batch, dim, N) updated in place."""
     dim = xz.shape[1] // 2
     state_size = ssm_state.shape[-1]
     x, z = xz[:, :dim], xz[:, dim:]

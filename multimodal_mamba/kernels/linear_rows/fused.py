@@ -153,7 +153,12 @@ def _blocks(config, k_in):
 
 
 def _scratch(size, alignment, stream):
-    """Triton's global scratch for device-side tensor descriptors (the TMA configurations)."""
+    """Triton's global scratch for device-side tensor descriptors (the TMA configurations). The kernel writes its
+    descriptors there at its start, before its PDL wait: with PDL this memory must not be in use by a kernel that may
+    still run, i.e. no tensor that such a kernel reads or writes may be freed before this launch (a block freed to the
+    caching allocator is handed out again at once). In branch dec16c, out_proj's split-K partials freed as soon as
+    its launch returned, then taken as the next in_proj's scratch while out_proj still wrote them, ended in an
+    illegal instruction (gpu_decode_parts.md)."""
     return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())  # (where the kernel runs)
 
 

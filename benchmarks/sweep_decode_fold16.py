@@ -1,0 +1,192 @@
+"""Batch-16 decode step with fewer kernels per layer (mamba-2.8b shape, bf16, random weights, one process):
+
+- ``ROWS_FOLD_REDUCE``: the x_proj partial sums reduced by the conv + x_proj kernel's last-arriving program of each
+  output tile (a counter elects it) instead of by ``_reduce_partials_kernel``;
+- ``ROWS_PRE_WAIT``: the state-update kernel computes the conv, z and loads the dt_proj tile before its PDL wait;
+- ``ADD_NORM_WARPS`` 16 (the last round's lead), and block variants of these. (The first two calls of dec16c also
+  swept a norm folded into out_proj / in_proj, since removed: gpu_decode_parts.md.)
+
+1. GPU step at batch 16 (graph replays back to back, the graph captured afresh per setting) for "base" (the committed
+   defaults with the two switches off and 4-warp norms, i.e. main's step) and every VARIANT (fused module attributes
+   on top of base); then base and the fastest alternately (``--rounds``).
+2. generate() ms / step at batch 16 and 1 (128 new tokens after a 16-token prompt, prefill included, / 128), base and
+   the fastest (or ``--ship``) alternately; GPU step at batch 1; greedy tokens at batch 16: eager = graph.
+3. Optional CUPTI timeline (diag_decode_b16_timeline.timeline) of base and the shipped setting.
+
+Writes ``sweep_decode_fold16.json`` to ``--out`` (default benchmarks/results).
+
+    python benchmarks/sweep_decode_fold16.py [--out DIR] [--rounds 3] [--only NAME ...] [--ship NAME] [--timeline]
+    python benchmarks/sweep_decode_fold16.py --isolated NAME ...   (GPU steps only, a child process per crash)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+import bench_gpu_generate as gen  # noqa: E402
+from multimodal_mamba.kernels.decode_step import fused  # noqa: E402
+
+KNOBS = ("ADD_NORM_WARPS", "ROWS_FOLD_REDUCE", "ROWS_PRE_WAIT", "ROWS_CONV_X_PROJ_CONFIG",
+         "ROWS_SSM_STEP_CONFIG", "IN_PROJ_CONFIG", "OUT_PROJ_CONFIG", "ADD_NORM_TRIGGER_AFTER_WAIT")
+DEFAULTS = {name: getattr(fused, name) for name in KNOBS}  # the committed defaults (captured at import)
+# base: main's step (f879a77): the two switches off, norm warps as there
+BASE = {**DEFAULTS, "ADD_NORM_WARPS": None, "ROWS_FOLD_REDUCE": False, "ROWS_PRE_WAIT": False,
+        "ROWS_CONV_X_PROJ_CONFIG": (16, 128, 128, 64, 4), "ROWS_SSM_STEP_CONFIG": (16, 32, 4),
+        "IN_PROJ_CONFIG": (128, 64, 0, 0, True, 4, 6, True, 2), "OUT_PROJ_CONFIG": (64, 64, 1024, 0, True, 4, 8, True),
+        "ADD_NORM_TRIGGER_AFTER_WAIT": True}
+OUT = BASE["OUT_PROJ_CONFIG"]
+FR, PW = {"ROWS_FOLD_REDUCE": True}, {"ROWS_PRE_WAIT": True}
+VARIANTS = {
+    "norm 16 warps": {"ADD_NORM_WARPS": 16},
+    "fold reduce": FR,
+    "pre wait": PW,
+    "fold reduce + pre wait": {**FR, **PW},
+    "fold reduce + pre wait, state (16, 16, 4)": {**FR, **PW, "ROWS_SSM_STEP_CONFIG": (16, 16, 4)},
+    "fold reduce + pre wait, state (32, 32, 8)": {**FR, **PW, "ROWS_SSM_STEP_CONFIG": (32, 32, 8)},
+    "fold reduce + pre wait, conv block_c 256": {**FR, **PW, "ROWS_CONV_X_PROJ_CONFIG": (16, 256, 128, 64, 4)},
+    "fold reduce + pre wait, conv block_p 32": {**FR, **PW, "ROWS_CONV_X_PROJ_CONFIG": (16, 128, 128, 32, 4)},
+    "fold reduce + pre wait + norm 16 warps": {**FR, **PW, "ADD_NORM_WARPS": 16},
+    "defaults": DEFAULTS,
+}
+RESULTS = {}
+
+
+def record(key, value, out):
+    RESULTS[key] = value
+    print(json.dumps({key: value}), flush=True)
+    (out / "sweep_decode_fold16.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def apply(setting):
+    for name, value in {**BASE, **setting}.items():
+        setattr(fused, name, tuple(value) if isinstance(value, list) else value)
+
+
+def step_ms(model, ids, batch=16):
+    model.decode_graphs.clear()
+    gen.ours_generate(model, ids[:batch], True, 4)
+    return round(gen.graph_step_ms(model, batch), 4)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, help="names of VARIANTS to run (default: all)")
+    parser.add_argument("--ship", default=None, help="the setting of part 2 (default: the fastest)")
+    parser.add_argument("--timeline", action="store_true")
+    parser.add_argument("--no-generate", action="store_true")
+    parser.add_argument("--isolated", nargs="*", default=None,
+                        help="only GPU steps of base and these VARIANTS, each group in a child process that stops at "
+                             "its first error (a kernel fault leaves the CUDA context unusable), resumed in a new "
+                             "one after it")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.isolated is not None:
+        return isolated(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    start = time.time()
+    settings = {"base": {}, **{k: v for k, v in VARIANTS.items() if args.only is None or k in args.only}}
+    record("settings", {k: {n: list(v) if isinstance(v, tuple) else v for n, v in s.items()}
+                        for k, s in settings.items()}, out)
+    with torch.no_grad():
+        args.skip_transformers = True
+        _, systems = gen.build_models(args)
+        model = systems["ours"]
+        torch.manual_seed(1)
+        ids = torch.randint(1, 50000, (16, gen.PROMPT), device="cuda")
+        apply({})
+        step_ms(model, ids)  # warm-up
+        steps = {}
+        for name, setting in settings.items():
+            apply(setting)
+            try:
+                steps[name] = step_ms(model, ids)
+            except Exception as error:
+                record(f"step_error/{name}", repr(error)[:400], out)
+                if args.child:
+                    os._exit(3)
+                continue
+            record(f"step_ms/{name}", steps[name], out)
+        if args.child:
+            return
+        best = min((n for n in steps if n != "base"), key=steps.get)
+        ship = args.ship or best
+        record("best", best, out)
+        rounds = {name: [] for name in dict.fromkeys(("base", best, ship))}
+        for _ in range(args.rounds):
+            for name in rounds:
+                apply(settings[name])
+                rounds[name].append(step_ms(model, ids))
+        record("step_ms_rounds", rounds, out)
+        record("sweep_s", round(time.time() - start, 1), out)
+
+        if not args.no_generate:
+            gen_ms = {f"b{b}/{n}": [] for b in (16, 1) for n in ("base", ship)}
+            for _ in range(2):
+                for name in ("base", ship):
+                    apply(settings[name])
+                    for batch in (16, 1):
+                        model.decode_graphs.clear()
+                        gen.ours_generate(model, ids[:batch], True, 8)
+                        t = gen.median_time(lambda: gen.ours_generate(model, ids[:batch], True), repeats=3, warmup=1)
+                        gen_ms[f"b{batch}/{name}"].append(round(t / gen.NEW * 1e3, 3))
+            record("generate_ms_per_step", gen_ms, out)
+            for name in ("base", ship):
+                apply(settings[name])
+                record(f"b1_step_ms/{name}", step_ms(model, ids, 1), out)
+        apply(settings[ship])
+        graphed = gen.ours_generate(model, ids, True, 32)
+        eager = gen.ours_generate(model, ids, False, 32)
+        record(f"b16_graph_equals_eager_32/{ship}", bool(torch.equal(graphed, eager)), out)
+        apply({})
+        base_tokens = gen.ours_generate(model, ids, True, 32)
+        record(f"b16_{ship}_tokens_equal_base_32", bool(torch.equal(graphed, base_tokens)), out)
+
+        if args.timeline:
+            import diag_decode_b16_timeline as diag
+
+            for name in dict.fromkeys(("base", ship)):
+                apply(settings[name])
+                record(f"timeline/{name}", diag.timeline(model, ids), out)
+    apply(DEFAULTS)
+    record("total_s", round(time.time() - start, 1), out)
+
+
+def isolated(args):
+    """GPU steps of base and ``args.isolated`` in child processes (``--child --only ...``), each resumed after an
+    error with the names not yet measured; results merged into ``sweep_decode_fold16_isolated.json``."""
+    names = [n for n in args.isolated if n in VARIANTS]
+    merged = {}
+    while names:
+        child_out = args.out / "child"
+        child_out.mkdir(parents=True, exist_ok=True)
+        (child_out / "sweep_decode_fold16.json").unlink(missing_ok=True)
+        subprocess.run([sys.executable, __file__, "--child", "--no-generate", "--out", str(child_out), "--only",
+                        *names], timeout=300)
+        path = child_out / "sweep_decode_fold16.json"
+        found = json.loads(path.read_text()) if path.exists() else {}
+        done = {k.split("/", 1)[1] for k in found if k.startswith(("step_ms/", "step_error/"))}
+        merged.update({k: v for k, v in found.items() if k.startswith(("step_ms/", "step_error/"))})
+        print(json.dumps({k: v for k, v in found.items() if k.startswith("step_")}), flush=True)
+        if not done - {"base"}:
+            break  # (the child failed before any variant)
+        names = [n for n in names if n not in done]
+        (args.out / "sweep_decode_fold16_isolated.json").write_text(json.dumps(merged, indent=1))
+    (args.out / "sweep_decode_fold16_isolated.json").write_text(json.dumps(merged, indent=1))
+
+
+if __name__ == "__main__":
+    main()
