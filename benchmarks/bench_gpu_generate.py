@@ -80,6 +80,14 @@ def graph_step_ms(model, batch):
     return median_time(lambda: [bucket.graph.replay() for _ in range(50)], repeats=3) / 50 * 1e3
 
 
+def fresh_graph_step_ms(model, ids, batch=16):
+    """The decode step's GPU time (ms) at ``batch`` rows with the kernels' current settings: the graphs captured
+    afresh by a short generate on ``ids[:batch]``, then ``graph_step_ms`` (rounded to 0.1 us)."""
+    model.decode_graphs.clear()
+    ours_generate(model, ids[:batch], True, 4)
+    return round(graph_step_ms(model, batch), 4)
+
+
 def decode_bench_setup(default_out=REPO_ROOT / "benchmarks" / "results"):
     """The decode benchmarks' command line (``--out``) and models: ours and mamba-ssm where it imports, without
     transformers. Returns (args, systems)."""

@@ -59,6 +59,38 @@ VARIANTS = {
     "fold reduce + pre wait + norm 16 warps": {**FR, **PW, "ADD_NORM_WARPS": 16},
     "defaults": DEFAULTS,
 }
+# Session 7's retune around the shipped defaults (run with --base-defaults: "base" is then the defaults): the
+# projections' tiles, pipelining and launch points, and the norm's, chosen before the two switches changed the kernels
+# around them. linear_rows configs: (block_n, block_k, k_split, pre_k, swap, warps, stages, tma, trigger).
+_IN, _OUT = DEFAULTS["IN_PROJ_CONFIG"], DEFAULTS["OUT_PROJ_CONFIG"]
+
+
+def _with(config, **changes):
+    names = ("block_n", "block_k", "k_split", "pre_k", "swap", "warps", "stages", "tma", "trigger")
+    values = dict(zip(names, tuple(config) + (False, 0)[len(config) - 7:]))
+    values.update(changes)
+    return tuple(values[n] for n in names)
+
+
+RETUNE = {
+    "in stages 4": {"IN_PROJ_CONFIG": _with(_IN, stages=4)},
+    "in stages 8": {"IN_PROJ_CONFIG": _with(_IN, stages=8)},
+    "in trigger at start": {"IN_PROJ_CONFIG": _with(_IN, trigger=0)},
+    "in trigger after wait": {"IN_PROJ_CONFIG": _with(_IN, trigger=1)},
+    "in block_n 64": {"IN_PROJ_CONFIG": _with(_IN, block_n=64)},
+    "in block_k 128 stages 4": {"IN_PROJ_CONFIG": _with(_IN, block_k=128, stages=4)},
+    "in warps 8": {"IN_PROJ_CONFIG": _with(_IN, warps=8)},
+    "out 4 splits": {"OUT_PROJ_CONFIG": _with(_OUT, k_split=1280)},
+    "out 8 splits": {"OUT_PROJ_CONFIG": _with(_OUT, k_split=640)},
+    "out block_n 32": {"OUT_PROJ_CONFIG": _with(_OUT, block_n=32)},
+    "out block_n 128": {"OUT_PROJ_CONFIG": _with(_OUT, block_n=128)},
+    "out stages 6": {"OUT_PROJ_CONFIG": _with(_OUT, stages=6)},
+    "out trigger after wait": {"OUT_PROJ_CONFIG": _with(_OUT, trigger=1)},
+    "norm trigger at start": {"ADD_NORM_TRIGGER_AFTER_WAIT": False},
+    "norm 8 warps": {"ADD_NORM_WARPS": 8},
+    "norm 32 warps": {"ADD_NORM_WARPS": 32},
+}
+VARIANTS.update({name: {**DEFAULTS, **setting} for name, setting in RETUNE.items()})
 RESULTS = {}
 
 
@@ -73,10 +105,7 @@ def apply(setting):
         setattr(fused, name, tuple(value) if isinstance(value, list) else value)
 
 
-def step_ms(model, ids, batch=16):
-    model.decode_graphs.clear()
-    gen.ours_generate(model, ids[:batch], True, 4)
-    return round(gen.graph_step_ms(model, batch), 4)
+step_ms = gen.fresh_graph_step_ms
 
 
 def main():
@@ -91,8 +120,15 @@ def main():
                         help="only GPU steps of base and these VARIANTS, each group in a child process that stops at "
                              "its first error (a kernel fault leaves the CUDA context unusable), resumed in a new "
                              "one after it")
+    parser.add_argument("--base-defaults", action="store_true",
+                        help="compare against the committed defaults instead of main's step of f879a77")
+    parser.add_argument("--profile-generate", action="store_true",
+                        help="also: GPU kernel time of one batch-16 generate() by kernel (what runs outside the "
+                             "decode graph's replays: the prefill, transformers' per-token ops)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.base_defaults:
+        BASE.update(DEFAULTS)
     if args.isolated is not None:
         return isolated(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +197,38 @@ def main():
             for name in dict.fromkeys(("base", ship)):
                 apply(settings[name])
                 record(f"timeline/{name}", diag.timeline(model, ids), out)
+        if args.profile_generate:
+            apply(DEFAULTS)
+            record("generate_profile_b16", profile_generate(model, ids), out)
     apply(DEFAULTS)
     record("total_s", round(time.time() - start, 1), out)
+
+
+def profile_generate(model, ids):
+    """GPU kernel time of one generate() at batch 16 (warm: graphs captured, the prompt's shape seen): its span,
+    the sum of kernel times, the decode graphs' share (kernels of graph replays) and the 25 costliest kernel names
+    outside them, in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.decode_graphs.clear()
+    for _ in range(2):
+        gen.ours_generate(model, ids, True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        gen.ours_generate(model, ids, True)
+        torch.cuda.synchronize()
+        span = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / 1e3
+    by_name = {}
+    for e in kernels:
+        by_name.setdefault(e.name, [0.0, 0])
+        by_name[e.name][0] += e.device_time / 1e3
+        by_name[e.name][1] += 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"wall_ms": round(span * 1e3, 3), "kernel_ms": round(total, 3), "kernels": len(kernels),
+            "top": [[name[:90], round(ms, 3), count] for name, (ms, count) in top]}
 
 
 def isolated(args):

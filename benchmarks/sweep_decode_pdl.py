@@ -68,9 +68,7 @@ def main():
         out_file.write_text(json.dumps(results, indent=1))
 
     def step_ms(batch, ids):
-        ours.decode_graphs.clear()
-        gen.ours_generate(ours, ids, True, 4)
-        return round(gen.graph_step_ms(ours, batch), 4)
+        return gen.fresh_graph_step_ms(ours, ids, batch)
 
     def generate_rows(label, with_mamba_ssm=False):
         rows = {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,11 +53,7 @@ def apply(settings):
         setattr(fused, name, value)
 
 
-def step_ms(model, ids, batch):
-    """Capture the bucket's graph afresh with the current settings, then its GPU step (median of 3 x 50 replays)."""
-    model.decode_graphs.clear()
-    gen.ours_generate(model, ids[:batch], True, 4)
-    return round(gen.graph_step_ms(model, batch), 4)
+step_ms = gen.fresh_graph_step_ms
 
 
 def main():
