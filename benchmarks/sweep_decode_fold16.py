@@ -90,6 +90,17 @@ RETUNE = {
     "norm 8 warps": {"ADD_NORM_WARPS": 8},
     "norm 32 warps": {"ADD_NORM_WARPS": 32},
 }
+_N32 = {"ADD_NORM_WARPS": 32}
+RETUNE.update({  # (the second call: the best single changes of the first on top of its best, 32-warp norms)
+    "norm 32 + in block_k 128 stages 4": {**_N32, "IN_PROJ_CONFIG": _with(_IN, block_k=128, stages=4)},
+    "norm 32 + in stages 8": {**_N32, "IN_PROJ_CONFIG": _with(_IN, stages=8)},
+    "norm 32 + out 4 splits": {**_N32, "OUT_PROJ_CONFIG": _with(_OUT, k_split=1280)},
+    "norm 32 + out block_n 128": {**_N32, "OUT_PROJ_CONFIG": _with(_OUT, block_n=128)},
+    "norm 32 + in block_k 128 stages 4 + out 4 splits": {
+        **_N32, "IN_PROJ_CONFIG": _with(_IN, block_k=128, stages=4), "OUT_PROJ_CONFIG": _with(_OUT, k_split=1280)},
+    "norm 32 + in stages 8 + out 4 splits": {
+        **_N32, "IN_PROJ_CONFIG": _with(_IN, stages=8), "OUT_PROJ_CONFIG": _with(_OUT, k_split=1280)},
+})
 VARIANTS.update({name: {**DEFAULTS, **setting} for name, setting in RETUNE.items()})
 RESULTS = {}
 
