@@ -93,8 +93,9 @@ _ADD_NORM = CachedLaunch(_add_rms_norm_kernel)
 # the out_proj before the norm still streams its weights). Other row counts keep None / False. Measured on an H200
 # (batch-16 GPU step, benchmarks/results/gpu_decode_parts.md): True 3.161 ms against False 3.199 with both
 # projections on linear_rows. 16 warps (branch dec16c, second H200 call): 2.892 ms against 2.920 with 4 (on top of
-# ROWS_FOLD_REDUCE and ROWS_PRE_WAIT); the row's sum of squares is then reduced over 16 warps (another float32 order).
-ADD_NORM_WARPS = 16
+# ROWS_FOLD_REDUCE and ROWS_PRE_WAIT); 32 warps (session 7, sweep_decode_fold16.py --base-defaults): 2.833-2.842 ms
+# against 2.878-2.888 with 16 (8: 2.919). The row's sum of squares is reduced over those warps (another float32 order).
+ADD_NORM_WARPS = 32
 ADD_NORM_TRIGGER_AFTER_WAIT = True
 
 
@@ -742,9 +743,12 @@ def _rank_parts(rank):
 # 3.238; both (out_proj as below: TMA tiles, 5 partial sums), with add_rms_norm triggering after its wait: 3.149.
 # Each projection alone reads its weight more slowly than cuBLAS does (in_proj 15.9 us against 15.2, out_proj 9.9
 # against 11.6 with cuBLAS's reduce, back to back in a graph); the step gains from the PDL overlap around them.
+# Retuned once the step's other kernels had changed (session 7, sweep_decode_fold16.py --base-defaults, 32-warp norms):
+# in_proj on K tiles of 128 with 4 stages 2.809-2.818 ms against 2.828-2.842 with (64, 6 stages); other in_proj and
+# out_proj settings (stages 4 / 8, launch points, block_n 32 / 64 / 128, 4 or 8 out_proj splits) level or slower.
 PROJ_MIN_BATCH = 8
 PROJ_MAX_BATCH = 32
-IN_PROJ_CONFIG = (128, 64, 0, 0, True, 4, 6, True, 2)
+IN_PROJ_CONFIG = (128, 128, 0, 0, True, 4, 4, True, 2)
 OUT_PROJ_CONFIG = (64, 64, 1024, 0, True, 4, 8, True)
 
 
