@@ -604,15 +604,14 @@ class MambaBackbone(MambaLMPreTrainedModel):
     def _decode_workspace(self, batch, device, dtype, residual_dtype, ops):
         """Buffers the fused decode step reuses across layers and steps: residual (batch, hidden) in residual_dtype,
         normed (batch, hidden) and y (batch, intermediate) in dtype, x_proj partials (splits, batch, rank + 2N) float32,
-        the mixer kernels' int32 counters (zeros; every step leaves them zero) or None.
+        the mixer kernels' int32 counters (zeros; every step leaves them zero).
         Kept per (device, dtypes, batch) so that eager steps allocate nothing and a captured graph keeps its buffers
         (up to ``_MAX_WORKSPACES`` shapes; beyond that a step allocates its own, never freeing one a graph may use)."""
         config = self.config
         mixer = self.layers[0].mixer
         splits = ops.split_count(mixer.intermediate_size)  # (follows the kernels' block configuration)
         n_proj = mixer.time_step_rank + 2 * mixer.state_size
-        counter_count = getattr(ops, "counter_count", None)
-        counters = counter_count(n_proj, batch) if counter_count is not None else 0
+        counters = ops.counter_count(n_proj, batch)  # (follows the kernels' block configuration too)
         key = (str(device), dtype, residual_dtype, batch, id(ops), splits, counters)
         workspaces = self.__dict__.setdefault("_decode_workspaces", {})
         found = workspaces.get(key)
@@ -623,7 +622,7 @@ class MambaBackbone(MambaLMPreTrainedModel):
             torch.empty(batch, config.hidden_size, device=device, dtype=dtype),
             torch.empty(splits, batch, n_proj, device=device, dtype=torch.float32),
             torch.empty(batch, mixer.intermediate_size, device=device, dtype=dtype),
-            torch.zeros(counters, device=device, dtype=torch.int32) if counters else None,
+            torch.zeros(counters, device=device, dtype=torch.int32),
         )
         if len(workspaces) < self._MAX_WORKSPACES:
             workspaces[key] = found
@@ -643,7 +642,6 @@ class MambaBackbone(MambaLMPreTrainedModel):
         dtype = x.dtype
         residual_dtype = torch.float32 if self.layers[0].residual_in_fp32 else dtype
         residual, normed, partials, y, counters = self._decode_workspace(batch, x.device, dtype, residual_dtype, ops)
-        extra = {"counters": counters} if counters is not None else {}
         residual_in, delta = x, None
         for block in self.layers:
             mixer = block.mixer
@@ -654,7 +652,7 @@ class MambaBackbone(MambaLMPreTrainedModel):
             ops.mixer_decode_step(
                 xz, cache_params.conv_states[layer], cache_params.ssm_states[layer], mixer.conv1d.weight[:, 0],
                 mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
-                mixer.D, partials, y, **extra,
+                mixer.D, partials, y, counters,
             )
             delta = ops.out_projection(y, mixer.out_proj)  # (float32 partial sums where kernels route it so)
             residual_in = residual
