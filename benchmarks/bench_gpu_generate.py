@@ -62,10 +62,26 @@ def median_time(fn, repeats=3, warmup=1):
     return sorted(times)[len(times) // 2]
 
 
-def record(key, value, out):
-    RESULTS[key] = value
-    print(json.dumps({key: value}), flush=True)
-    (out / "generate_results.json").write_text(json.dumps(RESULTS, indent=1))
+def json_recorder(results: dict, filename: str):
+    """``record(key, value, out)``: stores value under key in ``results``, prints it as a JSON line and rewrites
+    ``out / filename`` with all of ``results`` (so a run cut short keeps what it measured)."""
+
+    def record(key, value, out):
+        results[key] = value
+        print(json.dumps({key: value}), flush=True)
+        (out / filename).write_text(json.dumps(results, indent=1))
+
+    return record
+
+
+record = json_recorder(RESULTS, "generate_results.json")
+
+
+def apply_settings(module, base: dict, setting: dict):
+    """Sets ``module``'s attributes (a kernel module's configuration constants) to ``base`` updated by ``setting``,
+    JSON lists back to tuples."""
+    for name, value in {**base, **setting}.items():
+        setattr(module, name, tuple(value) if isinstance(value, list) else value)
 
 
 def ours_generate(model, ids, graph=True, new=NEW):
@@ -78,6 +94,22 @@ def graph_step_ms(model, batch):
     bucket = next(b for b in model.decode_graphs._buckets.values()
                   if b.graph is not None and b.input_ids.shape[0] >= batch)
     return median_time(lambda: [bucket.graph.replay() for _ in range(50)], repeats=3) / 50 * 1e3
+
+
+def alternating_generate_ms(model, ids, settings: dict, apply, rounds=2, batches=(16, 1)):
+    """generate() ms per new token under each named setting (``apply(setting)`` before its calls), the settings
+    alternating ``rounds`` times, at each batch size (``ids[:batch]``): graphs captured afresh, a warm-up call, the
+    median of 3. Returns {"b<batch>/<name>": [ms, ...]}."""
+    times = {f"b{batch}/{name}": [] for batch in batches for name in settings}
+    for _ in range(rounds):
+        for name, setting in settings.items():
+            apply(setting)
+            for batch in batches:
+                model.decode_graphs.clear()
+                ours_generate(model, ids[:batch], True, 8)
+                seconds = median_time(lambda: ours_generate(model, ids[:batch], True), repeats=3, warmup=1)
+                times[f"b{batch}/{name}"].append(round(seconds / NEW * 1e3, 3))
+    return times
 
 
 def fresh_graph_step_ms(model, ids, batch=16):

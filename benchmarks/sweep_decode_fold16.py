@@ -105,15 +105,11 @@ VARIANTS.update({name: {**DEFAULTS, **setting} for name, setting in RETUNE.items
 RESULTS = {}
 
 
-def record(key, value, out):
-    RESULTS[key] = value
-    print(json.dumps({key: value}), flush=True)
-    (out / "sweep_decode_fold16.json").write_text(json.dumps(RESULTS, indent=1))
+record = gen.json_recorder(RESULTS, "sweep_decode_fold16.json")
 
 
 def apply(setting):
-    for name, value in {**BASE, **setting}.items():
-        setattr(fused, name, tuple(value) if isinstance(value, list) else value)
+    gen.apply_settings(fused, BASE, setting)
 
 
 step_ms = gen.fresh_graph_step_ms
@@ -181,16 +177,8 @@ def main():
         record("sweep_s", round(time.time() - start, 1), out)
 
         if not args.no_generate:
-            gen_ms = {f"b{b}/{n}": [] for b in (16, 1) for n in ("base", ship)}
-            for _ in range(2):
-                for name in ("base", ship):
-                    apply(settings[name])
-                    for batch in (16, 1):
-                        model.decode_graphs.clear()
-                        gen.ours_generate(model, ids[:batch], True, 8)
-                        t = gen.median_time(lambda: gen.ours_generate(model, ids[:batch], True), repeats=3, warmup=1)
-                        gen_ms[f"b{batch}/{name}"].append(round(t / gen.NEW * 1e3, 3))
-            record("generate_ms_per_step", gen_ms, out)
+            pair = {name: settings[name] for name in ("base", ship)}
+            record("generate_ms_per_step", gen.alternating_generate_ms(model, ids, pair, apply), out)
             for name in ("base", ship):
                 apply(settings[name])
                 record(f"b1_step_ms/{name}", step_ms(model, ids, 1), out)

@@ -87,10 +87,7 @@ FINAL = {
 RESULTS = {}
 
 
-def record(key, value, out):
-    RESULTS[key] = value
-    print(json.dumps({key: value}), flush=True)
-    (out / "sweep_decode_proj16.json").write_text(json.dumps(RESULTS, indent=1))
+record = gen.json_recorder(RESULTS, "sweep_decode_proj16.json")
 
 
 def graph_us(fn, calls):
@@ -154,8 +151,7 @@ def isolated(name, n_out, k_in, candidates, partial, out):
 
 
 def apply(setting):
-    for name, value in {**MAIN, **setting}.items():
-        setattr(fused, name, tuple(value) if isinstance(value, list) else value)
+    gen.apply_settings(fused, MAIN, setting)
 
 
 step_ms = gen.fresh_graph_step_ms
@@ -220,16 +216,8 @@ def main():
         record("sweep_s", round(time.time() - start, 1), out)
 
         shipped = "defaults" if args.final else best
-        gen_ms = {f"b{b}/{n}": [] for b in (16, 1) for n in ("main", shipped)}
-        for _ in range(2):
-            for name in ("main", shipped):
-                apply(settings[name])
-                for batch in (16, 1):
-                    model.decode_graphs.clear()
-                    gen.ours_generate(model, ids[:batch], True, 8)
-                    t = gen.median_time(lambda: gen.ours_generate(model, ids[:batch], True), repeats=3, warmup=1)
-                    gen_ms[f"b{batch}/{name}"].append(round(t / gen.NEW * 1e3, 3))
-        record("generate_ms_per_step", gen_ms, out)
+        pair = {name: settings[name] for name in ("main", shipped)}
+        record("generate_ms_per_step", gen.alternating_generate_ms(model, ids, pair, apply), out)
         for name in ("main", shipped):
             apply(settings[name])
             model.decode_graphs.clear()

@@ -42,15 +42,11 @@ VARIANTS = {
 RESULTS = {}
 
 
-def record(key, value, out):
-    RESULTS[key] = value
-    print(json.dumps({key: value}), flush=True)
-    (out / "sweep_decode_state.json").write_text(json.dumps(RESULTS, indent=1))
+record = gen.json_recorder(RESULTS, "sweep_decode_state.json")
 
 
-def apply(settings):
-    for name, value in {**MAIN, **settings}.items():
-        setattr(fused, name, value)
+def apply(setting):
+    gen.apply_settings(fused, MAIN, setting)
 
 
 step_ms = gen.fresh_graph_step_ms
