@@ -5,6 +5,9 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from multimodal_mamba import MambaCausalLM, MambaStateCache, last_backend, ssm_backend
+from multimodal_mamba.kernels import cpu as cpp_kernels
+
+AUTO_CPU_SCAN = "cpp" if cpp_kernels.available() else "torch"  # what "auto" runs a CPU inference scan on
 
 CONFIGS = {
     "default": dict(),
@@ -24,15 +27,17 @@ def make_pair(seed=0, **overrides):
     return reference, ours
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_equal_transformers_mamba(name):
+def test_logits_equal_transformers_mamba(name, backend):
+    """"auto" runs the scan on the C++ kernel where it builds (inference, float32), "torch" on the chunked scan."""
     reference, ours = make_pair(**CONFIGS[name])
     ids = torch.randint(0, 97, (2, 45))
-    with torch.no_grad():
+    with torch.no_grad(), ssm_backend(backend):
         expected = reference(ids, use_cache=False).logits
         got = ours(ids, use_cache=False).logits
     assert (expected - got).abs().max() <= 1e-4
-    assert last_backend("selective_scan") == "torch"
+    assert last_backend("selective_scan") == (AUTO_CPU_SCAN if backend == "auto" else backend)
 
 
 @pytest.mark.parametrize("name", ["default", "state32_conv3_untied"])

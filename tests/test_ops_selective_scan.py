@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from multimodal_mamba import available_backends, last_backend, ssm_backend
+from multimodal_mamba.kernels import cpu as cpp_kernels
 from multimodal_mamba.modeling.ops_selective_scan import (
     causal_conv1d,
     causal_conv1d_ref,
@@ -28,7 +29,10 @@ from multimodal_mamba.modeling.ops_selective_scan import (
     selective_state_update_ref,
 )
 
-CPU_BACKENDS = ("torch", "reference")  # GPU backends, where registered, are tested in test_gpu_kernels.py
+CPU_BACKENDS = ("torch", "reference")  # GPU backends, where registered, are tested in test_gpu_kernels.py; "cpp"
+# (inference only) in test_cpu_kernels.py
+# What "auto" runs a CPU float32 scan without gradients on: the C++ kernel, where it can be built
+AUTO_CPU_SCAN = "cpp" if cpp_kernels.available() else "torch"
 
 
 def cpu_backends(op):
@@ -141,7 +145,7 @@ def test_selective_scan_outputs_and_no_grad(return_final_state):
         out, ref = out[0], ref[0]
     assert torch.is_tensor(out)
     assert_close_scaled(out, ref)
-    assert last_backend("selective_scan") == "torch"  # "auto" on CPU
+    assert last_backend("selective_scan") == AUTO_CPU_SCAN  # "auto" on CPU
 
 
 def test_selective_scan_grad_through_gate_only():
@@ -401,7 +405,7 @@ def test_backend_forcing_and_last_backend():
         assert last_backend("selective_scan") == "reference"
     assert_close_scaled(y_torch, y_ref)
     selective_scan(**inputs)
-    assert last_backend("selective_scan") == "torch"  # "auto" on CPU tensors (GPU backends do not accept them)
+    assert last_backend("selective_scan") == AUTO_CPU_SCAN  # "auto" on CPU tensors (GPU backends do not take them)
     with pytest.raises(ValueError, match="unknown ssm backend"):
         with ssm_backend("fastest"):
             pass

@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 from .peft_adapters import AdapterLoadingMixin
 from .decode_graphs import DecodeGraphs
 from .deferred_stop import allow_deferred_stop_check
-from .ops_mamba_ssm import GPU_BACKENDS  # noqa: F401  (registers the "mamba_ssm" and "triton" backends on CUDA)
+from .ops_mamba_ssm import GPU_BACKENDS  # noqa: F401  (registers "mamba_ssm" and "triton" on CUDA, and "cpp")
 from .ops_selective_scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from .ssm_backends import config_backend, forced_backend
 

@@ -1,4 +1,5 @@
-"""GPU backends of the state-space ops: mamba-ssm / causal-conv1d ("mamba_ssm") and this package's Triton kernels.
+"""Kernel backends of the state-space ops: mamba-ssm / causal-conv1d ("mamba_ssm"), this package's Triton kernels
+("triton") and its C++ CPU kernels ("cpp").
 
 Importing this module registers, into the op dispatch of ``ssm_backends`` (the one next to this file, so a
 remote-code copy of the modeling files registers into its own):
@@ -11,6 +12,8 @@ remote-code copy of the modeling files registers into its own):
   ignores it), conv widths other than 2-4, a conv initial state on a layout the kernel cannot take (channel-last
   with dim % 8 == 0), and gradients through a decode step.
 - backend ``"triton"`` (``multimodal_mamba.kernels``), when that package, Triton and CUDA are available.
+- backend ``"cpp"`` (``multimodal_mamba.kernels.cpu``), when that package is installed: the selective scan's forward
+  on CPU float32 tensors, compiled on first use (without a C++ compiler it declines every call).
 
 The imports of mamba-ssm happen on the first call (``import mamba_ssm`` is slow and pulls in much more); only
 their presence is checked here. Nothing of this package is imported outside ``try:``, so this file travels with
@@ -209,4 +212,15 @@ def register_triton_backends(register=register_backend) -> list:
     return register_backends(register)
 
 
+def register_cpp_backends(register=register_backend) -> list:
+    """Register this package's C++ CPU kernels (backend "cpp") into this module's registry, if importable. Nothing
+    is compiled here: the first call that the kernels accept builds them (``multimodal_mamba.kernels.cpu.build``)."""
+    try:
+        from multimodal_mamba.kernels.cpu import register_backends
+    except Exception:  # the package is not installed (remote code): the PyTorch path remains
+        return []
+    return register_backends(register)
+
+
 GPU_BACKENDS = {"mamba_ssm": register_mamba_ssm_backends(), "triton": register_triton_backends()}
+CPU_BACKENDS = {"cpp": register_cpp_backends()}

@@ -1,9 +1,11 @@
 """Backend selection for the state-space ops (selective scan, coupled scan, decode steps, causal conv).
 
 Every op has one public entry point, a plain PyTorch reference that defines what is correct (``"reference"``),
-a fast PyTorch path (``"torch"``) and, on CUDA, faster backends that register themselves here when they can be
-imported (``"triton"``: this package's kernels, ``"mamba_ssm"``: mamba-ssm / causal-conv1d). Dispatch takes the
-first backend, in priority order, that is registered, available and accepts the call; a user can force one:
+a fast PyTorch path (``"torch"``) and faster backends that register themselves here when they can be imported: on
+CUDA ``"triton"`` (this package's kernels) and ``"mamba_ssm"`` (mamba-ssm / causal-conv1d), on the CPU ``"cpp"`` (this
+package's C++ kernels, built with the system compiler on first use: the selective scan's forward for float32 calls
+without gradients; ``multimodal_mamba.kernels.cpu``). Dispatch takes the first backend, in priority order, that is
+registered, available and accepts the call; a user can force one:
 
     with ssm_backend("reference"):
         model(**inputs)
@@ -14,7 +16,8 @@ or set ``ssm_backend`` on a model config (the models wrap their forward in this 
 ``"torch_compile"`` (CPU, opt-in: "auto" never picks it) is the PyTorch path with the selective scan and the causal
 conv compiled by ``torch.compile`` (``ops_selective_scan_compiled``). Forcing it also covers the ops and the calls it
 has no compiled version for (decode steps, the coupled scan, calls that need gradients, CUDA tensors): those run on
-its fallback, ``"torch"``, and ``last_backend`` reports ``"torch"`` for them.
+its fallback, ``"torch"``, and ``last_backend`` reports ``"torch"`` for them. Forcing ``"cpp"`` works the same way
+(everything but the inference scan runs on ``"torch"``, and so does the scan where no C++ compiler is found).
 
 This file imports nothing from the package, so it travels with remote code unchanged.
 """
@@ -25,12 +28,12 @@ import contextlib
 import threading
 from typing import Callable, Dict, List, Optional
 
-BACKEND_NAMES = ("auto", "triton", "mamba_ssm", "torch", "torch_compile", "reference")
+BACKEND_NAMES = ("auto", "triton", "mamba_ssm", "cpp", "torch", "torch_compile", "reference")
 # Order tried by "auto"; "reference" is never chosen automatically (it is the slow definition of correct), nor is the
 # opt-in "torch_compile" (its first call compiles for tens of seconds).
-AUTO_PRIORITY = ("triton", "mamba_ssm", "torch")
+AUTO_PRIORITY = ("triton", "mamba_ssm", "cpp", "torch")
 # A forced backend that is not registered for an op, or does not accept a call, hands it to its fallback.
-FALLBACK = {"torch_compile": "torch"}
+FALLBACK = {"torch_compile": "torch", "cpp": "torch"}
 
 _local = threading.local()
 # op name -> backend name -> (implementation, accepts(*args, **kwargs) -> bool)
