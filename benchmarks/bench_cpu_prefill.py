@@ -1,4 +1,4 @@
-"""CPU prefill: this package's ``MambaCausalLM`` (PyTorch path) against transformers' ``MambaForCausalLM``.
+"""CPU prefill: this package's ``MambaCausalLM`` (CPU path) against transformers' ``MambaForCausalLM``.
 
 Both models hold the same random weights (transformers' state_dict loaded into ours). The script checks that their
 logits agree, then times a prompt of ``--length`` tokens at batch 1 in the same process, the models interleaved run
@@ -7,11 +7,13 @@ by run (the machine is shared and noisy: compare ratios of medians, not absolute
 - full logits: ``model(input_ids, use_cache=False)``;
 - prefill: ``model(input_ids, use_cache=True, logits_to_keep=1)`` (what ``generate`` runs on the prompt).
 
-Ours runs twice: on the default eager PyTorch path (backend ``"torch"``, what ``"auto"`` picks on CPU) and on the
-opt-in compiled path (backend ``"torch_compile"``: the scan and the conv compiled by ``torch.compile``). The compiled
-path's one-off compile time is reported separately, never inside the timed runs: the first call in a fresh inductor
-cache (a temporary cache directory, so the number is the cold one), and the first call of a second process that finds
-that cache on disk (what later runs of a program see).
+Ours runs three ways: the default (``"auto"``: on CPU the selective scan runs on the C++ kernel of backend ``"cpp"``,
+built on first use, everything else in eager PyTorch), the eager PyTorch path throughout (backend ``"torch"``: the
+chunked scan), and the opt-in compiled path (backend ``"torch_compile"``: the scan and the conv compiled by
+``torch.compile``). One-off build times are reported separately, never inside the timed runs: the C++ kernel's build
+in an empty cache directory, and for the compiled path the first call in a fresh inductor cache (a temporary cache
+directory, so the number is the cold one) and the first call of a second process that finds that cache on disk (what
+later runs of a program see).
 
 Each is timed with torch's default number of threads and with one thread (OpenMP threads that wait for each other
 suffer most when other processes share the cores); the one-thread runs are also reported in CPU time of the thread,
@@ -50,6 +52,8 @@ from transformers import MambaConfig, MambaForCausalLM  # noqa: E402
 
 import multimodal_mamba.modeling.modeling_mamba_lm as modeling_mamba_lm  # noqa: E402
 from multimodal_mamba import MambaCausalLM, last_backend, ssm_backend  # noqa: E402
+from multimodal_mamba.kernels import cpu as cpp_kernels  # noqa: E402
+from multimodal_mamba.kernels.cpu import selective_scan_cpp  # noqa: E402
 from multimodal_mamba.modeling.ops_selective_scan import selective_scan_chunked, selective_scan_ref  # noqa: E402
 from multimodal_mamba.modeling.ops_selective_scan_compiled import selective_scan_compiled  # noqa: E402
 
@@ -122,6 +126,21 @@ def main(argv=None):
         return compile_probe(args.length, args.seed)
     compiled = not args.no_compiled
 
+    # The C++ kernel's build, timed in an empty cache directory (the default cache is left as it is).
+    build_times = {}
+    with tempfile.TemporaryDirectory(prefix="bench_cpu_prefill_cpp_") as cpp_cache:
+        previous = os.environ.get("MULTIMODAL_MAMBA_CACHE")
+        os.environ["MULTIMODAL_MAMBA_CACHE"] = cpp_cache
+        start = time.perf_counter()
+        cpp_ok = cpp_kernels.available()
+        build_times["C++ scan kernel, empty cache"] = time.perf_counter() - start
+        if previous is None:
+            del os.environ["MULTIMODAL_MAMBA_CACHE"]
+        else:
+            os.environ["MULTIMODAL_MAMBA_CACHE"] = previous
+    if not cpp_ok:
+        raise RuntimeError("the C++ scan kernel did not build here (see the warning above)")
+
     config, theirs, ours = build_models(args.seed)
     torch.manual_seed(args.seed + 1)
     input_ids = torch.randint(0, config.vocab_size, (1, args.length))
@@ -132,25 +151,32 @@ def main(argv=None):
         print(line, flush=True)
         lines.append(line)
 
-    def ours_compiled(**kwargs):
-        with ssm_backend("torch_compile"):
-            return ours(input_ids, **kwargs)
+    def ours_on(backend):
+        def run(**kwargs):
+            with ssm_backend(backend):
+                return ours(input_ids, **kwargs)
+        return run
+
+    variants = {"ours": ours_on("auto"), "ours, torch": ours_on("torch")}
+    if compiled:
+        variants["ours, torch_compile"] = ours_on("torch_compile")
 
     with torch.no_grad():
         ref_logits = theirs(input_ids, use_cache=False).logits
-        our_logits = ours(input_ids, use_cache=False).logits
-        backend = last_backend("selective_scan")
-        checks = {"eager": our_logits}
-        compile_times = {}
-        if compiled:
+        checks, ran = {}, {}
+        for name, run in variants.items():
             start = time.perf_counter()
-            checks["torch_compile"] = ours_compiled(use_cache=False).logits
-            compile_times["first full-logits call, cold inductor cache"] = time.perf_counter() - start
-            if last_backend("selective_scan") != "torch_compile":
-                raise RuntimeError("the torch_compile backend did not run (compilation failed?)")
-            start = time.perf_counter()
-            ours_compiled(use_cache=True, logits_to_keep=1)
-            compile_times["first prefill call after it"] = time.perf_counter() - start
+            checks[name] = run(use_cache=False).logits
+            ran[name] = last_backend("selective_scan")
+            if name == "ours, torch_compile":
+                build_times["torch_compile: first full-logits call, cold inductor cache"] = time.perf_counter() - start
+                start = time.perf_counter()
+                run(use_cache=True, logits_to_keep=1)
+                build_times["torch_compile: first prefill call after it"] = time.perf_counter() - start
+        expected = {"ours": "cpp", "ours, torch": "torch", "ours, torch_compile": "torch_compile"}
+        for name, backend in ran.items():
+            if backend != expected[name]:
+                raise RuntimeError(f"{name}: the scan ran on {backend!r}, not {expected[name]!r}")
         scale = ref_logits.abs().max().item()
         diffs = {name: (ref_logits - logits).abs().max().item() for name, logits in checks.items()}
         for name, max_abs in diffs.items():
@@ -172,11 +198,14 @@ def main(argv=None):
         ours(input_ids, use_cache=False)
         modeling_mamba_lm.selective_scan = real_scan
         scan_args, scan_kwargs = captured[0]
-        scan_ref = selective_scan_ref(*scan_args, **scan_kwargs)
-        scan_err = {"torch": (selective_scan_chunked(*scan_args, **scan_kwargs) - scan_ref).abs().max().item()}
+        scans = {
+            "scan, cpp": lambda: selective_scan_cpp(*scan_args, **scan_kwargs),
+            "scan, torch": lambda: selective_scan_chunked(*scan_args, **scan_kwargs),
+        }
         if compiled:
-            scan_compiled = selective_scan_compiled(*scan_args, **scan_kwargs)
-            scan_err["torch_compile"] = (scan_compiled - scan_ref).abs().max().item()
+            scans["scan, torch_compile"] = lambda: selective_scan_compiled(*scan_args, **scan_kwargs)
+        scan_ref = selective_scan_ref(*scan_args, **scan_kwargs)
+        scan_err = {name.split(", ")[1]: (fn() - scan_ref).abs().max().item() for name, fn in scans.items()}
 
         def ours_without_scan():
             modeling_mamba_lm.selective_scan = no_scan
@@ -190,20 +219,11 @@ def main(argv=None):
             torch.set_num_threads(threads)
             runs = {}
             for key, kwargs in (("full", dict(use_cache=False)), ("prefill", dict(use_cache=True, logits_to_keep=1))):
-                fns = {
-                    "transformers": lambda kw=kwargs: theirs(input_ids, **kw),
-                    "ours": lambda kw=kwargs: ours(input_ids, **kw),
-                }
-                if compiled:
-                    fns["ours, torch_compile"] = lambda kw=kwargs: ours_compiled(**kw)
+                fns = {"transformers": lambda kw=kwargs: theirs(input_ids, **kw)}
+                fns.update({name: (lambda kw=kwargs, run=run: run(**kw)) for name, run in variants.items()})
                 runs[key] = interleaved(fns, args.repeats)
-            parts = {
-                "scan": lambda: selective_scan_chunked(*scan_args, **scan_kwargs),
-                "reference scan": lambda: selective_scan_ref(*scan_args, **scan_kwargs),
-                "ours without the scans": ours_without_scan,
-            }
-            if compiled:
-                parts["scan, torch_compile"] = lambda: selective_scan_compiled(*scan_args, **scan_kwargs)
+            parts = {**scans, "reference scan": lambda: selective_scan_ref(*scan_args, **scan_kwargs),
+                     "ours without the scans": ours_without_scan}
             runs["parts"] = interleaved(parts, args.repeats)
             results[threads] = {key: wall for key, (wall, _) in runs.items()}
             if threads == 1:
@@ -218,51 +238,50 @@ def main(argv=None):
         )
         found = [line.split() for line in probe.stdout.splitlines() if line.startswith("FIRST_CALL")]
         if found and found[0][2] == "torch_compile":
-            compile_times["first call of a second process, warm inductor cache"] = float(found[0][1])
+            build_times["torch_compile: first call of a second process, warm inductor cache"] = float(found[0][1])
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    emit("# CPU prefill: MambaCausalLM (this package, PyTorch path) vs transformers MambaForCausalLM")
+    emit("# CPU prefill: MambaCausalLM (this package, CPU path) vs transformers MambaForCausalLM")
     emit()
     command = "python benchmarks/bench_cpu_prefill.py" + "".join(" " + a for a in argv)
     emit(f"Command: `{command}` (from the repository root)")
     emit()
     emit(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (1-minute load average {load:.2f} at the end), "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}."
+        f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
+        f"C++ scan kernel: {cpp_kernels.lanes()} float32 lanes per vector."
     )
     emit(
         f"Model: MambaConfig({', '.join(f'{k}={v}' for k, v in CONFIG.items())}), float32, seed {args.seed}; batch 1, "
-        f"prompt of {args.length} tokens. Ours: the default eager path (backend `{backend}`)"
+        f"prompt of {args.length} tokens. Ours: the default (backend \"auto\": the scan on `cpp`, the rest eager "
+        "PyTorch), the eager PyTorch path throughout (backend `torch`)"
         + (" and the opt-in compiled path (backend `torch_compile`)" if compiled else "")
-        + "; logits max abs diff to transformers "
+        + "; logits max abs diff to transformers: "
         + ", ".join(f"{name} {diff:.2g}" for name, diff in diffs.items()) + f" (max |logit| {scale:.3g})."
     )
     emit(f"Times: median of {args.repeats} runs after a warm-up, the models interleaved run by run.")
     emit()
     names = {"full": "full logits, `use_cache=False`", "prefill": "prefill, `use_cache=True, logits_to_keep=1`"}
-    rows = [(str(threads), res) for threads, res in results.items()] + [("1, CPU time", cpu_results)]
+    columns = {"ours": "ours, default (`cpp` scan)", "ours, torch": "ours, eager `torch`"}
     if compiled:
-        emit("| threads | run | transformers | ours, eager | speed-up | ours, torch_compile | speed-up |")
-        emit("|---|---|---|---|---|---|---|")
-    else:
-        emit("| threads | run | transformers | ours, eager | speed-up |")
-        emit("|---|---|---|---|---|")
+        columns["ours, torch_compile"] = "ours, `torch_compile`"
+    rows = [(str(threads), res) for threads, res in results.items()] + [("1, CPU time", cpu_results)]
+    emit("| threads | run | transformers | " + " | ".join(f"{label} | speed-up" for label in columns.values()) + " |")
+    emit("|---|---|---|" + "---|---|" * len(columns))
     for threads, res in rows:
         for key, label in names.items():
             t_theirs = statistics.median(res[key]["transformers"])
-            t_ours = statistics.median(res[key]["ours"])
-            row = f"| {threads} | {label} | {ms(t_theirs)} | {ms(t_ours)} | **{t_theirs / t_ours:.1f}x** |"
-            if compiled:
-                t_comp = statistics.median(res[key]["ours, torch_compile"])
-                row += f" {ms(t_comp)} | **{t_theirs / t_comp:.1f}x** |"
+            row = f"| {threads} | {label} | {ms(t_theirs)} |"
+            for name in columns:
+                t_ours = statistics.median(res[key][name])
+                row += f" {ms(t_ours)} | **{t_theirs / t_ours:.1f}x** |"
             emit(row)
     emit()
     emit("(\"1, CPU time\": the same one-thread runs, timed by the CPU time of the thread, which leaves out the time "
          "other processes held the core; the other rows are wall-clock times.)")
-    if compiled:
-        emit()
-        emit("One-off compile time of the `torch_compile` path (not in the times above): "
-             + "; ".join(f"{name}: {seconds:.1f} s" for name, seconds in compile_times.items()) + ".")
+    emit()
+    emit("One-off build / compile times (not in the times above): "
+         + "; ".join(f"{name}: {seconds:.1f} s" for name, seconds in build_times.items()) + ".")
     emit()
     dim = config.intermediate_size
     emit(
@@ -272,20 +291,16 @@ def main(argv=None):
         + f") and our eager full-logits forward with the {config.num_hidden_layers} scans replaced by an empty tensor:"
     )
     emit()
-    header = "| threads | scan, eager (torch) |"
-    if compiled:
-        header += " scan, torch_compile |"
-    header += (f" scan, sequential reference | ours without the scans | ours, eager full logits | "
-               f"= without scans + {config.num_hidden_layers} x eager scan |")
+    layers = config.num_hidden_layers
+    header = ("| threads | " + " | ".join(scans) + " | scan, sequential reference | ours without the scans | "
+              f"ours, default full logits | = without scans + {layers} x cpp scan |")
     emit(header)
     emit("|" + "---|" * (header.count("|") - 1))
     for threads, res in rows:
         parts = {k: statistics.median(v) for k, v in res["parts"].items()}
         full = statistics.median(res["full"]["ours"])
-        estimate = parts["ours without the scans"] + config.num_hidden_layers * parts["scan"]
-        row = f"| {threads} | {ms(parts['scan'])} |"
-        if compiled:
-            row += f" {ms(parts['scan, torch_compile'])} |"
+        estimate = parts["ours without the scans"] + layers * parts["scan, cpp"]
+        row = f"| {threads} | " + " | ".join(ms(parts[name]) for name in scans) + " |"
         row += f" {ms(parts['reference scan'])} | {ms(parts['ours without the scans'])} | {ms(full)} | {ms(estimate)} |"
         emit(row)
     emit()
