@@ -166,6 +166,36 @@ def test_dispatch_uses_cpp_for_inference_only():
     assert torch.equal(forced, got[0])
 
 
+@needs_cpp
+@pytest.mark.parametrize("openmp", [True, False])
+def test_scan_with_and_without_openmp(openmp, tmp_path, monkeypatch):
+    """The kernel threads through OpenMP where the compiler has it (torch's own runtime), else through std::thread:
+    both builds give the reference's results on several threads."""
+    from multimodal_mamba.kernels.cpu import selective_scan as module
+
+    flags = tuple(f for f in build.ARCH_FLAGS if ("-fopenmp" in f) == openmp)
+    monkeypatch.setattr(build, "ARCH_FLAGS", flags)
+    monkeypatch.setattr(build, "_libraries", {})
+    monkeypatch.setattr(build, "_failures", {})
+    monkeypatch.setattr(module, "_function", [])
+    monkeypatch.setenv("MULTIMODAL_MAMBA_CACHE", str(tmp_path))
+    try:
+        uses_openmp = build.library(module.SOURCE).mm_scan_openmp()
+    except build.CppKernelUnavailable:
+        pytest.skip(f"the compiler does not build it {'with' if openmp else 'without'} OpenMP")
+    assert uses_openmp == int(openmp)
+    inputs = make_inputs(2, 100, 40, 16, 2, initial_state=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, h = module.selective_scan_cpp(**inputs, return_final_state=True)
+    finally:
+        torch.set_num_threads(before)
+    y_ref, h_ref = selective_scan_ref(**inputs, return_final_state=True)
+    assert_close_scaled(y, y_ref)
+    assert_close_scaled(h, h_ref)
+
+
 def _child(code: str, **env):
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,

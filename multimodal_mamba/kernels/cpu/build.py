@@ -27,8 +27,10 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-ffp-contract=fast")
-# -march=native where the compiler takes it (x86, most aarch64 toolchains), else -mcpu=native, else neither.
-ARCH_FLAGS = (("-march=native",), ("-mcpu=native",), ())
+# Tried in order: -march=native where the compiler takes it (x86, most aarch64 toolchains), else -mcpu=native, else
+# neither; each with OpenMP first (the kernels then run on the OpenMP runtime torch already loaded), then without
+# (std::thread).
+ARCH_FLAGS = tuple((*arch, *omp) for arch in (("-march=native",), ("-mcpu=native",), ()) for omp in (("-fopenmp",), ()))
 COMPILE_TIMEOUT_S = 300
 
 
