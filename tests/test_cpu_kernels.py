@@ -1,4 +1,5 @@
-"""The C++ CPU selective scan (backend "cpp") against the sequential reference, and how dispatch uses it.
+"""The C++ CPU kernels (backend "cpp": the selective scan, the causal conv) against their references, and how dispatch
+uses them.
 
 The kernel is built on first use with the system C++ compiler; where none is found these tests are skipped (and the
 fallback test below still runs, in a child interpreter).
@@ -14,7 +15,8 @@ import textwrap
 import pytest
 import torch
 
-from multimodal_mamba import last_backend, selective_scan, selective_scan_ref, ssm_backend
+from multimodal_mamba import causal_conv1d, last_backend, selective_scan, selective_scan_ref, ssm_backend
+from multimodal_mamba.modeling.ops_selective_scan import causal_conv1d_ref
 from multimodal_mamba.kernels import cpu as cpp
 from multimodal_mamba.kernels.cpu import build
 
@@ -177,7 +179,7 @@ def test_scan_with_and_without_openmp(openmp, tmp_path, monkeypatch):
     monkeypatch.setattr(build, "ARCH_FLAGS", flags)
     monkeypatch.setattr(build, "_libraries", {})
     monkeypatch.setattr(build, "_failures", {})
-    monkeypatch.setattr(module, "_function", [])
+    monkeypatch.setattr(module.KERNEL, "_fn", None)
     monkeypatch.setenv("MULTIMODAL_MAMBA_CACHE", str(tmp_path))
     try:
         uses_openmp = build.library(module.SOURCE).mm_scan_openmp()
@@ -194,6 +196,50 @@ def test_scan_with_and_without_openmp(openmp, tmp_path, monkeypatch):
     y_ref, h_ref = selective_scan_ref(**inputs, return_final_state=True)
     assert_close_scaled(y, y_ref)
     assert_close_scaled(h, h_ref)
+
+
+# (batch, dim, L, width, initial_state, bias, activation, layout): L 1 and L 2 < width - 1 read the initial state
+# from every tap; dims 5 and 37 leave partial vectors.
+CONV_CASES = [
+    (1, 16, 1, 4, True, True, "silu", "token"),
+    (2, 5, 2, 4, True, False, None, "channel"),
+    (1, 37, 50, 4, False, True, "silu", "strided"),
+    (3, 64, 33, 2, True, True, "swish", "token"),
+    (1, 24, 70, 1, False, False, None, "token"),
+    (2, 40, 19, 7, True, True, "silu", "channel"),
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "b{}-d{}-L{}-W{}-{}".format(*c[:4], c[7]))
+def test_conv_matches_reference(case):
+    batch, dim, length, width, init, bias, activation, layout = case
+    x = make_inputs(batch, dim, length, 1, 1, layout=layout, seed=length)["u"]
+    gen = torch.Generator().manual_seed(width)
+    weight = torch.randn(dim, width, generator=gen)
+    b = torch.randn(dim, generator=gen) if bias else None
+    state = torch.randn(batch, dim, width - 1, generator=gen) if init else None
+    got = cpp.causal_conv1d_cpp(x, weight, b, state, activation)
+    expected = causal_conv1d_ref(x, weight, b, state, activation)
+    assert got.shape == (batch, dim, length) and got.dtype == torch.float32
+    assert got.stride(1) == 1 or dim == 1  # token-major memory, as the torch path returns it
+    assert_close_scaled(got, expected)
+
+
+@needs_cpp
+def test_conv_dispatch_and_bad_input():
+    x = torch.randn(2, 40, 24).transpose(1, 2).contiguous().transpose(1, 2)
+    weight, bias = torch.randn(40, 4), torch.randn(40)
+    out = causal_conv1d(x, weight, bias, activation="silu")
+    assert last_backend("causal_conv1d") == "cpp"
+    assert_close_scaled(out, causal_conv1d_ref(x, weight, bias, activation="silu"))
+    leaf = weight.clone().requires_grad_()
+    causal_conv1d(x, leaf, bias, activation="silu").sum().backward()
+    assert last_backend("causal_conv1d") == "torch" and leaf.grad is not None
+    with pytest.raises(ValueError, match="initial_state must be"):
+        causal_conv1d(x, weight, bias, initial_state=torch.zeros(2, 40, 2))
+    with pytest.raises(ValueError, match="x must be"):
+        cpp.causal_conv1d_cpp(x, torch.randn(39, 4))
 
 
 def _child(code: str, **env):

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -161,3 +162,49 @@ def library(name: str) -> ctypes.CDLL:
             raise
         _libraries[name] = lib
         return lib
+
+
+class CompiledFunction:
+    """One C entry point ``symbol(const Args*) -> int`` of source file ``source``, built and loaded on first use.
+
+    ``abi_symbol() -> int`` must return ``abi_version`` (a cached library of an older layout of ``Args`` is refused).
+    Calling the object runs the entry point on a filled ``args_type`` structure and returns its status.
+    """
+
+    def __init__(self, source: str, symbol: str, abi_symbol: str, abi_version: int, args_type, what: str):
+        self.source, self.symbol, self.abi_symbol, self.abi_version = source, symbol, abi_symbol, abi_version
+        self.args_type, self.what = args_type, what
+        self._fn = None
+        self._available = None
+
+    def function(self):
+        """The loaded entry point; raises ``CppKernelUnavailable`` (with the reason) if it cannot be built."""
+        if self._fn is None:
+            lib = library(self.source)
+            if getattr(lib, self.abi_symbol)() != self.abi_version:
+                raise CppKernelUnavailable(f"{self.source}: the loaded library's ABI version is not {self.abi_version}")
+            fn = getattr(lib, self.symbol)
+            fn.argtypes = [ctypes.POINTER(self.args_type)]
+            fn.restype = ctypes.c_int
+            self._fn = fn
+        return self._fn
+
+    def available(self) -> bool:
+        """Whether the kernel is built (or can be built now) and loads; builds it on the first call.
+
+        When it cannot be (no C++ compiler, a failed build), a RuntimeWarning with the reason is issued once and
+        the op runs on the PyTorch path; not when the kernels are turned off with ``MULTIMODAL_MAMBA_CPP=0``.
+        """
+        if self._available is None:
+            try:
+                self.function()
+                self._available = True
+            except CppKernelUnavailable as error:
+                self._available = False
+                if enabled():
+                    warnings.warn(f"multimodal_mamba: the C++ CPU {self.what} is not available, the PyTorch path "
+                                  f"runs instead: {error}", RuntimeWarning, stacklevel=3)
+        return self._available
+
+    def __call__(self, args) -> int:
+        return self.function()(ctypes.byref(args))

@@ -12,14 +12,12 @@ threads.
 from __future__ import annotations
 
 import ctypes
-import warnings
 
 import torch
 
-from .build import CppKernelUnavailable, enabled, library
+from .build import CompiledFunction, library
 
 SOURCE = "selective_scan.cpp"
-ABI_VERSION = 1
 _MAX_STATE = 256
 
 
@@ -46,19 +44,7 @@ class _ScanArgs(ctypes.Structure):
     ]
 
 
-_function = []  # [the loaded entry point], once
-
-
-def _kernel():
-    if not _function:
-        lib = library(SOURCE)
-        if lib.mm_scan_abi_version() != ABI_VERSION:
-            raise CppKernelUnavailable(f"{SOURCE}: the loaded library's ABI version is not {ABI_VERSION}")
-        fn = lib.mm_selective_scan_fwd
-        fn.argtypes = [ctypes.POINTER(_ScanArgs)]
-        fn.restype = ctypes.c_int
-        _function.append(fn)
-    return _function[0]
+KERNEL = CompiledFunction(SOURCE, "mm_selective_scan_fwd", "mm_scan_abi_version", 1, _ScanArgs, "selective scan")
 
 
 def lanes() -> int:
@@ -66,25 +52,9 @@ def lanes() -> int:
     return library(SOURCE).mm_scan_lanes()
 
 
-_AVAILABLE = []  # [whether the kernel loaded], once known
-
-
 def available() -> bool:
-    """Whether the kernel is built (or can be built now) and loads; builds it on the first call of the process.
-
-    When it cannot be (no C++ compiler, a failed build), a RuntimeWarning with the reason is issued once and the
-    calls run on the PyTorch path; not when the kernels are turned off with ``MULTIMODAL_MAMBA_CPP=0``.
-    """
-    if not _AVAILABLE:
-        try:
-            _kernel()
-            _AVAILABLE.append(True)
-        except CppKernelUnavailable as error:
-            _AVAILABLE.append(False)
-            if enabled():
-                warnings.warn(f"multimodal_mamba: the C++ CPU selective scan is not available, the PyTorch path runs "
-                              f"instead: {error}", RuntimeWarning, stacklevel=2)
-    return _AVAILABLE[0]
+    """Whether the kernel is built (or can be built now) and loads (``CompiledFunction.available``)."""
+    return KERNEL.available()
 
 
 def accepts_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
@@ -113,7 +83,9 @@ def selective_scan_cpp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     initial_state: (batch, dim, N). Returns y (batch, dim, L) float32 in u's memory order, and the final state
     (batch, dim, N) float32 when ``return_final_state``.
     """
-    fn = _kernel()
+    from ...modeling.ops_selective_scan import _check_selective_scan_inputs
+
+    _check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)  # direct calls too
     batch, dim, length = u.shape
     state_size = A.shape[-1]
     if B.dim() == 3:
@@ -145,6 +117,6 @@ def selective_scan_cpp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         delta_softplus=1 if delta_softplus else 0,
         threads=torch.get_num_threads(),
     )
-    if fn(ctypes.byref(args)) != 0:
+    if KERNEL(args) != 0:
         raise ValueError(f"selective_scan (cpp): arguments out of range (N {state_size}, dim {dim}, groups {groups})")
     return (y, h_last) if return_final_state else y
