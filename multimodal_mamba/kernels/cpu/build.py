@@ -108,7 +108,8 @@ def _build(name: str) -> ctypes.CDLL:
     compiler = find_compiler()
     if compiler is None:
         raise CppKernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
-    source = (SOURCE_DIR / name).read_bytes()
+    # the source and every header of this folder it may include (-I below)
+    source = b"\0".join([(SOURCE_DIR / name).read_bytes(), *(h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h")))])
     version = _compiler_version(compiler)
     errors = []
     for arch in ARCH_FLAGS:
@@ -124,7 +125,7 @@ def _build(name: str) -> ctypes.CDLL:
             os.close(fd)
             try:
                 done = subprocess.run(
-                    [compiler, *flags, str(SOURCE_DIR / name), "-o", partial],
+                    [compiler, *flags, "-I", str(SOURCE_DIR), str(SOURCE_DIR / name), "-o", partial],
                     capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
                 )
                 if done.returncode != 0:

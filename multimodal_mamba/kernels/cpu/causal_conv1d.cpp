@@ -13,69 +13,16 @@
 
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#elif defined(__AVX__) || defined(__aarch64__)
-constexpr int W = 8;
-#else
-constexpr int W = 4;
-#endif
+#include "kernel_common.h"
 
-typedef float vf __attribute__((vector_size(W * 4)));
+using namespace mm_kernels;
 
 namespace {
 
 constexpr int64_t TILE = 64;  // steps per unit of work
 constexpr int MAX_WIDTH = 16;  // the Python wrapper takes no wider kernel
-constexpr float LOG2_E = 1.4426950408889634f;
-
-inline vf splat(float x) { return vf{} + x; }
-
-// 2^x for the SiLU; same polynomial and range handling as selective_scan.cpp's portable exp2 (NaN stays NaN).
-inline vf exp2v(vf x) {
-    typedef int32_t vi __attribute__((vector_size(W * 4)));
-    x = x < -127.0f ? splat(-127.0f) : x;
-    x = x > 128.0f ? splat(128.0f) : x;
-    const vf shifter = splat(12583039.0f);
-    vf t = x + shifter;
-    vf f = x - (t - shifter);
-    vf p = splat(1.32647e-3f);
-    p = p * f + 9.67151e-3f;
-    p = p * f + 5.550734e-2f;
-    p = p * f + 2.4022242e-1f;
-    p = p * f + 6.9314698e-1f;
-    p = p * f + 1.0f;
-    vi bits;
-    std::memcpy(&bits, &t, sizeof(bits));
-    bits = bits << 23;
-    vf scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
-
-inline vf silu(vf v) { return v / (1.0f + exp2v(-v * LOG2_E)); }
-
-inline vf load(const float* p, int64_t cs, int width) {
-    vf v;
-    if (cs == 1 && width == W) {
-        std::memcpy(&v, p, sizeof(v));
-    } else {
-        v = vf{};
-        for (int i = 0; i < width; ++i) v[i] = p[i * cs];
-    }
-    return v;
-}
-
-inline void store(float* p, int64_t cs, int width, vf v) {
-    if (cs == 1 && width == W) {
-        std::memcpy(p, &v, sizeof(v));
-    } else {
-        for (int i = 0; i < width; ++i) p[i * cs] = v[i];
-    }
-}
 
 }  // namespace
 
@@ -146,24 +93,7 @@ int mm_causal_conv1d_fwd(const ConvArgs* args) {
     const ConvArgs& a = *args;
     if (a.width < 1 || a.width > MAX_WIDTH || a.length < 1) return 1;
     const int64_t units = a.batch * ((a.length + TILE - 1) / TILE);
-    int64_t threads = a.threads < 1 ? 1 : a.threads;
-    if (threads > units) threads = units;
-#ifdef _OPENMP
-    // torch's own OpenMP runtime in a torch process (see selective_scan.cpp)
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int64_t i = 0; i < threads; ++i) conv_units(a, units * i / threads, units * (i + 1) / threads);
-#else
-    if (threads <= 1) {
-        conv_units(a, 0, units);
-        return 0;
-    }
-    std::vector<std::thread> pool;
-    pool.reserve(threads - 1);
-    for (int64_t i = 1; i < threads; ++i)
-        pool.emplace_back(conv_units, std::cref(a), units * i / threads, units * (i + 1) / threads);
-    conv_units(a, 0, units / threads);
-    for (auto& th : pool) th.join();
-#endif
+    parallel_ranges(units, a.threads, [&a](int64_t first, int64_t last) { conv_units(a, first, last); });
     return 0;
 }
 
