@@ -242,6 +242,27 @@ def test_conv_dispatch_and_bad_input():
         cpp.causal_conv1d_cpp(x, torch.randn(39, 4))
 
 
+@needs_cpp
+def test_training_mode_modules_skip_the_inference_kernels():
+    """A module in training mode runs the same kernels with and without gradients (what reentrant gradient
+    checkpointing needs: tests/test_coupled_training.py compares its gradients); eval mode takes the C++ kernels."""
+    from transformers import MambaConfig
+
+    from multimodal_mamba import MambaCausalLM
+
+    model = MambaCausalLM(MambaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, state_size=16)).train()
+    ids = torch.randint(0, 50, (1, 20))
+    with torch.no_grad():
+        train_logits = model(ids).logits
+        assert (last_backend("selective_scan"), last_backend("causal_conv1d")) == ("torch", "torch")
+        eval_logits = model.eval()(ids).logits
+        assert (last_backend("selective_scan"), last_backend("causal_conv1d")) == ("cpp", "cpp")
+        with ssm_backend("cpp"):  # a forced backend still applies in training mode
+            model.train()(ids)
+            assert last_backend("selective_scan") == "cpp"
+    assert_close_scaled(eval_logits, train_logits)
+
+
 def _child(code: str, **env):
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,

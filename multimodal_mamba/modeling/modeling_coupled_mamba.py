@@ -40,7 +40,7 @@ from .modeling_mamba_lm import KEEP_IN_FP32, MambaMixer, init_mamba_module_weigh
 from .forward_graphs import ForwardGraphs
 from .ops_coupled_scan import coupled_selective_scan_chains
 from .ops_selective_scan import selective_scan
-from .ssm_backends import config_backend, forced_backend
+from .ssm_backends import config_backend, forced_backend, training_forward
 
 
 @dataclass
@@ -114,6 +114,12 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         self.blocks = nn.ModuleDict({name: CoupledMambaBlock(config, layer_idx) for name in config.modality_names})
 
     def forward(self, hidden_states, attention_mask=None):
+        if not self.training:
+            return self._forward(hidden_states, attention_mask)
+        with training_forward():  # the same numbers with and without gradients (see MambaMixer.forward)
+            return self._forward(hidden_states, attention_mask)
+
+    def _forward(self, hidden_states, attention_mask):
         xs, zs, deltas, Bs, Cs = [], [], [], [], []
         for index, block in enumerate(self.blocks.values()):
             mask = attention_mask[:, index] if attention_mask is not None else None

@@ -33,7 +33,7 @@ from .decode_graphs import DecodeGraphs
 from .deferred_stop import allow_deferred_stop_check
 from .ops_mamba_ssm import GPU_BACKENDS  # noqa: F401  (registers "mamba_ssm" and "triton" on CUDA, and "cpp")
 from .ops_selective_scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
-from .ssm_backends import config_backend, forced_backend
+from .ssm_backends import config_backend, forced_backend, training_forward
 
 
 class MambaStateCache:
@@ -351,7 +351,15 @@ class MambaMixer(nn.Module):
         cache_params: a ``MambaStateCache`` holding this layer's states (``layer_idx``); read and updated in
         place. scan_orders: (K, L) long, K orderings of the L positions (VSS): each ordering is scanned as its
         own sequence in one grouped scan, put back in position order, and the K results are summed.
+        In training mode the ops skip the inference-only backends (``ssm_backends.INFERENCE_ONLY``), so the forward
+        computes the same numbers with and without gradients (reentrant gradient checkpointing relies on it).
         """
+        if not self.training:
+            return self._forward(hidden_states, cache_params, attention_mask, scan_orders)
+        with training_forward():
+            return self._forward(hidden_states, cache_params, attention_mask, scan_orders)
+
+    def _forward(self, hidden_states, cache_params, attention_mask, scan_orders):
         if scan_orders is not None:
             if cache_params is not None:
                 raise ValueError("MambaMixer: scan_orders (multi-direction scan) cannot be combined with a cache")
