@@ -30,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import CachedLaunch, affine_combine, empty_like_layout, largest_pow2_divisor, next_pow2, softplus
+from ..utils import (
+    CachedLaunch, affine_combine, empty_like_layout, interpret_mode, largest_pow2_divisor, next_pow2, softplus,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,17 +51,24 @@ def _load_BC(base, n, stride_n, stride_l, t, mask_t, mask, SAME_GROUP: tl.conste
 def _fwd_state(
     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l,
     read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP: tl.constexpr, offs_t=None,
-    SAVE_K: tl.constexpr = 0, BLOCK_T: tl.constexpr = 1, N: tl.constexpr = 1,
+    SAVE_K: tl.constexpr = 0, BLOCK_T: tl.constexpr = 1, N: tl.constexpr = 1, FOLD_H: tl.constexpr = False,
 ):
-    """State index n over one chunk: scan its decays and drives, fold in the carried state, accumulate y."""
+    """State index n over one chunk: scan its decays and drives, fold in the carried state, accumulate y.
+
+    FOLD_H: the carried state enters as the chunk's first drive (b_0 + a_0 h), so the scan's drives are the states
+    themselves; else x = b_cum + a_cum h after the scan (two more instructions per element)."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32) * 1.4426950408889634
     B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
     C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP)
     h_n = tl.load(read_base + n, mask=mask_d, other=0.0)  # the carried state (one value per channel)
     a = tl.exp2(dt * A_n[:, None])
     b = dtu * B_n
-    a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
-    x = b_cum + a_cum * h_n[:, None]
+    if FOLD_H:
+        b = tl.where((offs_t == 0)[None, :], b + a * h_n[:, None], b)
+        _, x = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
+    else:
+        a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
+        x = b_cum + a_cum * h_n[:, None]
     y += x * C_n
     if SAVE_K > 0:  # one store per saved state, each through a pointer uniform over the tile (no pointer tile)
         for k in tl.static_range(SAVE_K):
@@ -84,7 +93,7 @@ def _selective_scan_fwd_kernel(
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, SAME_GROUP: tl.constexpr, UNROLL_N: tl.constexpr,
-    N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr, SAVE_MODE: tl.constexpr = 0,
+    N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr, SAVE_MODE: tl.constexpr = 0, FOLD_H: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -157,14 +166,14 @@ def _selective_scan_fwd_kernel(
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N,
+                    SAVE_K, BLOCK_T, N, FOLD_H,
                 )
         else:
             for n in range(N):
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N,
+                    SAVE_K, BLOCK_T, N, FOLD_H,
                 )
         if HAS_D:
             y += u * skip[:, None]
@@ -172,6 +181,30 @@ def _selective_scan_fwd_kernel(
             zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
         tl.store(out_base + t[None, :] * stride_out_l, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _flip_asm_text(regs):
+    """PTX of ``_flip_time`` for ``regs`` registers a thread: output register k <- input register regs - 1 - k of lane
+    31 - lane (a butterfly shuffle with lane mask 31)."""
+    return "\n\t".join(f"shfl.sync.bfly.b32 ${k}, ${2 * regs - 1 - k}, 31, 31, -1;" for k in range(regs))
+
+
+_FLIP4, _FLIP8 = tl.constexpr(_flip_asm_text(4)), tl.constexpr(_flip_asm_text(8))
+_FLIP4_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 4))
+_FLIP8_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
+
+
+@triton.jit
+def _flip_time(x, BLOCK_T: tl.constexpr):
+    """x[:, ::-1] of a (1, BLOCK_T) float32 tile (BLOCK_T 128 or 256) spread over the 32 lanes of one warp, BLOCK_T / 32
+    steps a lane. In any such layout the step index's bits are the register index's and the lane's bits in some order,
+    so reversing the steps (complementing every bit) is: register k <- register BLOCK_T / 32 - 1 - k of lane
+    31 - lane, one butterfly shuffle per register. (Triton 3.6 lowers ``reverse=True`` scans with five butterfly rounds
+    per register and operand, in and out: 80 shuffles per state for the backward's adjoint scan at BLOCK_T 128.)"""
+    if BLOCK_T == 128:
+        return tl.inline_asm_elementwise(_FLIP4, _FLIP4_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(_FLIP8, _FLIP8_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True, pack=8)
 
 
 @triton.jit
@@ -185,8 +218,10 @@ def exclusive_affine_combine(s1, u1, p1, q1, s2, u2, p2, q2):
 def _bwd_state(
     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base, stride_A_n,
     B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base, stride_dB_n, stride_dB_l, t,
-    mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
+    mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
     GB_ACC: tl.constexpr, DA_STORE: tl.constexpr, EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr,
+    FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False, DA_ACC: tl.constexpr = False, rev=0,
+    BLOCK_T: tl.constexpr = 1,
 ):
     """State index n over one chunk of the backward pass: recompute h_t, run the adjoint scan, accumulate.
 
@@ -196,7 +231,9 @@ def _bwd_state(
     (BLOCK_D, BLOCK_T) tile; EXCL_REV runs the adjoint as the exclusive reverse scan of (a_t, a_t c_t), which
     yields lam_t = a_{t+1} g_{t+1} without the shifted decays a_{t+1} (one exp2 less), and carries lam between
     chunks. BC_PADDED: the dB / dC rows are padded to whole chunks (the padded steps add zeros there), so the
-    atomics need no mask (a masked atomic is a branch around each element's instruction)."""
+    atomics need no mask (a masked atomic is a branch around each element's instruction). FOLD_H: the
+    chunk-start state enters as the first drive. DA_ACC (with DA_STORE): dA[:, n] is summed over the chunks in its
+    one slot (no per-chunk slots and no summing launch after the kernel)."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32)
     A2_n = A_n * 1.4426950408889634
     B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
@@ -204,16 +241,27 @@ def _bwd_state(
     # recompute the chunk's states h_t from the saved chunk-start state
     a = tl.exp2(dt * A2_n[:, None])
     b = dtu * B_n
-    a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
-    x = b_cum + a_cum * tl.load(h_base + n, mask=mask_d, other=0.0)[:, None]
+    h_n = tl.load(h_base + n, mask=mask_d, other=0.0)
+    if FOLD_H:  # the chunk-start state as the first drive (as the forward's FOLD_H)
+        _, x = tl.associative_scan((a, tl.where((offs_t == 0)[None, :], b + a * h_n[:, None], b)), axis=1,
+                                   combine_fn=affine_combine)
+    else:
+        a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
+        x = b_cum + a_cum * h_n[:, None]
     y += x * C_n
     c = dy * C_n
     if EXCL_REV:
         # lam_{t-1} = a_t lam_t + a_t c_t (lam_t = a_{t+1} g_{t+1}, the adjoint arriving from after step t);
         # g_t = c_t + lam_t; the lam after the chunk is carried in from the next one
         ones = tl.zeros_like(a) + 1.0
-        _, _, P, Q = tl.associative_scan((a, a * c, ones, tl.zeros_like(a)), axis=1,
-                                         combine_fn=exclusive_affine_combine, reverse=True)
+        if FLIP_ASM:  # the reverse scan as flip, forward scan, flip (what reverse=True means), with cheap flips
+            _, _, P, Q = tl.associative_scan((_flip_time(a, BLOCK_T), _flip_time(a * c, BLOCK_T), ones,
+                                              tl.zeros_like(a)), axis=1, combine_fn=exclusive_affine_combine)
+            P = _flip_time(P, BLOCK_T)
+            Q = _flip_time(Q, BLOCK_T)
+        else:
+            _, _, P, Q = tl.associative_scan((a, a * c, ones, tl.zeros_like(a)), axis=1,
+                                             combine_fn=exclusive_affine_combine, reverse=True)
         g = c + Q + P * tl.load(g_read_base + n, mask=mask_d, other=0.0)[:, None]
         tl.store(g_write_ptrs + n, a * g, mask=first)  # lam before the chunk, for the chunk before
     else:
@@ -229,7 +277,10 @@ def _bwd_state(
     else:
         ddt += g * u * B_n + g_ah * A_n[:, None]
         du += g * dt * B_n
-    if DA_STORE:
+    if DA_STORE and DA_ACC:  # dA[:, n] summed over the chunks in place (the first chunk walked finds nothing)
+        dA_prev = tl.load(dA_read_base + n, mask=mask_d & (rev > 0), other=0.0)
+        tl.store(dA_write_ptrs + n, (dA_prev + tl.sum(g_ah * dt, axis=1))[:, None], mask=first)
+    elif DA_STORE:
         tl.store(dA_write_ptrs + n, tl.sum(g_ah * dt, axis=1)[:, None], mask=first)
     else:
         dA_acc += tl.where(offs_t[None, :] == n, tl.sum(g_ah * dt, axis=1)[:, None], 0.0)  # column n: dA[:, n]
@@ -278,7 +329,8 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DFINAL: tl.constexpr, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
     UNROLL_N: tl.constexpr, N_PAD: tl.constexpr, GB_ACC: tl.constexpr, DA_STORE: tl.constexpr,
-    EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr,
+    EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr, FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False,
+    DA_ACC: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -337,8 +389,14 @@ def _selective_scan_bwd_kernel(
         chunk = n_chunks - 1 - rev
         g_read_base = gbuf_ptr + (g_row + rev % 2) * N
         g_write_ptrs = gbuf_ptr + (g_row[:, None] + 1 - rev % 2) * N + offs_t[None, :] * 0
-        # DA_STORE: dA_ptr is (batch, dim, n_chunks, N), one slot per chunk (summed over chunks after the kernel)
-        dA_write_ptrs = dA_ptr + ((pid_b * dim + offs_d[:, None]) * n_chunks + chunk) * N + offs_t[None, :] * 0
+        # DA_STORE: dA_ptr is (batch, dim, n_chunks, N), one slot per chunk (summed over chunks after the kernel);
+        # with DA_ACC (batch, dim, N), the one slot summed in place
+        if DA_ACC:
+            dA_read_base = dA_ptr + (pid_b * dim + offs_d) * N
+            dA_write_ptrs = dA_ptr + (pid_b * dim + offs_d[:, None]) * N + offs_t[None, :] * 0
+        else:
+            dA_read_base = dA_ptr + (pid_b * dim + offs_d) * N
+            dA_write_ptrs = dA_ptr + ((pid_b * dim + offs_d[:, None]) * n_chunks + chunk) * N + offs_t[None, :] * 0
         h_base = states_ptr + (saved_row + chunk * state_step) * N
         t = chunk * BLOCK_T + offs_t
         mask_t = t < length
@@ -376,16 +434,16 @@ def _selective_scan_bwd_kernel(
                 y, ddt, du, dA_acc = _bwd_state(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
-                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP, BC_MODE,
-                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED,
+                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP,
+                    BC_MODE, GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, DA_ACC, rev, BLOCK_T,
                 )
         else:
             for n in range(N):
                 y, ddt, du, dA_acc = _bwd_state(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
-                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP, BC_MODE,
-                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED,
+                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP,
+                    BC_MODE, GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, DA_ACC, rev, BLOCK_T,
                 )
         if GB_ACC:  # du held sum_n g B_n: the u and dt factors of d/dt and d/du, applied once
             u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)  # (cache hits)
@@ -456,6 +514,8 @@ SHORT_WARPS = 4
 # registers more at 2 - 4 saves a chunk); 1: BLOCK_T // SAVE_EVERY masked stores, each through a pointer uniform over
 # the tile (registers as without saves).
 FWD_SAVE_MODE = 1
+# The forward folds the carried state into each chunk's first drive (``_fwd_state``'s FOLD_H).
+FWD_FOLD_H = True
 # Time-major inputs are copied to (batch, dim, L) first: the kernels then load 16-byte vectors along time, and the
 # copy costs far less than scanning with time spread across threads.
 COPY_TIME_MAJOR = True
@@ -466,6 +526,13 @@ PARTIALS_MAX_BYTES = 16 << 20
 BWD_BC_MODE = 1
 # Backward variants (gb_acc, da_store, excl_rev, bc_padded): see ``_bwd_state``.
 BWD_OPTS = (True, True, True, True)
+# The backward's reverse (adjoint) scan as flip + forward scan + flip with one shuffle per register (``_flip_time``)
+# where its layout allows (``_flip_asm``), instead of Triton's reverse scan.
+BWD_FLIP_ASM = True
+# The backward folds the chunk-start state into the first drive (``_bwd_state``'s FOLD_H).
+BWD_FOLD_H = True
+# With da_store: dA summed over the chunks inside the kernel (``_bwd_state``'s DA_ACC).
+BWD_DA_ACC = True
 
 
 def _layout(u):
@@ -508,7 +575,7 @@ _FWD_PLANS = {}
 def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     layout = _layout(u)
     key = (tuple(u.shape), layout, state_size, groups, flags, bool(save_states), config, save_every,
-           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, SHORT_MAX_T, SHORT_TILE, SHORT_WARPS)
+           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, FWD_FOLD_H, SHORT_MAX_T, SHORT_TILE, SHORT_WARPS)
     # (the tables too: tests and sweeps replace them)
     plan = _FWD_PLANS.get(key)
     if plan is not None:
@@ -532,7 +599,7 @@ def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     n_slots = n_chunks * (block_t // save_every) + 1 if save_states else 2
     has_d, has_z, has_bias, softplus, has_h0 = flags
     consts = (state_size, block_d, block_t, has_d, has_z, has_bias, softplus, has_h0, bool(save_states), same_group,
-              bool(unroll), next_pow2(state_size), save_every, int(FWD_SAVE_MODE))
+              bool(unroll), next_pow2(state_size), save_every, int(FWD_SAVE_MODE), bool(FWD_FOLD_H))
     plan = dict(grid=(triton.cdiv(dim, block_d), batch, 1), consts=consts, num_warps=num_warps, n_chunks=n_chunks,
                 n_slots=n_slots, dim_per_group=dim_per_group, save_every=save_every,
                 final_slot=n_slots - 1 if save_states else n_chunks % 2)
@@ -573,7 +640,7 @@ def selective_scan_fwd(
 
 def selective_scan_bwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, block_t, dout, dfinal=None, config=None,
-    partials=None, bc_mode=None, opts=None,
+    partials=None, bc_mode=None, opts=None, flip_asm=None,
 ):
     """Launch the backward kernel. ``states``: the forward's saved states (chunks of ``block_t`` steps); the
     backward walks chunks of its own block size if that is a multiple of ``block_t``, else of ``block_t``.
@@ -616,7 +683,8 @@ def selective_scan_bwd(
     du = empty_like_layout(u)
     ddelta = empty_like_layout(delta)
     dz = empty_like_layout(z) if z is not None else None
-    if da_store:  # one slot per chunk
+    da_acc = da_store and BWD_DA_ACC
+    if da_store and not da_acc:  # one slot per chunk
         dA_part = torch.empty(batch, dim, n_chunks, state_size, device=u.device, dtype=torch.float32)
     else:
         dA_part = torch.empty(batch, dim, state_size, device=u.device, dtype=torch.float32)
@@ -640,7 +708,8 @@ def selective_scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_DFINAL=dfinal is not None, SAME_GROUP=same_group, BC_MODE=bc_mode,
         UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), GB_ACC=gb_acc, DA_STORE=da_store, EXCL_REV=excl_rev,
-        BC_PADDED=bc_padded, num_warps=num_warps,
+        BC_PADDED=bc_padded, FLIP_ASM=_flip_asm(block_d, block_t, num_warps, excl_rev, flip_asm, u, delta, dout),
+        FOLD_H=bool(BWD_FOLD_H), DA_ACC=da_acc, num_warps=num_warps,
     )
     dB, dC = _sum_bc_partials(bc_part, B.dtype, C.dtype)
     if bc_length != length:
@@ -648,12 +717,22 @@ def selective_scan_bwd(
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
     return (
-        du, ddelta, (dA_part.sum((0, 2)) if da_store else dA_part.sum(0)).to(A.dtype), dB, dC,
+        du, ddelta, (_batch_sum(dA_part) if da_acc else dA_part.sum((0, 2)) if da_store else dA_part.sum(0)).to(A.dtype),
+        dB, dC,
         _batch_sum(dD_part).to(D.dtype) if D is not None else None,
         dz,
         _batch_sum(dbias_part).to(delta_bias.dtype) if delta_bias is not None else None,
         dh0,
     )
+
+
+def _flip_asm(block_d, block_t, num_warps, excl_rev, requested, *time_tiles):
+    """Whether the backward flips its adjoint scan's operands by shuffles (``_flip_time``): only on a GPU (inline
+    PTX), for the layouts it assumes (one channel, 128 or 256 steps on one warp, loaded along a contiguous time axis)
+    and the exclusive reverse scan."""
+    requested = BWD_FLIP_ASM if requested is None else requested
+    return bool(requested and excl_rev and block_d == 1 and block_t in (128, 256) and num_warps == 1
+                and all(t.stride(-1) == 1 for t in time_tiles) and not interpret_mode())
 
 
 def _batch_sum(part):
