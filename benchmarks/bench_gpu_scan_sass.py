@@ -49,7 +49,7 @@ def _strides(*shape):
     return tuple(reversed(out))
 
 
-def _compile(fn, ints, consts, num_warps):
+def _compile(fn, ints, consts, num_warps, maxnreg=None):
     """ints: {name: value} of the integer arguments (1 becomes a constexpr, multiples of 16 get the divisibility
     hint, as a launch specializes them unless the kernel says otherwise); every pointer is 16-byte aligned."""
     sig, const, divisible = {}, {}, []
@@ -70,10 +70,14 @@ def _compile(fn, ints, consts, num_warps):
                 if value % 16 == 0 and p not in skip_names:
                     divisible.append(i)
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_fwd(block_d=1, block_t=512, num_warps=1, save_every=128, save_states=True, unroll=False, **extra):
+def compile_fwd(block_d=1, block_t=512, num_warps=1, save_every=128, save_states=True, unroll=False, maxnreg=None,
+                **extra):
     n_chunks = triton.cdiv(LENGTH, block_t)
     n_slots = n_chunks * (block_t // save_every) + 1 if save_states else 2
     act = _strides(BATCH, DIM, LENGTH)
@@ -88,10 +92,10 @@ def compile_fwd(block_d=1, block_t=512, num_warps=1, save_every=128, save_states
                   HAS_H0=False, SAVE_STATES=save_states, SAME_GROUP=True, UNROLL_N=unroll, N_PAD=STATE,
                   SAVE_EVERY=save_every if save_states else block_t, SAVE_MODE=fused.FWD_SAVE_MODE)
     consts.update(extra)
-    return _compile(fused._selective_scan_fwd_kernel, ints, consts, num_warps)
+    return _compile(fused._selective_scan_fwd_kernel, ints, consts, num_warps, maxnreg)
 
 
-def compile_bwd(block_d=1, block_t=128, num_warps=1, unroll=False, opts=None, bc_mode=1, **extra):
+def compile_bwd(block_d=1, block_t=128, num_warps=1, unroll=False, opts=None, bc_mode=1, maxnreg=None, **extra):
     gb_acc, da_store, excl_rev, bc_padded = opts if opts is not None else fused.BWD_OPTS
     n_chunks = triton.cdiv(LENGTH, block_t)
     act = _strides(BATCH, DIM, LENGTH)
@@ -109,7 +113,7 @@ def compile_bwd(block_d=1, block_t=128, num_warps=1, unroll=False, opts=None, bc
                   HAS_DFINAL=False, SAME_GROUP=True, BC_MODE=bc_mode, UNROLL_N=unroll, N_PAD=STATE, GB_ACC=gb_acc,
                   DA_STORE=da_store, EXCL_REV=excl_rev, BC_PADDED=bc_padded)
     consts.update(extra)
-    return _compile(fused._selective_scan_bwd_kernel, ints, consts, num_warps)
+    return _compile(fused._selective_scan_bwd_kernel, ints, consts, num_warps, maxnreg)
 
 
 def loops(sass):

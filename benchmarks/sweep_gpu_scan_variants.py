@@ -27,8 +27,12 @@ from triton.testing import do_bench  # noqa: E402
 from bench_gpu_selective_scan import make_inputs, ours, selective_scan_fn, theirs, time_fwd, time_fwd_bwd  # noqa: E402
 from multimodal_mamba.kernels.selective_scan import fused  # noqa: E402
 
-OLD = dict(FWD_FOLD_H=False, BWD_FLIP_ASM=False, BWD_FOLD_H=False, BWD_DA_ACC=False)
-NEW = dict(FWD_FOLD_H=True, BWD_FLIP_ASM=True, BWD_FOLD_H=True, BWD_DA_ACC=True)
+# settings: the old kernels (main before this branch), the first round's (flip, fold, no fast math), the current
+OLD = dict(FWD_FOLD_H=False, BWD_FLIP_ASM=False, BWD_FOLD_H=False, BWD_DA_ACC=False, FAST_MATH=False,
+           BC_CVT_ASM=False, FWD_STATES_PER_ITER=1, FWD_CARRY_SUM=False, FWD_MAXNREG={"infer": None, "train": None})
+ROUND1 = dict(OLD, FWD_FOLD_H=True, BWD_FLIP_ASM=True, BWD_FOLD_H=True)
+NEW = dict(ROUND1, FAST_MATH=True, BC_CVT_ASM=True)
+CAP96 = {"infer": 96, "train": 96}
 
 
 def tables(fwd=(1, 512, 1, False), bwd=(1, 128, 1, False)):
@@ -36,28 +40,32 @@ def tables(fwd=(1, 512, 1, False), bwd=(1, 128, 1, False)):
 
 
 FWD_VARIANTS = [
-    ("old (1,512,1)", dict(OLD, **tables())),
-    ("fold (1,512,1)", dict(NEW, **tables())),
-    ("fold (1,256,1)", dict(NEW, **tables(fwd=(1, 256, 1, False)))),
-    ("fold (2,512,2)", dict(NEW, **tables(fwd=(2, 512, 2, False)))),
-    ("fold (1,1024,2)", dict(NEW, **tables(fwd=(1, 1024, 2, False)))),
+    ("old", dict(OLD, **tables())),
+    ("round1 (fold)", dict(ROUND1, **tables())),
+    ("+ fast math", dict(ROUND1, FAST_MATH=True, **tables())),
+    ("+ fast math + cvt", dict(NEW, **tables())),
+    ("new + maxnreg 96", dict(NEW, FWD_MAXNREG=CAP96, **tables())),
+    ("new + carry sum", dict(NEW, FWD_CARRY_SUM=True, **tables())),
+    ("new + carry sum + maxnreg 96", dict(NEW, FWD_CARRY_SUM=True, FWD_MAXNREG=CAP96, **tables())),
+    ("new + 2 states", dict(NEW, FWD_STATES_PER_ITER=2, **tables())),
+    ("new + 2 states + carry sum", dict(NEW, FWD_STATES_PER_ITER=2, FWD_CARRY_SUM=True, **tables())),
 ]
 BWD_VARIANTS = [  # (name, setting, save_every of the forward that feeds it)
-    ("old (1,128,1)", dict(OLD, **tables()), 128),
-    ("flip", dict(OLD, BWD_FLIP_ASM=True, **tables()), 128),
-    ("flip fold", dict(OLD, BWD_FLIP_ASM=True, BWD_FOLD_H=True, **tables()), 128),
-    ("flip fold dacc", dict(NEW, **tables()), 128),
-    ("flip fold dacc partials 32", dict(NEW, PARTIALS_MAX_BYTES=8 << 20, **tables()), 128),
-    ("flip fold dacc partials 16", dict(NEW, PARTIALS_MAX_BYTES=4 << 20, **tables()), 128),
-    ("flip fold dacc (1,256,1)", dict(NEW, **tables(bwd=(1, 256, 1, False))), 256),
-    ("noflip fold dacc (1,256,1)", dict(NEW, BWD_FLIP_ASM=False, **tables(bwd=(1, 256, 1, False))), 256),
+    ("old", dict(OLD, **tables()), 128),
+    ("round1 (flip fold)", dict(ROUND1, **tables()), 128),
+    ("+ fast math", dict(ROUND1, FAST_MATH=True, **tables()), 128),
+    ("+ fast math + cvt", dict(NEW, **tables()), 128),
+    ("new + dA in place", dict(NEW, BWD_DA_ACC=True, **tables()), 128),
+    ("new partials 32", dict(NEW, PARTIALS_MAX_BYTES=8 << 20, **tables()), 128),
 ]
 STEP_VARIANTS = [
     ("old", dict(OLD, **tables())),
+    ("round1", dict(ROUND1, **tables())),
     ("new", dict(NEW, **tables())),
-    ("new fwd (1,256,1)", dict(NEW, **tables(fwd=(1, 256, 1, False)))),
-    ("new partials 16", dict(NEW, PARTIALS_MAX_BYTES=4 << 20, **tables())),
-    ("new bwd (1,256,1)", dict(NEW, **tables(bwd=(1, 256, 1, False)))),
+    ("new + maxnreg 96", dict(NEW, FWD_MAXNREG=CAP96, **tables())),
+    ("new + carry sum + maxnreg 96 infer", dict(NEW, FWD_CARRY_SUM=True, FWD_MAXNREG={"infer": 96, "train": None},
+                                                **tables())),
+    ("new + dA in place", dict(NEW, BWD_DA_ACC=True, **tables())),
 ]
 
 

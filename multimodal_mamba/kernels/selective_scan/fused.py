@@ -39,12 +39,72 @@ from ..utils import (
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_BC(base, n, stride_n, stride_l, t, mask_t, mask, SAME_GROUP: tl.constexpr):
-    """B[n] or C[n] over the chunk: a (1, BLOCK_T) row when the block's channels share one group, else per row."""
-    if SAME_GROUP:
-        return tl.load(base + n * stride_n + t * stride_l, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+def _lg2(x, ASM: tl.constexpr):
+    if ASM:  # MUFU.LG2 (|error| < 2^-22 absolute): one instruction instead of a libdevice polynomial
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
     else:
-        return tl.load(base + n * stride_n + t[None, :] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, ASM: tl.constexpr):
+    if ASM:  # MUFU.RCP (1 ulp) instead of an IEEE division
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _softplus(x, FAST_MATH: tl.constexpr):
+    """softplus (torch's threshold 20). FAST_MATH 0: ``utils.softplus`` (libdevice's log: ~40 instructions an element,
+    ~12 % of the forward kernel's). 1 and 2: log(1 + e), e = exp(x), as a degree-7 series of log1p for e < 1/8
+    (truncation < 1e-7 relative) and as log2(1 + e) ln 2 above (where log(1 + e) > 0.117: relative error < 1e-6 with
+    MUFU.LG2), ~15 instructions; 2 takes log2 on MUFU.LG2 (inline PTX), 1 (the interpreter) on ``tl.log2``."""
+    if FAST_MATH > 0:
+        e = tl.exp(x)
+        series = e * (1.0 - e * (0.5 - e * (0.3333333333333333 - e * (0.25 - e * (0.2 - e * (
+            0.16666666666666666 - e * 0.14285714285714285))))))
+        large = _lg2(1.0 + e, FAST_MATH == 2) * 0.6931471805599453
+        return tl.where(x > 20.0, x, tl.where(e < 0.125, series, large))
+    else:
+        return softplus(x)
+
+
+@triton.jit
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    """FAST_MATH 1, 2: 1 / (1 + exp(-x)) with a reciprocal (MUFU.RCP at 2) instead of an IEEE division."""
+    if FAST_MATH > 0:
+        return _rcp(1.0 + tl.exp(-x), FAST_MATH == 2)
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
+def _bf16x2_to_f32(x):
+    """bfloat16 -> float32 by one byte permute per element (a bfloat16 is a float32's upper half): the compiler's
+    conversion takes a permute and a shift for every second element (a pair of a 32-bit register: 3 instructions)."""
+    return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0, 0x1044;\n\tprmt.b32 $1, $2, 0, 0x3244;", "=r,=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def _to_f32(x, CVT_ASM: tl.constexpr):
+    if CVT_ASM and x.dtype == tl.bfloat16:
+        return _bf16x2_to_f32(x)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _load_BC(base, n, stride_n, stride_l, t, mask_t, mask, SAME_GROUP: tl.constexpr, CVT_ASM: tl.constexpr = False):
+    """B[n] or C[n] over the chunk: a (1, BLOCK_T) row when the block's channels share one group, else per row.
+    CVT_ASM: bfloat16 rows converted by ``_bf16x2_to_f32`` (inline PTX: not under the interpreter)."""
+    if SAME_GROUP:
+        return _to_f32(tl.load(base + n * stride_n + t * stride_l, mask=mask_t, other=0.0), CVT_ASM)[None, :]
+    else:
+        return _to_f32(tl.load(base + n * stride_n + t[None, :] * stride_l, mask=mask, other=0.0), CVT_ASM)
 
 
 @triton.jit
@@ -52,14 +112,15 @@ def _fwd_state(
     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l,
     read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP: tl.constexpr, offs_t=None,
     SAVE_K: tl.constexpr = 0, BLOCK_T: tl.constexpr = 1, N: tl.constexpr = 1, FOLD_H: tl.constexpr = False,
+    CVT_ASM: tl.constexpr = False, CARRY_SUM: tl.constexpr = False, write_base=None,
 ):
     """State index n over one chunk: scan its decays and drives, fold in the carried state, accumulate y.
 
     FOLD_H: the carried state enters as the chunk's first drive (b_0 + a_0 h), so the scan's drives are the states
     themselves; else x = b_cum + a_cum h after the scan (two more instructions per element)."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32) * 1.4426950408889634
-    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
-    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP)
+    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
+    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
     h_n = tl.load(read_base + n, mask=mask_d, other=0.0)  # the carried state (one value per channel)
     a = tl.exp2(dt * A_n[:, None])
     b = dtu * B_n
@@ -73,6 +134,8 @@ def _fwd_state(
     if SAVE_K > 0:  # one store per saved state, each through a pointer uniform over the tile (no pointer tile)
         for k in tl.static_range(SAVE_K):
             tl.store(write_ptrs + k * N + n, x, mask=last & (offs_t == (k + 1) * (BLOCK_T // SAVE_K) - 1)[None, :])
+    elif CARRY_SUM:  # the last state picked by a warp sum (shuffles, no shared memory, no barrier), stored per row
+        tl.store(write_base + n, tl.sum(tl.where(last, x, 0.0), axis=1), mask=mask_d)
     else:
         tl.store(write_ptrs + n, x, mask=last)  # the chunk's last state, for the next chunk (one element a row)
     return y
@@ -94,6 +157,8 @@ def _selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, SAME_GROUP: tl.constexpr, UNROLL_N: tl.constexpr,
     N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr, SAVE_MODE: tl.constexpr = 0, FOLD_H: tl.constexpr = False,
+    FAST_MATH: tl.constexpr = 0, CVT_ASM: tl.constexpr = False, STATES_PER_ITER: tl.constexpr = 1,
+    CARRY_SUM: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -148,38 +213,58 @@ def _selective_scan_fwd_kernel(
         else:
             read_slot = chunk % 2
             write_ptrs = states_ptr + (slot_row[:, None] + 1 - read_slot) * N + offs_t[None, :] * 0
+        write_base = states_ptr + (slot_row + 1 - read_slot) * N  # (CARRY_SUM, without saves)
         read_base = states_ptr + (slot_row + read_slot) * N
         t = chunk * BLOCK_T + offs_t
         mask_t = t < length
         mask = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)
-        dt = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+        u = _to_f32(tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0), CVT_ASM)
+        dt = _to_f32(tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0), CVT_ASM)
         if HAS_BIAS:
             dt += bias[:, None]
         if SOFTPLUS:
-            dt = softplus(dt)
+            dt = _softplus(dt, FAST_MATH)
         dt = tl.where(mask, dt, 0.0)  # padded steps: decay 1, drive 0 (the state passes through unchanged)
         dtu = dt * u
-        y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        if HAS_D:  # the skip term first: u is then dead during the loop over states (16 registers at BLOCK_T 512)
+            y = u * skip[:, None]
+        else:
+            y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         if UNROLL_N:
             for n in tl.static_range(N):
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N, FOLD_H,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
+                )
+        elif STATES_PER_ITER == 2:  # two states an iteration: two independent scans for the scheduler to interleave
+            for n2 in range(N // 2):
+                y = _fwd_state(
+                    2 * n2, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
+                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
+                )
+                y = _fwd_state(
+                    2 * n2 + 1, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
+                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
+                )
+            if N % 2 == 1:
+                y = _fwd_state(
+                    N - 1, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
+                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
                 )
         else:
             for n in range(N):
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N, FOLD_H,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
                 )
-        if HAS_D:
-            y += u * skip[:, None]
         if HAS_Z:
-            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
+            zz = _to_f32(tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0), CVT_ASM)
+            y = y * zz * _sigmoid(zz, FAST_MATH)
         tl.store(out_base + t[None, :] * stride_out_l, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -221,7 +306,7 @@ def _bwd_state(
     mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
     GB_ACC: tl.constexpr, DA_STORE: tl.constexpr, EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr,
     FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False, DA_ACC: tl.constexpr = False, rev=0,
-    BLOCK_T: tl.constexpr = 1,
+    BLOCK_T: tl.constexpr = 1, CVT_ASM: tl.constexpr = False,
 ):
     """State index n over one chunk of the backward pass: recompute h_t, run the adjoint scan, accumulate.
 
@@ -236,8 +321,8 @@ def _bwd_state(
     one slot (no per-chunk slots and no summing launch after the kernel)."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32)
     A2_n = A_n * 1.4426950408889634
-    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
-    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP)
+    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
+    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
     # recompute the chunk's states h_t from the saved chunk-start state
     a = tl.exp2(dt * A2_n[:, None])
     b = dtu * B_n
@@ -277,9 +362,11 @@ def _bwd_state(
     else:
         ddt += g * u * B_n + g_ah * A_n[:, None]
         du += g * dt * B_n
-    if DA_STORE and DA_ACC:  # dA[:, n] summed over the chunks in place (the first chunk walked finds nothing)
-        dA_prev = tl.load(dA_read_base + n, mask=mask_d & (rev > 0), other=0.0)
-        tl.store(dA_write_ptrs + n, (dA_prev + tl.sum(g_ah * dt, axis=1))[:, None], mask=first)
+    if DA_STORE and DA_ACC:  # dA[:, n] summed over the chunks in place: the first chunk walked stores, the later ones
+        # add by a reduction without return (nothing waits for it; the same thread, so in order after the store)
+        dA_chunk = tl.sum(g_ah * dt, axis=1)[:, None]
+        tl.store(dA_write_ptrs + n, dA_chunk, mask=first & (rev == 0))
+        tl.atomic_add(dA_write_ptrs + n, dA_chunk, mask=first & (rev > 0), sem="relaxed")
     elif DA_STORE:
         tl.store(dA_write_ptrs + n, tl.sum(g_ah * dt, axis=1)[:, None], mask=first)
     else:
@@ -330,7 +417,7 @@ def _selective_scan_bwd_kernel(
     HAS_DFINAL: tl.constexpr, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
     UNROLL_N: tl.constexpr, N_PAD: tl.constexpr, GB_ACC: tl.constexpr, DA_STORE: tl.constexpr,
     EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr, FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False,
-    DA_ACC: tl.constexpr = False,
+    DA_ACC: tl.constexpr = False, FAST_MATH: tl.constexpr = 0, CVT_ASM: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -401,12 +488,12 @@ def _selective_scan_bwd_kernel(
         t = chunk * BLOCK_T + offs_t
         mask_t = t < length
         mask = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)
-        raw = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+        u = _to_f32(tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0), CVT_ASM)
+        raw = _to_f32(tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0), CVT_ASM)
         if HAS_BIAS:
             raw += bias[:, None]
         if SOFTPLUS:
-            dt = softplus(raw)
+            dt = _softplus(raw, FAST_MATH)
         else:
             dt = raw
         dt = tl.where(mask, dt, 0.0)
@@ -419,12 +506,12 @@ def _selective_scan_bwd_kernel(
             if HAS_BIAS:
                 raw_next += bias[:, None]
             if SOFTPLUS:
-                raw_next = softplus(raw_next)
+                raw_next = _softplus(raw_next, FAST_MATH)
             dt_next = tl.where(mask_next, raw_next, 0.0)  # a_{t+1} = 1 past the end: g_{L-1} = dy C + dfinal
-        dy = tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0).to(tl.float32)
+        dy = _to_f32(tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0), CVT_ASM)
         if HAS_Z:
-            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
+            zz = _to_f32(tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0), CVT_ASM)
+            dy = dy * zz * _sigmoid(zz, FAST_MATH)
         dtu = dt * u
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         ddt = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
@@ -435,7 +522,7 @@ def _selective_scan_bwd_kernel(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
                     stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP,
-                    BC_MODE, GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, DA_ACC, rev, BLOCK_T,
+                    BC_MODE, GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, DA_ACC, rev, BLOCK_T, CVT_ASM,
                 )
         else:
             for n in range(N):
@@ -443,10 +530,10 @@ def _selective_scan_bwd_kernel(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
                     stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP,
-                    BC_MODE, GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, DA_ACC, rev, BLOCK_T,
+                    BC_MODE, GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, DA_ACC, rev, BLOCK_T, CVT_ASM,
                 )
         if GB_ACC:  # du held sum_n g B_n: the u and dt factors of d/dt and d/du, applied once
-            u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)  # (cache hits)
+            u = _to_f32(tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0), CVT_ASM)  # (cache hits)
             ddt += du * u
             du = du * dt
         if HAS_D:
@@ -454,16 +541,16 @@ def _selective_scan_bwd_kernel(
             du += dy * skip[:, None]
             dD_acc += tl.sum(dy * u, axis=1)
         if HAS_Z:  # reloaded (cache hits) rather than kept live across the loop over states
-            dout = tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0).to(tl.float32)
-            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
-            z_sig = tl.sigmoid(zz)
+            dout = _to_f32(tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0), CVT_ASM)
+            zz = _to_f32(tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0), CVT_ASM)
+            z_sig = _sigmoid(zz, FAST_MATH)
             dz = dout * y * z_sig * (1.0 + zz * (1.0 - z_sig))
             tl.store(dz_base + t[None, :] * stride_dz_l, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if SOFTPLUS:
-            raw = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+            raw = _to_f32(tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0), CVT_ASM)
             if HAS_BIAS:
                 raw += bias[:, None]
-            ddt = ddt * tl.sigmoid(raw)
+            ddt = ddt * _sigmoid(raw, FAST_MATH)
         ddt = tl.where(mask, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du_base + t[None, :] * stride_du_l, du.to(du_ptr.dtype.element_ty), mask=mask)
@@ -476,7 +563,7 @@ def _selective_scan_bwd_kernel(
     if HAS_BIAS:
         raw0 += bias[:, None]
     if SOFTPLUS:
-        raw0 = softplus(raw0)
+        raw0 = _softplus(raw0, FAST_MATH)
     A_tile = tl.load(A_base[:, None] + offs_np[None, :] * stride_A_n, mask=mask_dnp, other=0.0).to(tl.float32)
     dh0_offs = (pid_b * dim + offs_d[:, None]) * N + offs_np[None, :]
     if EXCL_REV:  # the carry is already lam_{-1} = a_0 g_0
@@ -529,6 +616,20 @@ BWD_OPTS = (True, True, True, True)
 # The backward's reverse (adjoint) scan as flip + forward scan + flip with one shuffle per register (``_flip_time``)
 # where its layout allows (``_flip_asm``), instead of Triton's reverse scan.
 BWD_FLIP_ASM = True
+# softplus and sigmoid in both kernels on MUFU.EX2 / LG2 / RCP with a series for log1p near 0 (``_softplus``), instead
+# of libdevice's log and IEEE divisions (~18 % of the forward's instructions). Float32-accurate to ~1e-6 relative.
+FAST_MATH = True
+# The forward's loop over states: 1 state an iteration, or 2 (two independent scans to interleave).
+FWD_STATES_PER_ITER = 1
+# Without saves the forward passes each chunk's last state on by a warp sum (``_fwd_state``'s CARRY_SUM) instead of a
+# masked store that the compiler routes through shared memory and a barrier.
+FWD_CARRY_SUM = False
+# ptxas register cap of the forward at its default configuration (1, 512, 1), N <= 16, for inference / training (None:
+# none). 5120 one-warp programs on 132 SMs: at <= 96 registers 21 fit an SM (1.85 waves); at 104 - 128, 16 - 19
+# (2.04 - 2.42 waves: a short last wave).
+FWD_MAXNREG = {"infer": None, "train": None}
+# bfloat16 B / C rows converted to float32 by one byte permute an element (``_bf16x2_to_f32``).
+BC_CVT_ASM = True
 # The backward folds the chunk-start state into the first drive (``_bwd_state``'s FOLD_H).
 BWD_FOLD_H = True
 # With da_store: dA summed over the chunks inside the kernel (``_bwd_state``'s DA_ACC).
@@ -575,7 +676,8 @@ _FWD_PLANS = {}
 def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     layout = _layout(u)
     key = (tuple(u.shape), layout, state_size, groups, flags, bool(save_states), config, save_every,
-           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, FWD_FOLD_H, SHORT_MAX_T, SHORT_TILE, SHORT_WARPS)
+           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, FWD_FOLD_H, _fast_math(), _cvt_asm(), SHORT_MAX_T,
+           SHORT_TILE, SHORT_WARPS, FWD_STATES_PER_ITER, FWD_CARRY_SUM, tuple(FWD_MAXNREG.items()))
     # (the tables too: tests and sweeps replace them)
     plan = _FWD_PLANS.get(key)
     if plan is not None:
@@ -599,8 +701,14 @@ def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     n_slots = n_chunks * (block_t // save_every) + 1 if save_states else 2
     has_d, has_z, has_bias, softplus, has_h0 = flags
     consts = (state_size, block_d, block_t, has_d, has_z, has_bias, softplus, has_h0, bool(save_states), same_group,
-              bool(unroll), next_pow2(state_size), save_every, int(FWD_SAVE_MODE), bool(FWD_FOLD_H))
-    plan = dict(grid=(triton.cdiv(dim, block_d), batch, 1), consts=consts, num_warps=num_warps, n_chunks=n_chunks,
+              bool(unroll), next_pow2(state_size), save_every, int(FWD_SAVE_MODE), bool(FWD_FOLD_H), _fast_math(),
+              _cvt_asm(), int(FWD_STATES_PER_ITER), bool(FWD_CARRY_SUM))
+    # the register cap (FWD_MAXNREG) only where it was measured: one channel of 512 steps a warp, N <= 16
+    maxnreg = None
+    if (block_d, block_t, num_warps) == (1, 512, 1) and state_size <= 16 and not interpret_mode():
+        maxnreg = FWD_MAXNREG["train" if save_states else "infer"]
+    plan = dict(grid=(triton.cdiv(dim, block_d), batch, 1), consts=consts, num_warps=num_warps, maxnreg=maxnreg,
+                n_chunks=n_chunks,
                 n_slots=n_slots, dim_per_group=dim_per_group, save_every=save_every,
                 final_slot=n_slots - 1 if save_states else n_chunks % 2)
     if len(_FWD_PLANS) < 1024:
@@ -632,7 +740,7 @@ def selective_scan_fwd(
               out, states),
              (dim, length, plan["dim_per_group"], plan["n_chunks"], n_slots) + u.stride() + delta.stride()
              + A.stride() + Bg.stride() + Cg.stride() + zz.stride() + out.stride(),
-             plan["consts"], plan["num_warps"])
+             plan["consts"], plan["num_warps"], maxnreg=plan["maxnreg"])
     final = states[:, :, plan["final_slot"]]
     meta = dict(block_t=plan["save_every"])  # the backward's view: a saved state every save_every steps
     return out, final, (states if save_states else None), meta
@@ -674,16 +782,16 @@ def selective_scan_bwd(
     atomic = (not same_group) or partials < blocks_per_group
     if bc_mode is None:
         bc_mode = BWD_BC_MODE if atomic else 0
-    alloc = torch.zeros if atomic else torch.empty
     bc_padded = bc_padded and same_group and bc_mode in (1, 2)
     bc_length = n_chunks * block_t if bc_padded else length  # padded: whole chunks (sliced off after)
     # dB's and dC's partials in one buffer: one zero fill (atomics) and one summing launch for both
+    alloc = torch.zeros if atomic else torch.empty
     bc_part = alloc(2, partials, batch, groups, state_size, bc_length, device=u.device, dtype=torch.float32)
     dB_part, dC_part = bc_part[0], bc_part[1]
+    da_acc = da_store and BWD_DA_ACC
     du = empty_like_layout(u)
     ddelta = empty_like_layout(delta)
     dz = empty_like_layout(z) if z is not None else None
-    da_acc = da_store and BWD_DA_ACC
     if da_store and not da_acc:  # one slot per chunk
         dA_part = torch.empty(batch, dim, n_chunks, state_size, device=u.device, dtype=torch.float32)
     else:
@@ -709,7 +817,7 @@ def selective_scan_bwd(
         HAS_DFINAL=dfinal is not None, SAME_GROUP=same_group, BC_MODE=bc_mode,
         UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), GB_ACC=gb_acc, DA_STORE=da_store, EXCL_REV=excl_rev,
         BC_PADDED=bc_padded, FLIP_ASM=_flip_asm(block_d, block_t, num_warps, excl_rev, flip_asm, u, delta, dout),
-        FOLD_H=bool(BWD_FOLD_H), DA_ACC=da_acc, num_warps=num_warps,
+        FOLD_H=bool(BWD_FOLD_H), DA_ACC=da_acc, FAST_MATH=_fast_math(), CVT_ASM=_cvt_asm(), num_warps=num_warps,
     )
     dB, dC = _sum_bc_partials(bc_part, B.dtype, C.dtype)
     if bc_length != length:
@@ -717,8 +825,8 @@ def selective_scan_bwd(
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
     return (
-        du, ddelta, (_batch_sum(dA_part) if da_acc else dA_part.sum((0, 2)) if da_store else dA_part.sum(0)).to(A.dtype),
-        dB, dC,
+        du, ddelta,
+        (_batch_sum(dA_part) if da_acc else dA_part.sum((0, 2)) if da_store else dA_part.sum(0)).to(A.dtype), dB, dC,
         _batch_sum(dD_part).to(D.dtype) if D is not None else None,
         dz,
         _batch_sum(dbias_part).to(delta_bias.dtype) if delta_bias is not None else None,
@@ -733,6 +841,17 @@ def _flip_asm(block_d, block_t, num_warps, excl_rev, requested, *time_tiles):
     requested = BWD_FLIP_ASM if requested is None else requested
     return bool(requested and excl_rev and block_d == 1 and block_t in (128, 256) and num_warps == 1
                 and all(t.stride(-1) == 1 for t in time_tiles) and not interpret_mode())
+
+
+def _fast_math():
+    """The kernels' FAST_MATH (``_softplus``, ``_sigmoid``): 0 off, 2 on a GPU, 1 under the interpreter (no inline
+    PTX there: the same formulas on tl.log2 and divisions)."""
+    return (1 if interpret_mode() else 2) if FAST_MATH else 0
+
+
+def _cvt_asm():
+    """Whether the kernels convert bfloat16 B / C rows by ``_bf16x2_to_f32`` (inline PTX: on a GPU only)."""
+    return bool(BC_CVT_ASM and not interpret_mode())
 
 
 def _batch_sum(part):
