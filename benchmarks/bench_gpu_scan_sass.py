@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -55,6 +56,8 @@ def _compile(fn, ints, consts, num_warps, maxnreg=None):
     sig, const, divisible = {}, {}, []
     skip = set(getattr(fn, "do_not_specialize", ()) or ())
     skip_names = {fn.arg_names[i] if isinstance(i, int) else i for i in skip}
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    consts = {**defaults, **consts}
     for i, p in enumerate(fn.arg_names):
         if p in consts:
             sig[p], const[p] = "constexpr", consts[p]

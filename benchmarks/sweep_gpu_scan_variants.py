@@ -3,7 +3,7 @@ z gate, delta_softplus): kernel-only forward and backward times per variant, the
 autograd steps of chosen settings, each next to mamba-ssm's time measured in the same process.
 
 A setting is a dict of ``fused`` module attributes (FWD_CONFIGS / BWD_CONFIGS tables, FWD_FOLD_H, BWD_FLIP_ASM,
-BWD_FOLD_H, BWD_DA_ACC, PARTIALS_MAX_BYTES, ...), applied for the measurement and restored after.
+BWD_FOLD_H, FAST_MATH, CVT_ASM, FWD_CARRY_SUM, FWD_MAXNREG, ...), applied for the measurement and restored after.
 
     python benchmarks/sweep_gpu_scan_variants.py [--lengths 2048 8192] [--only fwd bwd step] [--out DIR]
 
@@ -27,12 +27,13 @@ from triton.testing import do_bench  # noqa: E402
 from bench_gpu_selective_scan import make_inputs, ours, selective_scan_fn, theirs, time_fwd, time_fwd_bwd  # noqa: E402
 from multimodal_mamba.kernels.selective_scan import fused  # noqa: E402
 
-# settings: the old kernels (main before this branch), the first round's (flip, fold, no fast math), the current
-OLD = dict(FWD_FOLD_H=False, BWD_FLIP_ASM=False, BWD_FOLD_H=False, BWD_DA_ACC=False, FAST_MATH=False,
-           BC_CVT_ASM=False, FWD_STATES_PER_ITER=1, FWD_CARRY_SUM=False, FWD_MAXNREG={"infer": None, "train": None})
+# settings: the old kernels (main before this branch: every new flag off), the first device round's (flip, fold),
+# the module's defaults ({}), and single changes of the defaults
+OLD = dict(FWD_FOLD_H=False, BWD_FLIP_ASM=False, BWD_FOLD_H=False, FAST_MATH=False,
+           CVT_ASM={"fwd": False, "bwd": False}, FWD_CARRY_SUM=False, FWD_MAXNREG={"infer": None, "train": None})
 ROUND1 = dict(OLD, FWD_FOLD_H=True, BWD_FLIP_ASM=True, BWD_FOLD_H=True)
-NEW = dict(ROUND1, FAST_MATH=True, BC_CVT_ASM=True)
-CAP96 = {"infer": 96, "train": 96}
+DEFAULT = {}
+REPEATS = 3  # the close A/B pairs are timed this many times, alternating
 
 
 def tables(fwd=(1, 512, 1, False), bwd=(1, 128, 1, False)):
@@ -42,30 +43,22 @@ def tables(fwd=(1, 512, 1, False), bwd=(1, 128, 1, False)):
 FWD_VARIANTS = [
     ("old", dict(OLD, **tables())),
     ("round1 (fold)", dict(ROUND1, **tables())),
-    ("+ fast math", dict(ROUND1, FAST_MATH=True, **tables())),
-    ("+ fast math + cvt", dict(NEW, **tables())),
-    ("new + maxnreg 96", dict(NEW, FWD_MAXNREG=CAP96, **tables())),
-    ("new + carry sum", dict(NEW, FWD_CARRY_SUM=True, **tables())),
-    ("new + carry sum + maxnreg 96", dict(NEW, FWD_CARRY_SUM=True, FWD_MAXNREG=CAP96, **tables())),
-    ("new + 2 states", dict(NEW, FWD_STATES_PER_ITER=2, **tables())),
-    ("new + 2 states + carry sum", dict(NEW, FWD_STATES_PER_ITER=2, FWD_CARRY_SUM=True, **tables())),
-]
+] + [(name, setting) for _ in range(REPEATS) for name, setting in (
+    ("default", DEFAULT),
+    ("default + carry sum", dict(FWD_CARRY_SUM=True)),
+    ("default, no cap", dict(FWD_MAXNREG={"infer": None, "train": None})),
+)]
 BWD_VARIANTS = [  # (name, setting, save_every of the forward that feeds it)
     ("old", dict(OLD, **tables()), 128),
     ("round1 (flip fold)", dict(ROUND1, **tables()), 128),
-    ("+ fast math", dict(ROUND1, FAST_MATH=True, **tables()), 128),
-    ("+ fast math + cvt", dict(NEW, **tables()), 128),
-    ("new + dA in place", dict(NEW, BWD_DA_ACC=True, **tables()), 128),
-    ("new partials 32", dict(NEW, PARTIALS_MAX_BYTES=8 << 20, **tables()), 128),
-]
+] + [(name, setting, 128) for _ in range(REPEATS) for name, setting in (
+    ("default", DEFAULT),
+    ("default + bwd cvt", dict(CVT_ASM={"fwd": True, "bwd": True})),
+)]
 STEP_VARIANTS = [
     ("old", dict(OLD, **tables())),
-    ("round1", dict(ROUND1, **tables())),
-    ("new", dict(NEW, **tables())),
-    ("new + maxnreg 96", dict(NEW, FWD_MAXNREG=CAP96, **tables())),
-    ("new + carry sum + maxnreg 96 infer", dict(NEW, FWD_CARRY_SUM=True, FWD_MAXNREG={"infer": 96, "train": None},
-                                                **tables())),
-    ("new + dA in place", dict(NEW, BWD_DA_ACC=True, **tables())),
+    ("default", DEFAULT),
+    ("default + carry sum", dict(FWD_CARRY_SUM=True)),
 ]
 
 

@@ -157,8 +157,7 @@ def _selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, SAME_GROUP: tl.constexpr, UNROLL_N: tl.constexpr,
     N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr, SAVE_MODE: tl.constexpr = 0, FOLD_H: tl.constexpr = False,
-    FAST_MATH: tl.constexpr = 0, CVT_ASM: tl.constexpr = False, STATES_PER_ITER: tl.constexpr = 1,
-    CARRY_SUM: tl.constexpr = False,
+    FAST_MATH: tl.constexpr = 0, CVT_ASM: tl.constexpr = False, CARRY_SUM: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -237,24 +236,6 @@ def _selective_scan_fwd_kernel(
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
                     SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
                 )
-        elif STATES_PER_ITER == 2:  # two states an iteration: two independent scans for the scheduler to interleave
-            for n2 in range(N // 2):
-                y = _fwd_state(
-                    2 * n2, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
-                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
-                )
-                y = _fwd_state(
-                    2 * n2 + 1, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
-                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
-                )
-            if N % 2 == 1:
-                y = _fwd_state(
-                    N - 1, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
-                    stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
-                )
         else:
             for n in range(N):
                 y = _fwd_state(
@@ -268,28 +249,17 @@ def _selective_scan_fwd_kernel(
         tl.store(out_base + t[None, :] * stride_out_l, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _flip_asm_text(regs):
-    """PTX of ``_flip_time`` for ``regs`` registers a thread: output register k <- input register regs - 1 - k of lane
-    31 - lane (a butterfly shuffle with lane mask 31)."""
-    return "\n\t".join(f"shfl.sync.bfly.b32 ${k}, ${2 * regs - 1 - k}, 31, 31, -1;" for k in range(regs))
-
-
-_FLIP4, _FLIP8 = tl.constexpr(_flip_asm_text(4)), tl.constexpr(_flip_asm_text(8))
-_FLIP4_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 4))
-_FLIP8_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
+_FLIP_PTX = tl.constexpr("\n\t".join(f"shfl.sync.bfly.b32 ${k}, ${7 - k}, 31, 31, -1;" for k in range(4)))
 
 
 @triton.jit
-def _flip_time(x, BLOCK_T: tl.constexpr):
-    """x[:, ::-1] of a (1, BLOCK_T) float32 tile (BLOCK_T 128 or 256) spread over the 32 lanes of one warp, BLOCK_T / 32
-    steps a lane. In any such layout the step index's bits are the register index's and the lane's bits in some order,
-    so reversing the steps (complementing every bit) is: register k <- register BLOCK_T / 32 - 1 - k of lane
-    31 - lane, one butterfly shuffle per register. (Triton 3.6 lowers ``reverse=True`` scans with five butterfly rounds
-    per register and operand, in and out: 80 shuffles per state for the backward's adjoint scan at BLOCK_T 128.)"""
-    if BLOCK_T == 128:
-        return tl.inline_asm_elementwise(_FLIP4, _FLIP4_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(_FLIP8, _FLIP8_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True, pack=8)
+def _flip_time(x):
+    """x[:, ::-1] of a (1, 128) float32 tile spread over the 32 lanes of one warp, 4 steps a lane (the backward's
+    chunk at its default configuration). In any such layout the step index's bits are the register index's and the
+    lane's bits in some order, so reversing the steps (complementing every bit) is: register k <- register 3 - k of
+    lane 31 - lane, one butterfly shuffle per register. (Triton 3.6 lowers ``reverse=True`` scans with five butterfly
+    rounds per register and operand, in and out: 80 shuffles per state for the backward's adjoint scan.)"""
+    return tl.inline_asm_elementwise(_FLIP_PTX, "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -303,10 +273,9 @@ def exclusive_affine_combine(s1, u1, p1, q1, s2, u2, p2, q2):
 def _bwd_state(
     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base, stride_A_n,
     B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base, stride_dB_n, stride_dB_l, t,
-    mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
+    mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
     GB_ACC: tl.constexpr, DA_STORE: tl.constexpr, EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr,
-    FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False, DA_ACC: tl.constexpr = False, rev=0,
-    BLOCK_T: tl.constexpr = 1, CVT_ASM: tl.constexpr = False,
+    FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False, CVT_ASM: tl.constexpr = False,
 ):
     """State index n over one chunk of the backward pass: recompute h_t, run the adjoint scan, accumulate.
 
@@ -317,8 +286,7 @@ def _bwd_state(
     yields lam_t = a_{t+1} g_{t+1} without the shifted decays a_{t+1} (one exp2 less), and carries lam between
     chunks. BC_PADDED: the dB / dC rows are padded to whole chunks (the padded steps add zeros there), so the
     atomics need no mask (a masked atomic is a branch around each element's instruction). FOLD_H: the
-    chunk-start state enters as the first drive. DA_ACC (with DA_STORE): dA[:, n] is summed over the chunks in its
-    one slot (no per-chunk slots and no summing launch after the kernel)."""
+    chunk-start state enters as the first drive."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32)
     A2_n = A_n * 1.4426950408889634
     B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
@@ -340,10 +308,10 @@ def _bwd_state(
         # g_t = c_t + lam_t; the lam after the chunk is carried in from the next one
         ones = tl.zeros_like(a) + 1.0
         if FLIP_ASM:  # the reverse scan as flip, forward scan, flip (what reverse=True means), with cheap flips
-            _, _, P, Q = tl.associative_scan((_flip_time(a, BLOCK_T), _flip_time(a * c, BLOCK_T), ones,
-                                              tl.zeros_like(a)), axis=1, combine_fn=exclusive_affine_combine)
-            P = _flip_time(P, BLOCK_T)
-            Q = _flip_time(Q, BLOCK_T)
+            _, _, P, Q = tl.associative_scan((_flip_time(a), _flip_time(a * c), ones, tl.zeros_like(a)), axis=1,
+                                             combine_fn=exclusive_affine_combine)
+            P = _flip_time(P)
+            Q = _flip_time(Q)
         else:
             _, _, P, Q = tl.associative_scan((a, a * c, ones, tl.zeros_like(a)), axis=1,
                                              combine_fn=exclusive_affine_combine, reverse=True)
@@ -362,12 +330,7 @@ def _bwd_state(
     else:
         ddt += g * u * B_n + g_ah * A_n[:, None]
         du += g * dt * B_n
-    if DA_STORE and DA_ACC:  # dA[:, n] summed over the chunks in place: the first chunk walked stores, the later ones
-        # add by a reduction without return (nothing waits for it; the same thread, so in order after the store)
-        dA_chunk = tl.sum(g_ah * dt, axis=1)[:, None]
-        tl.store(dA_write_ptrs + n, dA_chunk, mask=first & (rev == 0))
-        tl.atomic_add(dA_write_ptrs + n, dA_chunk, mask=first & (rev > 0), sem="relaxed")
-    elif DA_STORE:
+    if DA_STORE:
         tl.store(dA_write_ptrs + n, tl.sum(g_ah * dt, axis=1)[:, None], mask=first)
     else:
         dA_acc += tl.where(offs_t[None, :] == n, tl.sum(g_ah * dt, axis=1)[:, None], 0.0)  # column n: dA[:, n]
@@ -417,7 +380,7 @@ def _selective_scan_bwd_kernel(
     HAS_DFINAL: tl.constexpr, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
     UNROLL_N: tl.constexpr, N_PAD: tl.constexpr, GB_ACC: tl.constexpr, DA_STORE: tl.constexpr,
     EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr, FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False,
-    DA_ACC: tl.constexpr = False, FAST_MATH: tl.constexpr = 0, CVT_ASM: tl.constexpr = False,
+    FAST_MATH: tl.constexpr = 0, CVT_ASM: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -476,14 +439,8 @@ def _selective_scan_bwd_kernel(
         chunk = n_chunks - 1 - rev
         g_read_base = gbuf_ptr + (g_row + rev % 2) * N
         g_write_ptrs = gbuf_ptr + (g_row[:, None] + 1 - rev % 2) * N + offs_t[None, :] * 0
-        # DA_STORE: dA_ptr is (batch, dim, n_chunks, N), one slot per chunk (summed over chunks after the kernel);
-        # with DA_ACC (batch, dim, N), the one slot summed in place
-        if DA_ACC:
-            dA_read_base = dA_ptr + (pid_b * dim + offs_d) * N
-            dA_write_ptrs = dA_ptr + (pid_b * dim + offs_d[:, None]) * N + offs_t[None, :] * 0
-        else:
-            dA_read_base = dA_ptr + (pid_b * dim + offs_d) * N
-            dA_write_ptrs = dA_ptr + ((pid_b * dim + offs_d[:, None]) * n_chunks + chunk) * N + offs_t[None, :] * 0
+        # DA_STORE: dA_ptr is (batch, dim, n_chunks, N), one slot per chunk (summed over chunks after the kernel)
+        dA_write_ptrs = dA_ptr + ((pid_b * dim + offs_d[:, None]) * n_chunks + chunk) * N + offs_t[None, :] * 0
         h_base = states_ptr + (saved_row + chunk * state_step) * N
         t = chunk * BLOCK_T + offs_t
         mask_t = t < length
@@ -521,16 +478,16 @@ def _selective_scan_bwd_kernel(
                 y, ddt, du, dA_acc = _bwd_state(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
-                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP,
-                    BC_MODE, GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, DA_ACC, rev, BLOCK_T, CVT_ASM,
+                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP, BC_MODE,
+                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, CVT_ASM,
                 )
         else:
             for n in range(N):
                 y, ddt, du, dA_acc = _bwd_state(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
-                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, dA_read_base, SAME_GROUP,
-                    BC_MODE, GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, DA_ACC, rev, BLOCK_T, CVT_ASM,
+                    stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP, BC_MODE,
+                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, CVT_ASM,
                 )
         if GB_ACC:  # du held sum_n g B_n: the u and dt factors of d/dt and d/du, applied once
             u = _to_f32(tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0), CVT_ASM)  # (cache hits)
@@ -619,21 +576,19 @@ BWD_FLIP_ASM = True
 # softplus and sigmoid in both kernels on MUFU.EX2 / LG2 / RCP with a series for log1p near 0 (``_softplus``), instead
 # of libdevice's log and IEEE divisions (~18 % of the forward's instructions). Float32-accurate to ~1e-6 relative.
 FAST_MATH = True
-# The forward's loop over states: 1 state an iteration, or 2 (two independent scans to interleave).
-FWD_STATES_PER_ITER = 1
 # Without saves the forward passes each chunk's last state on by a warp sum (``_fwd_state``'s CARRY_SUM) instead of a
 # masked store that the compiler routes through shared memory and a barrier.
 FWD_CARRY_SUM = False
 # ptxas register cap of the forward at its default configuration (1, 512, 1), N <= 16, for inference / training (None:
 # none). 5120 one-warp programs on 132 SMs: at <= 96 registers 21 fit an SM (1.85 waves); at 104 - 128, 16 - 19
 # (2.04 - 2.42 waves: a short last wave).
-FWD_MAXNREG = {"infer": None, "train": None}
-# bfloat16 B / C rows converted to float32 by one byte permute an element (``_bf16x2_to_f32``).
-BC_CVT_ASM = True
+FWD_MAXNREG = {"infer": 96, "train": 96}
+# bfloat16 loads converted to float32 by one byte permute an element (``_bf16x2_to_f32``), per kernel. The backward
+# keeps the compiler's conversion: with the permutes it needs 78 registers instead of 96, 25 instead of 21 one-warp
+# programs fit an SM, and its 5120 programs then take 1.55 waves instead of 1.85 (measured 1 - 2 % slower).
+CVT_ASM = {"fwd": True, "bwd": False}
 # The backward folds the chunk-start state into the first drive (``_bwd_state``'s FOLD_H).
 BWD_FOLD_H = True
-# With da_store: dA summed over the chunks inside the kernel (``_bwd_state``'s DA_ACC).
-BWD_DA_ACC = True
 
 
 def _layout(u):
@@ -676,8 +631,8 @@ _FWD_PLANS = {}
 def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     layout = _layout(u)
     key = (tuple(u.shape), layout, state_size, groups, flags, bool(save_states), config, save_every,
-           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, FWD_FOLD_H, _fast_math(), _cvt_asm(), SHORT_MAX_T,
-           SHORT_TILE, SHORT_WARPS, FWD_STATES_PER_ITER, FWD_CARRY_SUM, tuple(FWD_MAXNREG.items()))
+           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, FWD_FOLD_H, _fast_math(), _cvt_asm("fwd"),
+           SHORT_MAX_T, SHORT_TILE, SHORT_WARPS, FWD_CARRY_SUM, tuple(FWD_MAXNREG.items()))
     # (the tables too: tests and sweeps replace them)
     plan = _FWD_PLANS.get(key)
     if plan is not None:
@@ -702,7 +657,7 @@ def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     has_d, has_z, has_bias, softplus, has_h0 = flags
     consts = (state_size, block_d, block_t, has_d, has_z, has_bias, softplus, has_h0, bool(save_states), same_group,
               bool(unroll), next_pow2(state_size), save_every, int(FWD_SAVE_MODE), bool(FWD_FOLD_H), _fast_math(),
-              _cvt_asm(), int(FWD_STATES_PER_ITER), bool(FWD_CARRY_SUM))
+              _cvt_asm("fwd"), bool(FWD_CARRY_SUM))
     # the register cap (FWD_MAXNREG) only where it was measured: one channel of 512 steps a warp, N <= 16
     maxnreg = None
     if (block_d, block_t, num_warps) == (1, 512, 1) and state_size <= 16 and not interpret_mode():
@@ -788,11 +743,10 @@ def selective_scan_bwd(
     alloc = torch.zeros if atomic else torch.empty
     bc_part = alloc(2, partials, batch, groups, state_size, bc_length, device=u.device, dtype=torch.float32)
     dB_part, dC_part = bc_part[0], bc_part[1]
-    da_acc = da_store and BWD_DA_ACC
     du = empty_like_layout(u)
     ddelta = empty_like_layout(delta)
     dz = empty_like_layout(z) if z is not None else None
-    if da_store and not da_acc:  # one slot per chunk
+    if da_store:  # one slot per chunk
         dA_part = torch.empty(batch, dim, n_chunks, state_size, device=u.device, dtype=torch.float32)
     else:
         dA_part = torch.empty(batch, dim, state_size, device=u.device, dtype=torch.float32)
@@ -816,8 +770,9 @@ def selective_scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_DFINAL=dfinal is not None, SAME_GROUP=same_group, BC_MODE=bc_mode,
         UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), GB_ACC=gb_acc, DA_STORE=da_store, EXCL_REV=excl_rev,
-        BC_PADDED=bc_padded, FLIP_ASM=_flip_asm(block_d, block_t, num_warps, excl_rev, flip_asm, u, delta, dout),
-        FOLD_H=bool(BWD_FOLD_H), DA_ACC=da_acc, FAST_MATH=_fast_math(), CVT_ASM=_cvt_asm(), num_warps=num_warps,
+        BC_PADDED=bc_padded, FLIP_ASM=_flip_asm(block_d, block_t, num_warps, excl_rev, flip_asm, u, delta, dout, z),
+        FOLD_H=bool(BWD_FOLD_H), FAST_MATH=_fast_math(), CVT_ASM=_cvt_asm("bwd"),
+        num_warps=num_warps,
     )
     dB, dC = _sum_bc_partials(bc_part, B.dtype, C.dtype)
     if bc_length != length:
@@ -825,8 +780,7 @@ def selective_scan_bwd(
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
     return (
-        du, ddelta,
-        (_batch_sum(dA_part) if da_acc else dA_part.sum((0, 2)) if da_store else dA_part.sum(0)).to(A.dtype), dB, dC,
+        du, ddelta, (dA_part.sum((0, 2)) if da_store else dA_part.sum(0)).to(A.dtype), dB, dC,
         _batch_sum(dD_part).to(D.dtype) if D is not None else None,
         dz,
         _batch_sum(dbias_part).to(delta_bias.dtype) if delta_bias is not None else None,
@@ -836,11 +790,11 @@ def selective_scan_bwd(
 
 def _flip_asm(block_d, block_t, num_warps, excl_rev, requested, *time_tiles):
     """Whether the backward flips its adjoint scan's operands by shuffles (``_flip_time``): only on a GPU (inline
-    PTX), for the layouts it assumes (one channel, 128 or 256 steps on one warp, loaded along a contiguous time axis)
-    and the exclusive reverse scan."""
+    PTX), for the layout it assumes (one channel, 128 steps on one warp, loaded along a contiguous time axis) and the
+    exclusive reverse scan."""
     requested = BWD_FLIP_ASM if requested is None else requested
-    return bool(requested and excl_rev and block_d == 1 and block_t in (128, 256) and num_warps == 1
-                and all(t.stride(-1) == 1 for t in time_tiles) and not interpret_mode())
+    return bool(requested and excl_rev and block_d == 1 and block_t == 128 and num_warps == 1
+                and all(t is None or t.stride(-1) == 1 for t in time_tiles) and not interpret_mode())
 
 
 def _fast_math():
@@ -849,9 +803,10 @@ def _fast_math():
     return (1 if interpret_mode() else 2) if FAST_MATH else 0
 
 
-def _cvt_asm():
-    """Whether the kernels convert bfloat16 B / C rows by ``_bf16x2_to_f32`` (inline PTX: on a GPU only)."""
-    return bool(BC_CVT_ASM and not interpret_mode())
+def _cvt_asm(kernel):
+    """Whether the ``kernel`` ("fwd" / "bwd") converts its bfloat16 loads by ``_bf16x2_to_f32`` (inline PTX: on a GPU
+    only)."""
+    return bool(CVT_ASM[kernel] and not interpret_mode())
 
 
 def _batch_sum(part):
