@@ -579,15 +579,18 @@ BWD_FLIP_ASM = True
 # libdevice formula's reached 0.17 for x in [-15, -10]).
 FAST_MATH = True
 # Without saves the forward passes each chunk's last state on by a warp sum (``_fwd_state``'s CARRY_SUM) instead of a
-# masked store that the compiler routes through shared memory and a barrier.
-FWD_CARRY_SUM = False
+# masked store that the compiler routes through shared memory and a barrier (forward 1.5 % faster at L 2048, 0.5 % at
+# 8192, three alternating runs each).
+FWD_CARRY_SUM = True
 # ptxas register cap of the forward at its default configuration (1, 512, 1), N <= 16, for inference / training (None:
-# none). 5120 one-warp programs on 132 SMs: at <= 96 registers 21 fit an SM (1.85 waves); at 104 - 128, 16 - 19
-# (2.04 - 2.42 waves: a short last wave).
+# none). Uncapped it takes 102 / 109 registers (bf16, N 16), so 19 / 18 one-warp programs fit an SM of the H200 and the
+# issue's 5120 programs run in 2.04 / 2.15 waves, the last one nearly empty; at 96 (no spill / 16 bytes) 21 fit and
+# 1.85 waves remain. Measured: forward 0.214 -> 0.167 ms at L 2048, 0.950 -> 0.673 at 8192.
 FWD_MAXNREG = {"infer": 96, "train": 96}
 # bfloat16 loads converted to float32 by one byte permute an element (``_bf16x2_to_f32``), per kernel. The backward
 # keeps the compiler's conversion: with the permutes it needs 78 registers instead of 96, 25 instead of 21 one-warp
-# programs fit an SM, and its 5120 programs then take 1.55 waves instead of 1.85 (measured 1 - 2 % slower).
+# programs fit an SM, and its 5120 programs then take 1.55 waves instead of 1.85 (measured 2.6 % slower at L 2048,
+# 0.3 % at 8192).
 CVT_ASM = {"fwd": True, "bwd": False}
 # The backward folds the chunk-start state into the first drive (``_bwd_state``'s FOLD_H).
 BWD_FOLD_H = True
