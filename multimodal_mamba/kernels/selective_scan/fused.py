@@ -213,7 +213,7 @@ def _selective_scan_fwd_kernel(
         else:
             read_slot = chunk % 2
             write_ptrs = states_ptr + (slot_row[:, None] + 1 - read_slot) * N + offs_t[None, :] * 0
-        write_base = states_ptr + (slot_row + 1 - read_slot) * N  # (CARRY_SUM, without saves)
+        write_base = states_ptr + (slot_row + 1 - read_slot) * N  # (CARRY_SUM: only without saves)
         read_base = states_ptr + (slot_row + read_slot) * N
         t = chunk * BLOCK_T + offs_t
         mask_t = t < length
@@ -235,14 +235,14 @@ def _selective_scan_fwd_kernel(
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM and not SAVE_STATES, write_base,
                 )
         else:
             for n in range(N):
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM, write_base,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM and not SAVE_STATES, write_base,
                 )
         if HAS_Z:
             zz = _to_f32(tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0), CVT_ASM)
