@@ -9,14 +9,18 @@ Design (measurements: ``benchmarks/results/gpu_selective_scan.md`` and ``gpu_ker
   chunks of ``BLOCK_T`` steps (512 forward, 128 backward: the whole chunk lies within the warp, so every scan and
   reduction is a shuffle, never a barrier). Inside a chunk, for each state index n, the decays a_t = exp(dt_t A_n)
   and drives b_t = dt_t B_{n,t} u_t of the (BLOCK_D, BLOCK_T) tile are combined by one ``tl.associative_scan`` along
-  time (work-efficient: sequential inside a thread, shuffles across), the carried state is folded in, and y
-  accumulates <C_t, h_t>. u, delta, z and the output cross HBM once.
+  time (work-efficient: sequential inside a thread, shuffles across), the carried state entering as the first drive,
+  and y accumulates <C_t, h_t>. u, delta, z and the output cross HBM once.
 - The carried state goes through memory (an L1/L2-resident slot buffer): each chunk reads h_n (one value per
-  channel, broadcast) and writes the next from the one element that holds the chunk's last state, so no
-  cross-thread reduction is needed. In training the forward keeps a slot every backward chunk; the backward walks the
+  channel, broadcast) and writes the next (in inference from a warp sum of the last step's element, in training from
+  the elements at the save points). In training the forward keeps a slot every backward chunk; the backward walks the
   chunks in reverse, recomputes the chunk's states from its slot, runs the adjoint recurrence
-  g_t = a_{t+1} g_{t+1} + dy_t C_t as a reverse scan (its carry through memory too), and accumulates every
-  gradient. a_t h_{t-1} is taken as h_t - b_t (no division by a decay that may underflow).
+  g_t = a_{t+1} g_{t+1} + dy_t C_t as a reverse scan (flip, forward scan, flip by shuffles where the layout is known;
+  its carry through memory too), and accumulates every gradient. a_t h_{t-1} is taken as h_t - b_t (no division by a
+  decay that may underflow).
+- The kernels are latency-bound one-warp programs: registers decide how many share an SM and so how many waves the
+  programs take (the forward is capped at 96, ``FWD_MAXNREG``); softplus / sigmoid run on the special-function unit
+  (``FAST_MATH``).
 - dB, dC are sums over the channels of a group: each program reduces its rows and adds them to one of ``partials``
   float32 copies (plain stores when every program owns one, atomics otherwise), summed after.
 - Any strides; time-major inputs (the mixers' (batch, L, dim) memory) are copied to (batch, dim, L) first (faster than
