@@ -140,7 +140,8 @@ class CachedLaunch:
     Calling convention: the kernel's parameters must be ``tensors`` (pointers, no None), then ``scalars`` (a tuple of
     ints and floats), then the constexprs, in signature order (``consts``: a tuple of their values); ``grid`` has
     three entries; ``launch_pdl``: launch with programmatic dependent launch (only where ``pdl_available``);
-    ``num_stages``: Triton's software-pipelining depth (None: its default). Under
+    ``num_stages``: Triton's software-pipelining depth (None: its default); ``maxnreg``: a register cap per thread
+    for ptxas (None: none). Under
     the interpreter, or where the Triton version is not one this was written for (``fast_launch_supported``), every
     call is an ordinary launch.
     """
@@ -152,17 +153,19 @@ class CachedLaunch:
         self.cache = {}
         self.max_entries = max_entries
 
-    def __call__(self, grid, tensors, scalars, consts, num_warps, launch_pdl=False, num_stages=None):
+    def __call__(self, grid, tensors, scalars, consts, num_warps, launch_pdl=False, num_stages=None, maxnreg=None):
         options = {"num_warps": num_warps}
         if num_stages is not None:
             options["num_stages"] = num_stages
+        if maxnreg is not None:  # (only then: the option is NVIDIA's)
+            options["maxnreg"] = maxnreg
         if launch_pdl:  # (only then: a Triton without the option never sees it)
             options["launch_pdl"] = True
         if not fast_launch_supported():
             self.kernel[grid](*tensors, *scalars, *consts, **options)
             return
         device = _current_device()
-        key = (device, scalars, consts, num_warps, num_stages, launch_pdl, tuple([t.dtype for t in tensors]),
+        key = (device, scalars, consts, num_warps, num_stages, launch_pdl, maxnreg, tuple([t.dtype for t in tensors]),
                tuple([t.data_ptr() & 15 == 0 for t in tensors]))
         entry = self.cache.get(key)
         runtime = triton.knobs.runtime

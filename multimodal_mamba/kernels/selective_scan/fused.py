@@ -9,14 +9,18 @@ Design (measurements: ``benchmarks/results/gpu_selective_scan.md`` and ``gpu_ker
   chunks of ``BLOCK_T`` steps (512 forward, 128 backward: the whole chunk lies within the warp, so every scan and
   reduction is a shuffle, never a barrier). Inside a chunk, for each state index n, the decays a_t = exp(dt_t A_n)
   and drives b_t = dt_t B_{n,t} u_t of the (BLOCK_D, BLOCK_T) tile are combined by one ``tl.associative_scan`` along
-  time (work-efficient: sequential inside a thread, shuffles across), the carried state is folded in, and y
-  accumulates <C_t, h_t>. u, delta, z and the output cross HBM once.
+  time (work-efficient: sequential inside a thread, shuffles across), the carried state entering as the first drive,
+  and y accumulates <C_t, h_t>. u, delta, z and the output cross HBM once.
 - The carried state goes through memory (an L1/L2-resident slot buffer): each chunk reads h_n (one value per
-  channel, broadcast) and writes the next from the one element that holds the chunk's last state, so no
-  cross-thread reduction is needed. In training the forward keeps a slot every backward chunk; the backward walks the
+  channel, broadcast) and writes the next (in inference from a warp sum of the last step's element, in training from
+  the elements at the save points). In training the forward keeps a slot every backward chunk; the backward walks the
   chunks in reverse, recomputes the chunk's states from its slot, runs the adjoint recurrence
-  g_t = a_{t+1} g_{t+1} + dy_t C_t as a reverse scan (its carry through memory too), and accumulates every
-  gradient. a_t h_{t-1} is taken as h_t - b_t (no division by a decay that may underflow).
+  g_t = a_{t+1} g_{t+1} + dy_t C_t as a reverse scan (flip, forward scan, flip by shuffles where the layout is known;
+  its carry through memory too), and accumulates every gradient. a_t h_{t-1} is taken as h_t - b_t (no division by a
+  decay that may underflow).
+- The kernels are latency-bound one-warp programs: registers decide how many share an SM and so how many waves the
+  programs take (the forward is capped at 96, ``FWD_MAXNREG``); softplus / sigmoid run on the special-function unit
+  (``FAST_MATH``).
 - dB, dC are sums over the channels of a group: each program reduces its rows and adds them to one of ``partials``
   float32 copies (plain stores when every program owns one, atomics otherwise), summed after.
 - Any strides; time-major inputs (the mixers' (batch, L, dim) memory) are copied to (batch, dim, L) first (faster than
@@ -30,40 +34,113 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import CachedLaunch, affine_combine, empty_like_layout, largest_pow2_divisor, next_pow2, softplus
+from ..utils import (
+    CachedLaunch, affine_combine, empty_like_layout, interpret_mode, largest_pow2_divisor, next_pow2, softplus,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_BC(base, n, stride_n, stride_l, t, mask_t, mask, SAME_GROUP: tl.constexpr):
-    """B[n] or C[n] over the chunk: a (1, BLOCK_T) row when the block's channels share one group, else per row."""
-    if SAME_GROUP:
-        return tl.load(base + n * stride_n + t * stride_l, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+def _lg2(x, ASM: tl.constexpr):
+    if ASM:  # MUFU.LG2 (|error| < 2^-22 absolute): one instruction instead of a libdevice polynomial
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
     else:
-        return tl.load(base + n * stride_n + t[None, :] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, ASM: tl.constexpr):
+    if ASM:  # MUFU.RCP (1 ulp) instead of an IEEE division
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _softplus(x, FAST_MATH: tl.constexpr):
+    """softplus (torch's threshold 20). FAST_MATH 0: ``utils.softplus`` (libdevice's log: ~40 instructions an element,
+    ~12 % of the forward kernel's; relative error up to 0.17 for x in [-15, -10] and 1.3e-3 in [-10, -5], where 1 + e
+    rounds). 1 and 2: log(1 + e), e = exp(x), as a degree-7 series of log1p for e < 1/8 (truncation < 1e-7 relative)
+    and as log2(1 + e) ln 2 above (where log(1 + e) > 0.117), ~15 instructions; 2 takes log2 on MUFU.LG2 (inline PTX;
+    max relative error 3.4e-6 on the H200), 1 (the interpreter) on ``tl.log2`` (5.4e-7)."""
+    if FAST_MATH > 0:
+        e = tl.exp(x)
+        series = e * (1.0 - e * (0.5 - e * (0.3333333333333333 - e * (0.25 - e * (0.2 - e * (
+            0.16666666666666666 - e * 0.14285714285714285))))))
+        large = _lg2(1.0 + e, FAST_MATH == 2) * 0.6931471805599453
+        return tl.where(x > 20.0, x, tl.where(e < 0.125, series, large))
+    else:
+        return softplus(x)
+
+
+@triton.jit
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    """FAST_MATH 1, 2: 1 / (1 + exp(-x)) with a reciprocal (MUFU.RCP at 2) instead of an IEEE division."""
+    if FAST_MATH > 0:
+        return _rcp(1.0 + tl.exp(-x), FAST_MATH == 2)
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
+def _bf16x2_to_f32(x):
+    """bfloat16 -> float32 by one byte permute per element (a bfloat16 is a float32's upper half): the compiler's
+    conversion takes a permute and a shift for every second element (a pair of a 32-bit register: 3 instructions)."""
+    return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0, 0x1044;\n\tprmt.b32 $1, $2, 0, 0x3244;", "=r,=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def _to_f32(x, CVT_ASM: tl.constexpr):
+    if CVT_ASM and x.dtype == tl.bfloat16:
+        return _bf16x2_to_f32(x)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _load_BC(base, n, stride_n, stride_l, t, mask_t, mask, SAME_GROUP: tl.constexpr, CVT_ASM: tl.constexpr = False):
+    """B[n] or C[n] over the chunk: a (1, BLOCK_T) row when the block's channels share one group, else per row.
+    CVT_ASM: bfloat16 rows converted by ``_bf16x2_to_f32`` (inline PTX: not under the interpreter)."""
+    if SAME_GROUP:
+        return _to_f32(tl.load(base + n * stride_n + t * stride_l, mask=mask_t, other=0.0), CVT_ASM)[None, :]
+    else:
+        return _to_f32(tl.load(base + n * stride_n + t[None, :] * stride_l, mask=mask, other=0.0), CVT_ASM)
 
 
 @triton.jit
 def _fwd_state(
     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l,
     read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP: tl.constexpr, offs_t=None,
-    SAVE_K: tl.constexpr = 0, BLOCK_T: tl.constexpr = 1, N: tl.constexpr = 1,
+    SAVE_K: tl.constexpr = 0, BLOCK_T: tl.constexpr = 1, N: tl.constexpr = 1, FOLD_H: tl.constexpr = False,
+    CVT_ASM: tl.constexpr = False, CARRY_SUM: tl.constexpr = False, write_base=None,
 ):
-    """State index n over one chunk: scan its decays and drives, fold in the carried state, accumulate y."""
+    """State index n over one chunk: scan its decays and drives, fold in the carried state, accumulate y.
+
+    FOLD_H: the carried state enters as the chunk's first drive (b_0 + a_0 h), so the scan's drives are the states
+    themselves; else x = b_cum + a_cum h after the scan (two more instructions per element)."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32) * 1.4426950408889634
-    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
-    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP)
+    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
+    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
     h_n = tl.load(read_base + n, mask=mask_d, other=0.0)  # the carried state (one value per channel)
     a = tl.exp2(dt * A_n[:, None])
     b = dtu * B_n
-    a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
-    x = b_cum + a_cum * h_n[:, None]
+    if FOLD_H:
+        b = tl.where((offs_t == 0)[None, :], b + a * h_n[:, None], b)
+        _, x = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
+    else:
+        a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
+        x = b_cum + a_cum * h_n[:, None]
     y += x * C_n
     if SAVE_K > 0:  # one store per saved state, each through a pointer uniform over the tile (no pointer tile)
         for k in tl.static_range(SAVE_K):
             tl.store(write_ptrs + k * N + n, x, mask=last & (offs_t == (k + 1) * (BLOCK_T // SAVE_K) - 1)[None, :])
+    elif CARRY_SUM:  # the last state picked by a warp sum (shuffles, no shared memory, no barrier), stored per row
+        tl.store(write_base + n, tl.sum(tl.where(last, x, 0.0), axis=1), mask=mask_d)
     else:
         tl.store(write_ptrs + n, x, mask=last)  # the chunk's last state, for the next chunk (one element a row)
     return y
@@ -84,7 +161,8 @@ def _selective_scan_fwd_kernel(
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, SAME_GROUP: tl.constexpr, UNROLL_N: tl.constexpr,
-    N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr, SAVE_MODE: tl.constexpr = 0,
+    N_PAD: tl.constexpr, SAVE_EVERY: tl.constexpr, SAVE_MODE: tl.constexpr = 0, FOLD_H: tl.constexpr = False,
+    FAST_MATH: tl.constexpr = 0, CVT_ASM: tl.constexpr = False, CARRY_SUM: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -139,39 +217,54 @@ def _selective_scan_fwd_kernel(
         else:
             read_slot = chunk % 2
             write_ptrs = states_ptr + (slot_row[:, None] + 1 - read_slot) * N + offs_t[None, :] * 0
+        write_base = states_ptr + (slot_row + 1 - read_slot) * N  # (CARRY_SUM: only without saves)
         read_base = states_ptr + (slot_row + read_slot) * N
         t = chunk * BLOCK_T + offs_t
         mask_t = t < length
         mask = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)
-        dt = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+        u = _to_f32(tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0), CVT_ASM)
+        dt = _to_f32(tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0), CVT_ASM)
         if HAS_BIAS:
             dt += bias[:, None]
         if SOFTPLUS:
-            dt = softplus(dt)
+            dt = _softplus(dt, FAST_MATH)
         dt = tl.where(mask, dt, 0.0)  # padded steps: decay 1, drive 0 (the state passes through unchanged)
         dtu = dt * u
-        y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        if HAS_D:  # the skip term first: u is then dead during the loop over states (16 registers at BLOCK_T 512)
+            y = u * skip[:, None]
+        else:
+            y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         if UNROLL_N:
             for n in tl.static_range(N):
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM and not SAVE_STATES, write_base,
                 )
         else:
             for n in range(N):
                 y = _fwd_state(
                     n, y, dt, dtu, A_base, stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n,
                     stride_C_l, read_base, write_ptrs, t, mask_t, mask, mask_d, last, SAME_GROUP, offs_t,
-                    SAVE_K, BLOCK_T, N,
+                    SAVE_K, BLOCK_T, N, FOLD_H, CVT_ASM, CARRY_SUM and not SAVE_STATES, write_base,
                 )
-        if HAS_D:
-            y += u * skip[:, None]
         if HAS_Z:
-            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
+            zz = _to_f32(tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0), CVT_ASM)
+            y = y * zz * _sigmoid(zz, FAST_MATH)
         tl.store(out_base + t[None, :] * stride_out_l, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_FLIP_PTX = tl.constexpr("\n\t".join(f"shfl.sync.bfly.b32 ${k}, ${7 - k}, 31, 31, -1;" for k in range(4)))
+
+
+@triton.jit
+def _flip_time(x):
+    """x[:, ::-1] of a (1, 128) float32 tile spread over the 32 lanes of one warp, 4 steps a lane (the backward's
+    chunk at its default configuration). In any such layout the step index's bits are the register index's and the
+    lane's bits in some order, so reversing the steps (complementing every bit) is: register k <- register 3 - k of
+    lane 31 - lane, one butterfly shuffle per register. (Triton 3.6 lowers ``reverse=True`` scans with five butterfly
+    rounds per register and operand, in and out: 80 shuffles per state for the backward's adjoint scan.)"""
+    return tl.inline_asm_elementwise(_FLIP_PTX, "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -187,6 +280,7 @@ def _bwd_state(
     B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base, stride_dB_n, stride_dB_l, t,
     mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
     GB_ACC: tl.constexpr, DA_STORE: tl.constexpr, EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr,
+    FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False, CVT_ASM: tl.constexpr = False,
 ):
     """State index n over one chunk of the backward pass: recompute h_t, run the adjoint scan, accumulate.
 
@@ -196,24 +290,36 @@ def _bwd_state(
     (BLOCK_D, BLOCK_T) tile; EXCL_REV runs the adjoint as the exclusive reverse scan of (a_t, a_t c_t), which
     yields lam_t = a_{t+1} g_{t+1} without the shifted decays a_{t+1} (one exp2 less), and carries lam between
     chunks. BC_PADDED: the dB / dC rows are padded to whole chunks (the padded steps add zeros there), so the
-    atomics need no mask (a masked atomic is a branch around each element's instruction)."""
+    atomics need no mask (a masked atomic is a branch around each element's instruction). FOLD_H: the
+    chunk-start state enters as the first drive."""
     A_n = tl.load(A_base + n * stride_A_n, mask=mask_d, other=0.0).to(tl.float32)
     A2_n = A_n * 1.4426950408889634
-    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP)
-    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP)
+    B_n = _load_BC(B_base, n, stride_B_n, stride_B_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
+    C_n = _load_BC(C_base, n, stride_C_n, stride_C_l, t, mask_t, mask, SAME_GROUP, CVT_ASM)
     # recompute the chunk's states h_t from the saved chunk-start state
     a = tl.exp2(dt * A2_n[:, None])
     b = dtu * B_n
-    a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
-    x = b_cum + a_cum * tl.load(h_base + n, mask=mask_d, other=0.0)[:, None]
+    h_n = tl.load(h_base + n, mask=mask_d, other=0.0)
+    if FOLD_H:  # the chunk-start state as the first drive (as the forward's FOLD_H)
+        _, x = tl.associative_scan((a, tl.where((offs_t == 0)[None, :], b + a * h_n[:, None], b)), axis=1,
+                                   combine_fn=affine_combine)
+    else:
+        a_cum, b_cum = tl.associative_scan((a, b), axis=1, combine_fn=affine_combine)
+        x = b_cum + a_cum * h_n[:, None]
     y += x * C_n
     c = dy * C_n
     if EXCL_REV:
         # lam_{t-1} = a_t lam_t + a_t c_t (lam_t = a_{t+1} g_{t+1}, the adjoint arriving from after step t);
         # g_t = c_t + lam_t; the lam after the chunk is carried in from the next one
         ones = tl.zeros_like(a) + 1.0
-        _, _, P, Q = tl.associative_scan((a, a * c, ones, tl.zeros_like(a)), axis=1,
-                                         combine_fn=exclusive_affine_combine, reverse=True)
+        if FLIP_ASM:  # the reverse scan as flip, forward scan, flip (what reverse=True means), with cheap flips
+            _, _, P, Q = tl.associative_scan((_flip_time(a), _flip_time(a * c), ones, tl.zeros_like(a)), axis=1,
+                                             combine_fn=exclusive_affine_combine)
+            P = _flip_time(P)
+            Q = _flip_time(Q)
+        else:
+            _, _, P, Q = tl.associative_scan((a, a * c, ones, tl.zeros_like(a)), axis=1,
+                                             combine_fn=exclusive_affine_combine, reverse=True)
         g = c + Q + P * tl.load(g_read_base + n, mask=mask_d, other=0.0)[:, None]
         tl.store(g_write_ptrs + n, a * g, mask=first)  # lam before the chunk, for the chunk before
     else:
@@ -278,7 +384,8 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DFINAL: tl.constexpr, SAME_GROUP: tl.constexpr, BC_MODE: tl.constexpr,
     UNROLL_N: tl.constexpr, N_PAD: tl.constexpr, GB_ACC: tl.constexpr, DA_STORE: tl.constexpr,
-    EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr,
+    EXCL_REV: tl.constexpr, BC_PADDED: tl.constexpr, FLIP_ASM: tl.constexpr = False, FOLD_H: tl.constexpr = False,
+    FAST_MATH: tl.constexpr = 0, CVT_ASM: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -343,12 +450,12 @@ def _selective_scan_bwd_kernel(
         t = chunk * BLOCK_T + offs_t
         mask_t = t < length
         mask = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)
-        raw = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+        u = _to_f32(tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0), CVT_ASM)
+        raw = _to_f32(tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0), CVT_ASM)
         if HAS_BIAS:
             raw += bias[:, None]
         if SOFTPLUS:
-            dt = softplus(raw)
+            dt = _softplus(raw, FAST_MATH)
         else:
             dt = raw
         dt = tl.where(mask, dt, 0.0)
@@ -361,12 +468,12 @@ def _selective_scan_bwd_kernel(
             if HAS_BIAS:
                 raw_next += bias[:, None]
             if SOFTPLUS:
-                raw_next = softplus(raw_next)
+                raw_next = _softplus(raw_next, FAST_MATH)
             dt_next = tl.where(mask_next, raw_next, 0.0)  # a_{t+1} = 1 past the end: g_{L-1} = dy C + dfinal
-        dy = tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0).to(tl.float32)
+        dy = _to_f32(tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0), CVT_ASM)
         if HAS_Z:
-            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
+            zz = _to_f32(tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0), CVT_ASM)
+            dy = dy * zz * _sigmoid(zz, FAST_MATH)
         dtu = dt * u
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         ddt = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
@@ -377,7 +484,7 @@ def _selective_scan_bwd_kernel(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
                     stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP, BC_MODE,
-                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED,
+                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, CVT_ASM,
                 )
         else:
             for n in range(N):
@@ -385,10 +492,10 @@ def _selective_scan_bwd_kernel(
                     n, h_base, g_read_base, g_write_ptrs, first, y, ddt, du, dA_acc, u, dt, dtu, dt_next, dy, A_base,
                     stride_A_n, B_base, C_base, stride_B_n, stride_B_l, stride_C_n, stride_C_l, dB_base, dC_base,
                     stride_dB_n, stride_dB_l, t, mask_t, mask, mask_d, offs_t, dA_write_ptrs, SAME_GROUP, BC_MODE,
-                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED,
+                    GB_ACC, DA_STORE, EXCL_REV, BC_PADDED, FLIP_ASM, FOLD_H, CVT_ASM,
                 )
         if GB_ACC:  # du held sum_n g B_n: the u and dt factors of d/dt and d/du, applied once
-            u = tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0).to(tl.float32)  # (cache hits)
+            u = _to_f32(tl.load(u_base + t[None, :] * stride_u_l, mask=mask, other=0.0), CVT_ASM)  # (cache hits)
             ddt += du * u
             du = du * dt
         if HAS_D:
@@ -396,16 +503,16 @@ def _selective_scan_bwd_kernel(
             du += dy * skip[:, None]
             dD_acc += tl.sum(dy * u, axis=1)
         if HAS_Z:  # reloaded (cache hits) rather than kept live across the loop over states
-            dout = tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0).to(tl.float32)
-            zz = tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0).to(tl.float32)
-            z_sig = tl.sigmoid(zz)
+            dout = _to_f32(tl.load(dout_base + t[None, :] * stride_dout_l, mask=mask, other=0.0), CVT_ASM)
+            zz = _to_f32(tl.load(z_base + t[None, :] * stride_z_l, mask=mask, other=0.0), CVT_ASM)
+            z_sig = _sigmoid(zz, FAST_MATH)
             dz = dout * y * z_sig * (1.0 + zz * (1.0 - z_sig))
             tl.store(dz_base + t[None, :] * stride_dz_l, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if SOFTPLUS:
-            raw = tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0).to(tl.float32)
+            raw = _to_f32(tl.load(delta_base + t[None, :] * stride_delta_l, mask=mask, other=0.0), CVT_ASM)
             if HAS_BIAS:
                 raw += bias[:, None]
-            ddt = ddt * tl.sigmoid(raw)
+            ddt = ddt * _sigmoid(raw, FAST_MATH)
         ddt = tl.where(mask, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du_base + t[None, :] * stride_du_l, du.to(du_ptr.dtype.element_ty), mask=mask)
@@ -418,7 +525,7 @@ def _selective_scan_bwd_kernel(
     if HAS_BIAS:
         raw0 += bias[:, None]
     if SOFTPLUS:
-        raw0 = softplus(raw0)
+        raw0 = _softplus(raw0, FAST_MATH)
     A_tile = tl.load(A_base[:, None] + offs_np[None, :] * stride_A_n, mask=mask_dnp, other=0.0).to(tl.float32)
     dh0_offs = (pid_b * dim + offs_d[:, None]) * N + offs_np[None, :]
     if EXCL_REV:  # the carry is already lam_{-1} = a_0 g_0
@@ -456,6 +563,8 @@ SHORT_WARPS = 4
 # registers more at 2 - 4 saves a chunk); 1: BLOCK_T // SAVE_EVERY masked stores, each through a pointer uniform over
 # the tile (registers as without saves).
 FWD_SAVE_MODE = 1
+# The forward folds the carried state into each chunk's first drive (``_fwd_state``'s FOLD_H).
+FWD_FOLD_H = True
 # Time-major inputs are copied to (batch, dim, L) first: the kernels then load 16-byte vectors along time, and the
 # copy costs far less than scanning with time spread across threads.
 COPY_TIME_MAJOR = True
@@ -466,6 +575,29 @@ PARTIALS_MAX_BYTES = 16 << 20
 BWD_BC_MODE = 1
 # Backward variants (gb_acc, da_store, excl_rev, bc_padded): see ``_bwd_state``.
 BWD_OPTS = (True, True, True, True)
+# The backward's reverse (adjoint) scan as flip + forward scan + flip with one shuffle per register (``_flip_time``)
+# where its layout allows (``_flip_asm``), instead of Triton's reverse scan.
+BWD_FLIP_ASM = True
+# softplus and sigmoid in both kernels on MUFU.EX2 / LG2 / RCP with a series for log1p near 0 (``_softplus``), instead
+# of libdevice's log and IEEE divisions (~18 % of the forward's instructions): relative error < 4e-6 everywhere (the
+# libdevice formula's reached 0.17 for x in [-15, -10]).
+FAST_MATH = True
+# Without saves the forward passes each chunk's last state on by a warp sum (``_fwd_state``'s CARRY_SUM) instead of a
+# masked store that the compiler routes through shared memory and a barrier (forward 1.5 % faster at L 2048, 0.5 % at
+# 8192, three alternating runs each).
+FWD_CARRY_SUM = True
+# ptxas register cap of the forward at its default configuration (1, 512, 1), N <= 16, for inference / training (None:
+# none). Uncapped it takes 102 / 109 registers (bf16, N 16), so 19 / 18 one-warp programs fit an SM of the H200 and the
+# issue's 5120 programs run in 2.04 / 2.15 waves, the last one nearly empty; at 96 (no spill / 16 bytes) 21 fit and
+# 1.85 waves remain. Measured: forward 0.214 -> 0.167 ms at L 2048, 0.950 -> 0.673 at 8192.
+FWD_MAXNREG = {"infer": 96, "train": 96}
+# bfloat16 loads converted to float32 by one byte permute an element (``_bf16x2_to_f32``), per kernel. The backward
+# keeps the compiler's conversion: with the permutes it needs 78 registers instead of 96, 25 instead of 21 one-warp
+# programs fit an SM, and its 5120 programs then take 1.55 waves instead of 1.85 (measured 2.6 % slower at L 2048,
+# 0.3 % at 8192).
+CVT_ASM = {"fwd": True, "bwd": False}
+# The backward folds the chunk-start state into the first drive (``_bwd_state``'s FOLD_H).
+BWD_FOLD_H = True
 
 
 def _layout(u):
@@ -500,6 +632,7 @@ def _as_grouped(mat):
 
 
 _FWD = CachedLaunch(_selective_scan_fwd_kernel)
+_BWD = CachedLaunch(_selective_scan_bwd_kernel)
 # launch plans of selective_scan_fwd, by everything they depend on (shape, layout, flags, config): a prefill calls it
 # with the same shapes in every layer
 _FWD_PLANS = {}
@@ -508,7 +641,8 @@ _FWD_PLANS = {}
 def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     layout = _layout(u)
     key = (tuple(u.shape), layout, state_size, groups, flags, bool(save_states), config, save_every,
-           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, SHORT_MAX_T, SHORT_TILE, SHORT_WARPS)
+           FWD_CONFIGS[layout], BWD_CONFIGS[layout], FWD_SAVE_MODE, FWD_FOLD_H, _fast_math(), _cvt_asm("fwd"),
+           SHORT_MAX_T, SHORT_TILE, SHORT_WARPS, FWD_CARRY_SUM, tuple(FWD_MAXNREG.items()))
     # (the tables too: tests and sweeps replace them)
     plan = _FWD_PLANS.get(key)
     if plan is not None:
@@ -532,8 +666,14 @@ def _fwd_plan(u, state_size, groups, flags, save_states, config, save_every):
     n_slots = n_chunks * (block_t // save_every) + 1 if save_states else 2
     has_d, has_z, has_bias, softplus, has_h0 = flags
     consts = (state_size, block_d, block_t, has_d, has_z, has_bias, softplus, has_h0, bool(save_states), same_group,
-              bool(unroll), next_pow2(state_size), save_every, int(FWD_SAVE_MODE))
-    plan = dict(grid=(triton.cdiv(dim, block_d), batch, 1), consts=consts, num_warps=num_warps, n_chunks=n_chunks,
+              bool(unroll), next_pow2(state_size), save_every, int(FWD_SAVE_MODE), bool(FWD_FOLD_H), _fast_math(),
+              _cvt_asm("fwd"), bool(FWD_CARRY_SUM))
+    # the register cap (FWD_MAXNREG) only where it was measured: one channel of 512 steps a warp, N <= 16
+    maxnreg = None
+    if (block_d, block_t, num_warps) == (1, 512, 1) and state_size <= 16 and not interpret_mode():
+        maxnreg = FWD_MAXNREG["train" if save_states else "infer"]
+    plan = dict(grid=(triton.cdiv(dim, block_d), batch, 1), consts=consts, num_warps=num_warps, maxnreg=maxnreg,
+                n_chunks=n_chunks,
                 n_slots=n_slots, dim_per_group=dim_per_group, save_every=save_every,
                 final_slot=n_slots - 1 if save_states else n_chunks % 2)
     if len(_FWD_PLANS) < 1024:
@@ -565,7 +705,7 @@ def selective_scan_fwd(
               out, states),
              (dim, length, plan["dim_per_group"], plan["n_chunks"], n_slots) + u.stride() + delta.stride()
              + A.stride() + Bg.stride() + Cg.stride() + zz.stride() + out.stride(),
-             plan["consts"], plan["num_warps"])
+             plan["consts"], plan["num_warps"], maxnreg=plan["maxnreg"])
     final = states[:, :, plan["final_slot"]]
     meta = dict(block_t=plan["save_every"])  # the backward's view: a saved state every save_every steps
     return out, final, (states if save_states else None), meta
@@ -573,7 +713,7 @@ def selective_scan_fwd(
 
 def selective_scan_bwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, block_t, dout, dfinal=None, config=None,
-    partials=None, bc_mode=None, opts=None,
+    partials=None, bc_mode=None, opts=None, flip_asm=None,
 ):
     """Launch the backward kernel. ``states``: the forward's saved states (chunks of ``block_t`` steps); the
     backward walks chunks of its own block size if that is a multiple of ``block_t``, else of ``block_t``.
@@ -607,10 +747,10 @@ def selective_scan_bwd(
     atomic = (not same_group) or partials < blocks_per_group
     if bc_mode is None:
         bc_mode = BWD_BC_MODE if atomic else 0
-    alloc = torch.zeros if atomic else torch.empty
     bc_padded = bc_padded and same_group and bc_mode in (1, 2)
     bc_length = n_chunks * block_t if bc_padded else length  # padded: whole chunks (sliced off after)
     # dB's and dC's partials in one buffer: one zero fill (atomics) and one summing launch for both
+    alloc = torch.zeros if atomic else torch.empty
     bc_part = alloc(2, partials, batch, groups, state_size, bc_length, device=u.device, dtype=torch.float32)
     dB_part, dC_part = bc_part[0], bc_part[1]
     du = empty_like_layout(u)
@@ -627,20 +767,20 @@ def selective_scan_bwd(
     dzz = dz if dz is not None else du
     dfinal_arg = dfinal.float().contiguous() if dfinal is not None else dh0
     gbuf = torch.empty(batch, dim, 2, state_size, device=u.device, dtype=torch.float32)
-    grid = (triton.cdiv(dim, block_d), batch)
-    _selective_scan_bwd_kernel[grid](
-        u, delta, A, Bg, Cg, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, states,
-        dout, dfinal_arg, gbuf,
-        du, ddelta, dzz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0,
-        dim, length, dim_per_group, n_chunks, blocks_per_group, n_saved, state_step, partials,
-        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zz.stride(), *dout.stride(),
-        *du.stride(), *ddelta.stride(), *dzz.stride(),
-        dB_part.stride(0), dB_part.stride(1), dB_part.stride(2), dB_part.stride(3), dB_part.stride(4),
-        N=state_size, BLOCK_D=block_d, BLOCK_T=block_t,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        HAS_DFINAL=dfinal is not None, SAME_GROUP=same_group, BC_MODE=bc_mode,
-        UNROLL_N=bool(unroll), N_PAD=next_pow2(state_size), GB_ACC=gb_acc, DA_STORE=da_store, EXCL_REV=excl_rev,
-        BC_PADDED=bc_padded, num_warps=num_warps,
+    # (CachedLaunch: Triton's own launch binds and specializes ~80 arguments on every call, a sizeable part of a
+    # training step's host time)
+    _BWD(
+        (triton.cdiv(dim, block_d), batch, 1),
+        (u, delta, A, Bg, Cg, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, states,
+         dout, dfinal_arg, gbuf, du, ddelta, dzz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0),
+        (dim, length, dim_per_group, n_chunks, blocks_per_group, n_saved, state_step, partials)
+        + u.stride() + delta.stride() + A.stride() + Bg.stride() + Cg.stride() + zz.stride() + dout.stride()
+        + du.stride() + ddelta.stride() + dzz.stride() + dB_part.stride(),
+        (state_size, block_d, block_t, D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
+         dfinal is not None, same_group, bc_mode, bool(unroll), next_pow2(state_size), gb_acc, da_store, excl_rev,
+         bc_padded, _flip_asm(block_d, block_t, num_warps, excl_rev, flip_asm, u, delta, dout, z), bool(BWD_FOLD_H),
+         _fast_math(), _cvt_asm("bwd")),
+        num_warps,
     )
     dB, dC = _sum_bc_partials(bc_part, B.dtype, C.dtype)
     if bc_length != length:
@@ -654,6 +794,27 @@ def selective_scan_bwd(
         _batch_sum(dbias_part).to(delta_bias.dtype) if delta_bias is not None else None,
         dh0,
     )
+
+
+def _flip_asm(block_d, block_t, num_warps, excl_rev, requested, *time_tiles):
+    """Whether the backward flips its adjoint scan's operands by shuffles (``_flip_time``): only on a GPU (inline
+    PTX), for the layout it assumes (one channel, 128 steps on one warp, loaded along a contiguous time axis) and the
+    exclusive reverse scan."""
+    requested = BWD_FLIP_ASM if requested is None else requested
+    return bool(requested and excl_rev and block_d == 1 and block_t == 128 and num_warps == 1
+                and all(t is None or t.stride(-1) == 1 for t in time_tiles) and not interpret_mode())
+
+
+def _fast_math():
+    """The kernels' FAST_MATH (``_softplus``, ``_sigmoid``): 0 off, 2 on a GPU, 1 under the interpreter (no inline
+    PTX there: the same formulas on tl.log2 and divisions)."""
+    return (1 if interpret_mode() else 2) if FAST_MATH else 0
+
+
+def _cvt_asm(kernel):
+    """Whether the ``kernel`` ("fwd" / "bwd") converts its bfloat16 loads by ``_bf16x2_to_f32`` (inline PTX: on a GPU
+    only)."""
+    return bool(CVT_ASM[kernel] and not interpret_mode())
 
 
 def _batch_sum(part):
@@ -681,6 +842,7 @@ def _sum_bc_partials_kernel(part_ptr, out_ptr, n_elems, partials, stride_kind_pa
 
 
 _SUM_BC_BLOCK = 256
+_SUM_BC = CachedLaunch(_sum_bc_partials_kernel)
 
 
 def _sum_bc_partials(bc_part, b_dtype, c_dtype):
@@ -693,9 +855,9 @@ def _sum_bc_partials(bc_part, b_dtype, c_dtype):
     if n_elems:
         grid = (triton.cdiv(n_elems, _SUM_BC_BLOCK), 2)
         partials = bc_part.shape[1]
-        _sum_bc_partials_kernel[grid](bc_part, out, n_elems, partials, bc_part.stride(0), bc_part.stride(1),
-                                      out.stride(0), BLOCK=_SUM_BC_BLOCK, BLOCK_P=min(16, next_pow2(partials)),
-                                      num_warps=4)
+        _SUM_BC((grid[0], grid[1], 1), (bc_part, out),
+                (n_elems, partials, bc_part.stride(0), bc_part.stride(1), out.stride(0)),
+                (_SUM_BC_BLOCK, min(16, next_pow2(partials))), 4)
     return out[0], out[1]
 
 
