@@ -67,24 +67,33 @@ def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16"
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
-def loop_mix(sass):
-    """Opcode counts of the longest loop (a backward branch) of a cuobjdump -sass listing."""
+def loops(sass):
+    """[(start, end, [instructions])] of every loop (a backward branch) of a cuobjdump -sass listing."""
     ins, index = [], {}
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
             index[int(m.group(1), 16)] = len(ins)
             ins.append(m.group(2).strip())
-    best = (0, len(ins) - 1)
-    found = False
+    found = []
     for i, text in enumerate(ins):
         m = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) in index and index[int(m.group(1), 16)] <= i:
-            span = (index[int(m.group(1), 16)], i)
-            if not found or span[1] - span[0] > best[1] - best[0]:
-                best, found = span, True
+            start = index[int(m.group(1), 16)]
+            found.append((start, i, ins[start:i + 1]))
+    return found
+
+
+def loop_mix(sass):
+    """Opcode counts of the longest loop (a backward branch) of a cuobjdump -sass listing (the whole listing if it
+    has no loop)."""
+    found = loops(sass)
+    if found:
+        body = max(found, key=lambda loop: loop[1] - loop[0])[2]
+    else:
+        body = [m.group(1).strip() for m in re.finditer(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", sass)]
     counts = collections.Counter()
-    for text in ins[best[0]:best[1] + 1]:
+    for text in body:
         op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
         counts[op if op.startswith("MUFU") else op.split(".")[0]] += 1
     return counts

@@ -33,6 +33,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from bench_gpu_coupled_sass import loops  # noqa: E402  (the SASS listing's loops)
 from multimodal_mamba.kernels.selective_scan import fused  # noqa: E402
 
 NVBIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -117,23 +118,6 @@ def compile_bwd(block_d=1, block_t=128, num_warps=1, unroll=False, opts=None, bc
                   DA_STORE=da_store, EXCL_REV=excl_rev, BC_PADDED=bc_padded)
     consts.update(extra)
     return _compile(fused._selective_scan_bwd_kernel, ints, consts, num_warps, maxnreg)
-
-
-def loops(sass):
-    """[(start, end, [instructions])] of every loop (a backward branch) of a cuobjdump -sass listing."""
-    ins, index = [], {}
-    for line in sass.splitlines():
-        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
-        if m:
-            index[int(m.group(1), 16)] = len(ins)
-            ins.append(m.group(2).strip())
-    found = []
-    for i, text in enumerate(ins):
-        m = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) in index and index[int(m.group(1), 16)] <= i:
-            start = index[int(m.group(1), 16)]
-            found.append((start, i, ins[start:i + 1]))
-    return found
 
 
 def mix(instructions):

@@ -41,38 +41,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import interpret_mode, next_pow2
+from ..utils import interpret_mode, mufu_ex2, mufu_lg2, mufu_rcp, next_pow2
 
 MAX_CHAINS = 4
 MAX_STATE = 64  # larger N: the chunked kernel of fused.py
 LN2 = math.log(2.0)
-
-
-@triton.jit
-def _ex2(x, FAST: tl.constexpr):
-    if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _lg2(x, FAST: tl.constexpr):
-    if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.log2(x)
-
-
-@triton.jit
-def _rcp(x, FAST: tl.constexpr):
-    if FAST:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return 1.0 / x
 
 
 @triton.jit
@@ -110,13 +83,13 @@ def _prefetch_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc_pf, stride_bc_l, 
 @triton.jit
 def _softplus(x, FAST: tl.constexpr):
     """torch's softplus (threshold 20) with the MUFU exp2 / log2 (x < -15: exp(x), as log1p would give)."""
-    e = _ex2(x * 1.4426950408889634, FAST)
-    return tl.where(x > 20.0, x, tl.where(x < -15.0, e, _lg2(1.0 + e, FAST) * 0.6931471805599453))
+    e = mufu_ex2(x * 1.4426950408889634, FAST)
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, e, mufu_lg2(1.0 + e, FAST) * 0.6931471805599453))
 
 
 @triton.jit
 def _silu(z, FAST: tl.constexpr):
-    return z * _rcp(1.0 + _ex2(z * -1.4426950408889634, FAST), FAST)
+    return z * mufu_rcp(1.0 + mufu_ex2(z * -1.4426950408889634, FAST), FAST)
 
 
 @triton.jit
@@ -179,7 +152,7 @@ def _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, off_bc, mask_n, EVEN_N: tl.c
 def _step(H, A2, dt_k, dtu_k, lc, Bv, Cv, FAST: tl.constexpr):
     """Chain m at one step: h^m = exp2(dt A log2 e + log2 c) H + c dt u B (every state of the thread's channels) and
     its readout <C, h^m> (BD,)."""
-    a = _ex2(dt_k[None, None, :] * A2 + lc, FAST)
+    a = mufu_ex2(dt_k[None, None, :] * A2 + lc, FAST)
     h = a * H + dtu_k[None, None, :] * Bv[:, :, None]
     return h, tl.sum(tl.sum(h * Cv[:, :, None], axis=0), axis=0)
 

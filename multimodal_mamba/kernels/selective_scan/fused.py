@@ -35,31 +35,14 @@ import triton
 import triton.language as tl
 
 from ..utils import (
-    CachedLaunch, affine_combine, empty_like_layout, interpret_mode, largest_pow2_divisor, next_pow2, softplus,
+    CachedLaunch, affine_combine, empty_like_layout, interpret_mode, largest_pow2_divisor, mufu_lg2, mufu_rcp,
+    next_pow2, softplus,
 )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _lg2(x, ASM: tl.constexpr):
-    if ASM:  # MUFU.LG2 (|error| < 2^-22 absolute): one instruction instead of a libdevice polynomial
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.log2(x)
-
-
-@triton.jit
-def _rcp(x, ASM: tl.constexpr):
-    if ASM:  # MUFU.RCP (1 ulp) instead of an IEEE division
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return 1.0 / x
-
-
 @triton.jit
 def _softplus(x, FAST_MATH: tl.constexpr):
     """softplus (torch's threshold 20). FAST_MATH 0: ``utils.softplus`` (libdevice's log: ~40 instructions an element,
@@ -71,7 +54,7 @@ def _softplus(x, FAST_MATH: tl.constexpr):
         e = tl.exp(x)
         series = e * (1.0 - e * (0.5 - e * (0.3333333333333333 - e * (0.25 - e * (0.2 - e * (
             0.16666666666666666 - e * 0.14285714285714285))))))
-        large = _lg2(1.0 + e, FAST_MATH == 2) * 0.6931471805599453
+        large = mufu_lg2(1.0 + e, FAST_MATH == 2) * 0.6931471805599453
         return tl.where(x > 20.0, x, tl.where(e < 0.125, series, large))
     else:
         return softplus(x)
@@ -81,7 +64,7 @@ def _softplus(x, FAST_MATH: tl.constexpr):
 def _sigmoid(x, FAST_MATH: tl.constexpr):
     """FAST_MATH 1, 2: 1 / (1 + exp(-x)) with a reciprocal (MUFU.RCP at 2) instead of an IEEE division."""
     if FAST_MATH > 0:
-        return _rcp(1.0 + tl.exp(-x), FAST_MATH == 2)
+        return mufu_rcp(1.0 + tl.exp(-x), FAST_MATH == 2)
     else:
         return tl.sigmoid(x)
 
