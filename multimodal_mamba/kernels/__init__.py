@@ -10,6 +10,9 @@ what is correct (the sequential loops in ``modeling/ops_*.py``), and the GPU tes
 - ``causal_conv1d``: the causal depthwise conv, forward and backward with a carried state, and its decode update.
 - ``state_update``: the decode step of the selective scan (state updated in place).
 
+``cpu/`` holds the C++ CPU kernels (backend ``"cpp"``: the selective scan's and the causal conv's forward for
+inference), compiled with the system compiler on first use; it does not need Triton.
+
 Importing this package registers the kernels as backend ``"triton"`` of the op dispatch
 (``multimodal_mamba.modeling.ssm_backends``) when Triton imports and a CUDA device is present; ``"auto"`` then
 tries them first, and each backend's ``accepts`` check sends calls the kernels do not cover (CPU tensors, float64,
