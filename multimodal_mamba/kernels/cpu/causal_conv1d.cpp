@@ -12,8 +12,6 @@
 // strides; forward only.
 
 #include <cstdint>
-#include <cstring>
-#include <vector>
 
 #include "kernel_common.h"
 

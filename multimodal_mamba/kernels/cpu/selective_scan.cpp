@@ -18,8 +18,6 @@
 // path.
 
 #include <cstdint>
-#include <cstring>
-#include <vector>
 
 #include "kernel_common.h"
 
@@ -68,16 +66,25 @@ Unit unit_at(const ScanArgs& a, int64_t unit) {
                 static_cast<int>(rest < W ? rest : W)};
 }
 
-// Steps [t0, t1) of one unit. state: its N state vectors, then its N vectors of A log2 e; read and updated.
-// NS: the state size if known at compile time (the loop over states is then unrolled and the states live in
-// registers), 0 for any N <= MAX_STATE.
+// One unit: all L steps of its W channels, the N states in vector registers from the initial state (or zeros) to
+// the final one. NS: the state size if known at compile time (the loop over states is then unrolled and the states
+// live in registers), 0 for any N <= MAX_STATE. (Tiles of 16 - 128 steps over all of a thread's units, so that each
+// row of token-major input is fetched once per thread instead of once per unit, measured no faster.)
 template <int NS>
-void scan_steps(const ScanArgs& a, const Unit& w, int64_t t0, int64_t t1, vf* state) {
+void scan_unit(const ScanArgs& a, const Unit& w) {
     const int64_t N = NS > 0 ? NS : a.state_size;
     const int width = w.width;
     vf h[NS > 0 ? NS : MAX_STATE];
-    const vf* A2 = state + N;
-    for (int64_t n = 0; n < N; ++n) h[n] = state[n];
+    vf A2[NS > 0 ? NS : MAX_STATE];  // A log2 e
+    for (int64_t n = 0; n < N; ++n) {
+        vf an = vf{}, hn = vf{};
+        for (int i = 0; i < width; ++i) {
+            an[i] = a.A[(w.c0 + i) * N + n] * LOG2_E;
+            if (a.h0) hn[i] = a.h0[(w.b * a.dim + w.c0 + i) * N + n];
+        }
+        A2[n] = an;
+        h[n] = hn;
+    }
     const vf Dv = a.D ? load(a.D + w.c0, 1, width) : vf{};
     const vf bias = a.delta_bias ? load(a.delta_bias + w.c0, 1, width) : vf{};
     const float* u = a.u + w.b * a.u_sb + w.c0 * a.u_sd;
@@ -86,7 +93,7 @@ void scan_steps(const ScanArgs& a, const Unit& w, int64_t t0, int64_t t1, vf* st
     const float* B = a.B + w.b * a.B_sb + w.g * a.B_sg;
     const float* C = a.C + w.b * a.C_sb + w.g * a.C_sg;
     float* y = a.y + w.b * a.y_sb + w.c0 * a.y_sd;
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = 0; t < a.length; ++t) {
         vf dt = load(delta + t * a.delta_st, a.delta_sd, width) + bias;
         if (a.delta_softplus) dt = softplus(dt);
         const vf ut = load(u + t * a.u_st, a.u_sd, width);
@@ -102,34 +109,20 @@ void scan_steps(const ScanArgs& a, const Unit& w, int64_t t0, int64_t t1, vf* st
         if (z) yt *= silu(load(z + t * a.z_st, a.z_sd, width));
         store(y + t * a.y_st, a.y_sd, width, yt);
     }
-    for (int64_t n = 0; n < N; ++n) state[n] = h[n];
+    if (a.h_last) {
+        for (int64_t n = 0; n < N; ++n)
+            for (int i = 0; i < width; ++i) a.h_last[(w.b * a.dim + w.c0 + i) * N + n] = h[n][i];
+    }
 }
 
-// Each unit walks all L steps before the next starts. (Tiles of 16 - 128 steps over all of a thread's units, so that
-// each row of token-major input is fetched once per thread instead of once per unit, measured no faster.)
 void scan_units(const ScanArgs& a, int64_t first, int64_t last) {
-    const int64_t N = a.state_size;
-    std::vector<vf> state(2 * N);  // the unit's N state vectors, then its N vectors of A log2 e
     for (int64_t unit = first; unit < last; ++unit) {
         const Unit w = unit_at(a, unit);
-        for (int64_t n = 0; n < N; ++n) {
-            vf an = vf{}, hn = vf{};
-            for (int i = 0; i < w.width; ++i) {
-                an[i] = a.A[(w.c0 + i) * N + n] * LOG2_E;
-                if (a.h0) hn[i] = a.h0[(w.b * a.dim + w.c0 + i) * N + n];
-            }
-            state[n] = hn;
-            state[N + n] = an;
-        }
-        switch (N) {
-            case 16: scan_steps<16>(a, w, 0, a.length, state.data()); break;
-            case 8: scan_steps<8>(a, w, 0, a.length, state.data()); break;
-            case 4: scan_steps<4>(a, w, 0, a.length, state.data()); break;
-            default: scan_steps<0>(a, w, 0, a.length, state.data()); break;
-        }
-        if (a.h_last) {
-            for (int64_t n = 0; n < N; ++n)
-                for (int i = 0; i < w.width; ++i) a.h_last[(w.b * a.dim + w.c0 + i) * N + n] = state[n][i];
+        switch (a.state_size) {
+            case 16: scan_unit<16>(a, w); break;
+            case 8: scan_unit<8>(a, w); break;
+            case 4: scan_unit<4>(a, w); break;
+            default: scan_unit<0>(a, w); break;
         }
     }
 }
