@@ -16,6 +16,7 @@ A build that fails is not retried in the same process; the error (the compiler's
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -25,6 +26,10 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+
+import torch
+
+from .. import _needs_grad
 
 SOURCE_DIR = Path(__file__).resolve().parent
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-ffp-contract=fast")
@@ -74,11 +79,13 @@ def cache_dir() -> Path:
         probe.close()
         return folder
     except OSError:
-        folder = Path(tempfile.gettempdir()) / f"multimodal_mamba_cpu_kernels_{os.getuid() if hasattr(os, 'getuid') else 0}"
+        user = os.getuid() if hasattr(os, "getuid") else 0
+        folder = Path(tempfile.gettempdir()) / f"multimodal_mamba_cpu_kernels_{user}"
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_signature() -> str:
     """What -march=native depends on: the machine and (on Linux) the CPU's model and feature flags."""
     parts = [platform.machine(), platform.processor()]
@@ -94,6 +101,7 @@ def _cpu_signature() -> str:
     return "\n".join(parts)
 
 
+@functools.lru_cache(maxsize=None)  # one `--version` run per compiler and process, not per library
 def _compiler_version(compiler: str) -> str:
     try:
         done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
@@ -111,6 +119,7 @@ def _build(name: str) -> ctypes.CDLL:
     # the source and every header of this folder it may include (-I below)
     source = b"\0".join([(SOURCE_DIR / name).read_bytes(), *(h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h")))])
     version = _compiler_version(compiler)
+    folder = cache_dir()
     errors = []
     for arch in ARCH_FLAGS:
         flags = (*FLAGS, *arch)
@@ -118,7 +127,7 @@ def _build(name: str) -> ctypes.CDLL:
             b"\0".join([source, compiler.encode(), version.encode(), " ".join(flags).encode(),
                         _cpu_signature().encode()])
         ).hexdigest()[:20]
-        target = cache_dir() / f"{Path(name).stem}-{key}.so"
+        target = folder / f"{Path(name).stem}-{key}.so"
         if not target.exists():
             # Build beside the target and rename: another process may be building the same file.
             fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp.so")
@@ -163,6 +172,15 @@ def library(name: str) -> ctypes.CDLL:
             raise
         _libraries[name] = lib
         return lib
+
+
+def cpu_float32_without_grad(*tensors) -> bool:
+    """The calls the C++ kernels take: every given tensor (None skipped) a CPU float32 tensor, and no gradient to
+    compute through them."""
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+            return False
+    return not _needs_grad(*tensors)
 
 
 class CompiledFunction:

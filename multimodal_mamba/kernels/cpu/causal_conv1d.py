@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-from .build import CompiledFunction
+from .build import CompiledFunction, cpu_float32_without_grad
 
 SOURCE = "causal_conv1d.cpp"
 _MAX_WIDTH = 16
@@ -42,15 +42,13 @@ def available() -> bool:
 
 def accepts_causal_conv1d(x, weight, bias=None, initial_state=None, activation=None) -> bool:
     """CPU float32 tensors, L >= 1, width <= 16, activation None / SiLU, no gradient, and the kernel built."""
-    tensors = (x, weight, bias, initial_state)
-    for t in tensors:
-        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
-            return False
-    if x.shape[-1] < 1 or weight.shape[-1] > _MAX_WIDTH or activation not in (None, "silu", "swish"):
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return available()
+    return (
+        cpu_float32_without_grad(x, weight, bias, initial_state)
+        and x.shape[-1] >= 1
+        and weight.shape[-1] <= _MAX_WIDTH
+        and activation in (None, "silu", "swish")
+        and available()
+    )
 
 
 def causal_conv1d_cpp(x, weight, bias=None, initial_state=None, activation=None):

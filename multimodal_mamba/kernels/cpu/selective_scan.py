@@ -15,7 +15,7 @@ import ctypes
 
 import torch
 
-from .build import CompiledFunction, library
+from .build import CompiledFunction, cpu_float32_without_grad, library
 
 SOURCE = "selective_scan.cpp"
 _MAX_STATE = 256
@@ -60,15 +60,12 @@ def available() -> bool:
 def accepts_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                            initial_state=None, return_final_state=False) -> bool:
     """CPU float32 tensors, L >= 1, N <= 256, no gradient to compute, and the kernel built (see ``available``)."""
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    for t in tensors:
-        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
-            return False
-    if u.shape[-1] < 1 or A.shape[-1] > _MAX_STATE:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return available()
+    return (
+        cpu_float32_without_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        and u.shape[-1] >= 1
+        and A.shape[-1] <= _MAX_STATE
+        and available()
+    )
 
 
 def _strides(t, names):
