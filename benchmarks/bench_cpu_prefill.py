@@ -7,13 +7,13 @@ by run (the machine is shared and noisy: compare ratios of medians, not absolute
 - full logits: ``model(input_ids, use_cache=False)``;
 - prefill: ``model(input_ids, use_cache=True, logits_to_keep=1)`` (what ``generate`` runs on the prompt).
 
-Ours runs three ways: the default (``"auto"``: on CPU the selective scan runs on the C++ kernel of backend ``"cpp"``,
-built on first use, everything else in eager PyTorch), the eager PyTorch path throughout (backend ``"torch"``: the
-chunked scan), and the opt-in compiled path (backend ``"torch_compile"``: the scan and the conv compiled by
-``torch.compile``). One-off build times are reported separately, never inside the timed runs: the C++ kernel's build
-in an empty cache directory, and for the compiled path the first call in a fresh inductor cache (a temporary cache
-directory, so the number is the cold one) and the first call of a second process that finds that cache on disk (what
-later runs of a program see).
+Ours runs three ways: the default (``"auto"``: on CPU the selective scan and the causal conv run on the C++
+kernels of backend ``"cpp"``, built on first use, everything else in eager PyTorch), the eager PyTorch path throughout
+(backend ``"torch"``: the chunked scan), and the opt-in compiled path (backend ``"torch_compile"``: the scan and the
+conv compiled by ``torch.compile``). One-off build times are reported separately, never inside the timed runs: the
+C++ scan kernel's build in an empty cache directory, and for the compiled path the first call in a fresh inductor cache
+(a temporary cache directory, so the number is the cold one) and the first call of a second process that finds that
+cache on disk (what later runs of a program see).
 
 Each is timed with torch's default number of threads and with one thread (OpenMP threads that wait for each other
 suffer most when other processes share the cores); the one-thread runs are also reported in CPU time of the thread,
@@ -253,8 +253,8 @@ def main(argv=None):
     )
     emit(
         f"Model: MambaConfig({', '.join(f'{k}={v}' for k, v in CONFIG.items())}), float32, seed {args.seed}; batch 1, "
-        f"prompt of {args.length} tokens. Ours: the default (backend \"auto\": the scan on `cpp`, the rest eager "
-        "PyTorch), the eager PyTorch path throughout (backend `torch`)"
+        f"prompt of {args.length} tokens. Ours: the default (backend \"auto\": the scan and the conv on `cpp`, the "
+        "rest eager PyTorch), the eager PyTorch path throughout (backend `torch`)"
         + (" and the opt-in compiled path (backend `torch_compile`)" if compiled else "")
         + "; logits max abs diff to transformers: "
         + ", ".join(f"{name} {diff:.2g}" for name, diff in diffs.items()) + f" (max |logit| {scale:.3g})."
@@ -262,7 +262,7 @@ def main(argv=None):
     emit(f"Times: median of {args.repeats} runs after a warm-up, the models interleaved run by run.")
     emit()
     names = {"full": "full logits, `use_cache=False`", "prefill": "prefill, `use_cache=True, logits_to_keep=1`"}
-    columns = {"ours": "ours, default (`cpp` scan)", "ours, torch": "ours, eager `torch`"}
+    columns = {"ours": "ours, default (`cpp` scan + conv)", "ours, torch": "ours, eager `torch`"}
     if compiled:
         columns["ours, torch_compile"] = "ours, `torch_compile`"
     rows = [(str(threads), res) for threads, res in results.items()] + [("1, CPU time", cpu_results)]

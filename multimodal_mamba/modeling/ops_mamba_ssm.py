@@ -12,8 +12,9 @@ remote-code copy of the modeling files registers into its own):
   ignores it), conv widths other than 2-4, a conv initial state on a layout the kernel cannot take (channel-last
   with dim % 8 == 0), and gradients through a decode step.
 - backend ``"triton"`` (``multimodal_mamba.kernels``), when that package, Triton and CUDA are available.
-- backend ``"cpp"`` (``multimodal_mamba.kernels.cpu``), when that package is installed: the selective scan's forward
-  on CPU float32 tensors, compiled on first use (without a C++ compiler it declines every call).
+- backend ``"cpp"`` (``multimodal_mamba.kernels.cpu``), when that package is installed: the selective scan's and the
+  causal conv's forward on CPU float32 tensors, compiled on first use (without a C++ compiler it declines every
+  call).
 
 The imports of mamba-ssm happen on the first call (``import mamba_ssm`` is slow and pulls in much more); only
 their presence is checked here. Nothing of this package is imported outside ``try:``, so this file travels with

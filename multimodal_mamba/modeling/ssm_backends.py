@@ -2,10 +2,10 @@
 
 Every op has one public entry point, a plain PyTorch reference that defines what is correct (``"reference"``),
 a fast PyTorch path (``"torch"``) and faster backends that register themselves here when they can be imported: on
-CUDA ``"triton"`` (this package's kernels) and ``"mamba_ssm"`` (mamba-ssm / causal-conv1d), on the CPU ``"cpp"`` (this
-package's C++ kernels, built with the system compiler on first use: the selective scan's forward for float32 calls
-without gradients; ``multimodal_mamba.kernels.cpu``). Dispatch takes the first backend, in priority order, that is
-registered, available and accepts the call; a user can force one:
+CUDA ``"triton"`` (this package's kernels) and ``"mamba_ssm"`` (mamba-ssm / causal-conv1d), on the CPU ``"cpp"``
+(this package's C++ kernels, built with the system compiler on first use: the selective scan's and the causal conv's
+forward for float32 calls without gradients; ``multimodal_mamba.kernels.cpu``). Dispatch takes the first backend, in
+priority order, that is registered, available and accepts the call; a user can force one:
 
     with ssm_backend("reference"):
         model(**inputs)
@@ -17,7 +17,8 @@ or set ``ssm_backend`` on a model config (the models wrap their forward in this 
 conv compiled by ``torch.compile`` (``ops_selective_scan_compiled``). Forcing it also covers the ops and the calls it
 has no compiled version for (decode steps, the coupled scan, calls that need gradients, CUDA tensors): those run on
 its fallback, ``"torch"``, and ``last_backend`` reports ``"torch"`` for them. Forcing ``"cpp"`` works the same way
-(everything but the inference scan runs on ``"torch"``, and so does the scan where no C++ compiler is found).
+(everything but inference calls of the scan and the conv runs on ``"torch"``, and so do those where no C++ compiler is
+found).
 
 This file imports nothing from the package, so it travels with remote code unchanged.
 """
