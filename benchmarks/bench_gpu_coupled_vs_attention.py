@@ -13,7 +13,11 @@ For each length the script reports the forward time (no grad, median) and the pe
 inputs, and the ratios attention / Coupled Mamba (goal at L = 500: >= 3x faster, >= 8x less memory; linear growth
 beyond). Lengths where attention runs out of memory are reported as such.
 
-    python benchmarks/bench_gpu_coupled_vs_attention.py [--batch 32] [--hidden 256] [--layers 4]
+Columns ``chunk_*``: the same Coupled Mamba model with ``config.inference_chunk_size`` (``--chunk``, default 64):
+time chunks through all layers with carried states, so its memory grows with the chunk, not with L (the outputs
+excepted); eager and, with ``--graphs``, as CUDA graphs.
+
+    python benchmarks/bench_gpu_coupled_vs_attention.py [--batch 32] [--hidden 256] [--layers 4] [--chunk 64]
 """
 
 from __future__ import annotations
@@ -146,6 +150,8 @@ def main():
     parser.add_argument("--sdpa", action="store_true")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="also time Coupled Mamba with config.inference_cuda_graphs (columns coupled_graph_*)")
+    parser.add_argument("--chunk", type=int, default=64,
+                        help="config.inference_chunk_size of the chunk_* columns (0: skip them)")
     parser.add_argument("--gpu-time-max-length", type=int, default=2000,
                         help="also measure the GPU kernel time (profiler) of one forward up to this length")
     parser.add_argument("--profile", type=int, default=0, metavar="L",
@@ -185,12 +191,34 @@ def main():
                     torch.cuda.empty_cache()
                 if captured != 1:
                     raise RuntimeError(f"L {length}: the graphed forward did not capture ({captured} graphs)")
+            if args.chunk and length > args.chunk:
+                coupled.config.inference_chunk_size = args.chunk
+                try:
+                    row["chunk_s"], row["chunk_GiB"] = measure(coupled, feats)
+                    if length <= args.gpu_time_max_length:
+                        row["chunk_gpu_s"], row["chunk_kernels"] = gpu_time(coupled, feats)
+                    if args.graphs:
+                        coupled.config.inference_cuda_graphs = True
+                        try:
+                            row["chunk_graph_s"], row["chunk_graph_GiB"] = measure(coupled, feats)
+                        finally:
+                            coupled.config.inference_cuda_graphs = False
+                            coupled._forward_graphs.clear()
+                            torch.cuda.empty_cache()
+                finally:
+                    coupled.config.inference_chunk_size = None
         try:
             row["attention_s"], row["attention_GiB"] = measure(attention, feats)
             row["time_ratio"] = row["attention_s"] / row["coupled_s"]
             if "coupled_graph_s" in row:
                 row["graph_time_ratio"] = row["attention_s"] / row["coupled_graph_s"]
             row["memory_ratio"] = row["attention_GiB"] / max(row["coupled_GiB"], 1e-9)
+            if "chunk_s" in row:
+                row["chunk_time_ratio"] = row["attention_s"] / row["chunk_s"]
+                row["chunk_memory_ratio"] = row["attention_GiB"] / max(row["chunk_GiB"], 1e-9)
+            if "chunk_graph_s" in row:
+                row["chunk_graph_time_ratio"] = row["attention_s"] / row["chunk_graph_s"]
+                row["chunk_graph_memory_ratio"] = row["attention_GiB"] / max(row["chunk_graph_GiB"], 1e-9)
             if length <= args.gpu_time_max_length:
                 row["attention_gpu_s"], row["attention_kernels"] = gpu_time(attention, feats)
                 row["gpu_time_ratio"] = row["attention_gpu_s"] / row["coupled_gpu_s"]
@@ -202,7 +230,9 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     fields = ["L", "coupled_s", "attention_s", "time_ratio", "coupled_GiB", "attention_GiB", "memory_ratio",
               "coupled_gpu_s", "attention_gpu_s", "gpu_time_ratio", "coupled_kernels", "attention_kernels",
-              "coupled_graph_s", "graph_time_ratio", "coupled_graph_GiB"]
+              "coupled_graph_s", "graph_time_ratio", "coupled_graph_GiB", "chunk_s", "chunk_time_ratio", "chunk_GiB",
+              "chunk_memory_ratio", "chunk_gpu_s", "chunk_kernels", "chunk_graph_s", "chunk_graph_time_ratio",
+              "chunk_graph_GiB", "chunk_graph_memory_ratio"]
     with open(args.out / "gpu_coupled_vs_attention.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -217,9 +247,11 @@ def main():
         f"Time: forward, no grad, median of 5 (wall clock, host launches included). Memory: peak above weights and "
         f"inputs. *_gpu_s: GPU kernel time of one forward (torch.profiler), *_kernels: its kernel count. "
         f"coupled_graph_*: the same Coupled Mamba model with config.inference_cuda_graphs=True (one CUDA graph per "
-        f"input shape, captured on the first call, whose peak memory counts). Ratios: attention / coupled.",
+        f"input shape, captured on the first call, whose peak memory counts). chunk_*: the same model with "
+        f"config.inference_chunk_size={args.chunk} (time chunks through all layers, states carried), eager and "
+        f"graphed. Ratios: attention / coupled.",
         "",
-        "Command: `python benchmarks/bench_gpu_coupled_vs_attention.py`",
+        "Command: `" + " ".join(["python benchmarks/bench_gpu_coupled_vs_attention.py"] + sys.argv[1:]) + "`",
         "",
         "| " + " | ".join(fields) + " |",
         "|" + "---|" * len(fields),

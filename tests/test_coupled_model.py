@@ -64,6 +64,9 @@ def test_config_validation_errors():
         tiny_config(modality_dims={"text": 0})
     with pytest.raises(ValueError, match="modality_names"):
         tiny_config(modality_names=["text", "audio"])
+    for chunk in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="inference_chunk_size must be a positive integer"):
+            tiny_config(inference_chunk_size=chunk)
 
 
 def test_config_round_trip_keeps_modality_order_and_labels(tmp_path):
@@ -74,6 +77,9 @@ def test_config_round_trip_keeps_modality_order_and_labels(tmp_path):
     assert loaded.modality_names == ["vision", "audio", "text"]
     assert list(loaded.modality_dims) == ["vision", "audio", "text"]
     assert loaded.num_labels == 2 and loaded.coupling == "sum"
+    assert loaded.inference_chunk_size is None
+    tiny_config(inference_chunk_size=64).save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).inference_chunk_size == 64
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -209,6 +215,57 @@ def test_sum_coupling_overflow_surfaces_from_the_model():
     with pytest.raises(CoupledScanOverflowError, match="coupling='mean'"):
         model(packed(features(batch=1, length=400)))
     assert torch.isfinite(CoupledMambaModel(tiny_config(num_hidden_layers=1))(packed(features(1, 400)))[0]).all()
+
+
+# ---------------------------------------------------------------------------------------------------- chunked inference
+@pytest.mark.parametrize("coupling", ["mean", "sum", "none"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "last"])
+def test_inference_in_chunks_gives_the_whole_forward(coupling, pooling, monkeypatch):
+    """config.inference_chunk_size: every output (last states, pooled, fused, every layer's hidden states) equals
+    the whole-sequence forward, with and without padding, for chunks of 1 step, shorter than the conv, uneven, and
+    the whole length; the chunked path really runs (the whole-sequence one is made to fail)."""
+    torch.manual_seed(0)
+    model = CoupledMambaModel(tiny_config(coupling=coupling, pooling=pooling, use_bias=True, num_hidden_layers=3))
+    model.eval()
+    feats = features(batch=2, length=11)
+    mask = torch.ones(2, 3, 11)
+    mask[1, 0, 8:] = 0  # right padding of one modality
+    mask[0, 2, :2] = 0  # left padding of another
+    for attention_mask in (None, mask):
+        with torch.no_grad():
+            whole = model(feats, attention_mask=attention_mask, output_hidden_states=True)
+        for chunk in (1, 3, 4, 7, 10):
+            model.config.inference_chunk_size = chunk
+            with monkeypatch.context() as patch, torch.no_grad():
+                patch.setattr(CoupledMambaModel, "_layers_whole", None)  # calling it would raise
+                chunked = model(feats, attention_mask=attention_mask, output_hidden_states=True)
+            model.config.inference_chunk_size = None
+            for key in ("last_hidden_state", "pooler_output", "modality_embeds"):
+                torch.testing.assert_close(chunked[key], whole[key], atol=2e-5, rtol=1e-4, msg=f"{key}, chunk {chunk}")
+            assert torch.equal(chunked.modality_mask, whole.modality_mask)
+            assert len(chunked.hidden_states) == len(whole.hidden_states) == 4
+            for ours, ref in zip(chunked.hidden_states, whole.hidden_states):
+                torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_inference_chunk_size_leaves_gradient_forwards_whole():
+    """With gradients enabled the forward runs whole (the chunked path is inference only) and trains as usual;
+    a layer refuses a carried state with gradients."""
+    torch.manual_seed(0)
+    model = CoupledMambaForSequenceClassification(tiny_config(inference_chunk_size=2))
+    labels = torch.tensor([0.1, 0.2])
+    loss = model(packed(features()), labels=labels).loss
+    loss.backward()
+    assert model.model.layers[0].blocks["text"].mixer.A_log.grad is not None
+    model.config.inference_chunk_size = None
+    torch.testing.assert_close(model(packed(features()), labels=labels).loss, loss)
+    from multimodal_mamba.modeling.modeling_coupled_mamba import CoupledMambaLayerState
+
+    layer = model.model.layers[0]
+    state = CoupledMambaLayerState(3, 2, model.config.intermediate_size, model.config.conv_kernel, "cpu",
+                                   torch.float32)
+    with pytest.raises(ValueError, match="needs gradients disabled"):
+        layer(torch.randn(2, 3, 5, 16), None, state=state)
 
 
 def test_gradient_checkpointing_trains():

@@ -669,6 +669,54 @@ def test_gpu_coupled_mamba_inference_cuda_graphs(packed):
     assert len(model._forward_graphs) == 2
 
 
+@pytest.mark.gpu
+def test_gpu_coupled_mamba_inference_in_chunks():
+    """config.inference_chunk_size on CUDA (the Triton coupled scan and conv, states carried between chunks): the
+    same outputs as the whole forward (with and without padding, eager and as a CUDA graph) at a fraction of its
+    peak memory (length 8 x the chunk)."""
+    from multimodal_mamba import CoupledMambaConfig, CoupledMambaModel
+
+    config = CoupledMambaConfig(modality_dims={"text": 12, "audio": 6, "vision": 9}, hidden_size=64,
+                                num_hidden_layers=2, state_size=16)
+    torch.manual_seed(0)
+    model = CoupledMambaModel(config).to("cuda", torch.bfloat16).eval()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    feats = {n: torch.randn(4, 512, d, device="cuda", generator=gen).to(torch.bfloat16)
+             for n, d in config.modality_dims.items()}
+    mask = torch.ones(4, 3, 512, device="cuda")
+    mask[1, 0, 300:] = 0
+    mask[2, 2, :70] = 0
+
+    def run(chunk, graphs=False, attention_mask=None):
+        model.config.inference_chunk_size, model.config.inference_cuda_graphs = chunk, graphs
+        try:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad(), ssm_backend("triton"):
+                out = model(input_features=feats, attention_mask=attention_mask)
+            torch.cuda.synchronize()
+            return out, torch.cuda.max_memory_allocated() - base
+        finally:
+            model.config.inference_chunk_size, model.config.inference_cuda_graphs = None, False
+
+    run(64)  # builds the kernels first: their one-time allocations do not count below
+    whole, whole_peak = run(None)
+    chunked, chunked_peak = run(64)
+    assert last_backend("coupled_selective_scan") == "triton"
+    for key in ("last_hidden_state", "pooler_output", "modality_embeds"):
+        assert rel(chunked[key].float(), whole[key].float()) <= 5e-3, key
+    assert chunked_peak < 0.4 * whole_peak, (chunked_peak, whole_peak)
+    graphed = [run(64, graphs=True)[0] for _ in range(2)]  # capture, then replay
+    assert len(model._forward_graphs) == 1
+    model._forward_graphs.clear()
+    for out in graphed:
+        assert rel(out.last_hidden_state.float(), whole.last_hidden_state.float()) <= 5e-3
+    masked_whole, masked_chunked = run(None, attention_mask=mask)[0], run(64, attention_mask=mask)[0]
+    for key in ("last_hidden_state", "pooler_output"):
+        assert rel(masked_chunked[key].float(), masked_whole[key].float()) <= 5e-3, key
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: causal conv and the decode steps
 # ----------------------------------------------------------------------------------------------------------------

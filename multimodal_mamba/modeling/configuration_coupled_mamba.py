@@ -56,6 +56,11 @@ class CoupledMambaConfig(PretrainedConfig):
         inference_cuda_graphs (`bool`): run no-grad forwards on CUDA without an attention mask as CUDA graphs, one
             captured per input shape and replayed (``forward_graphs.py``): removes the host's launch overhead
             (~250 launches per forward); costs a capture per new shape and keeps each graph's activations allocated.
+        inference_chunk_size (`int`, optional): run forwards without gradients chunk by chunk of this many time
+            steps through all layers, each layer carrying its conv and coupled states from one chunk to the next:
+            the same outputs, with activation memory that grows with the chunk instead of with L (only the
+            outputs stay L long). More, smaller kernels: slower where the GPU is not saturated. None (default):
+            the whole sequence at once. Forwards with gradients always run whole.
         num_labels (`int`): 1 (default) gives regression; more gives classification (see ``problem_type``).
     """
 
@@ -91,6 +96,7 @@ class CoupledMambaConfig(PretrainedConfig):
         initializer_range=0.02,
         ssm_backend="auto",
         inference_cuda_graphs=False,
+        inference_chunk_size=None,
         **kwargs,
     ):
         modality_dims = dict(DEFAULT_MODALITY_DIMS if modality_dims is None else modality_dims)
@@ -145,6 +151,10 @@ class CoupledMambaConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.ssm_backend = ssm_backend
         self.inference_cuda_graphs = bool(inference_cuda_graphs)
+        chunk = inference_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"CoupledMambaConfig: inference_chunk_size must be a positive integer or None, got {chunk!r}")
+        self.inference_chunk_size = inference_chunk_size
         if "num_labels" not in kwargs and kwargs.get("id2label") is None:
             kwargs["num_labels"] = 1  # the paper's main task is sentiment regression
         super().__init__(**kwargs)

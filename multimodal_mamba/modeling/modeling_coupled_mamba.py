@@ -101,10 +101,31 @@ class CoupledMambaBlock(nn.Module):
         )
 
 
+class CoupledMambaLayerState:
+    """What one layer carries from one time chunk to the next (``config.inference_chunk_size``).
+
+    conv_states: per modality (batch, intermediate, conv_kernel), the last conv inputs (model dtype);
+    ssm_state: the scan's final state, float32: (batch, intermediate, N) coupled, (batch, M * intermediate, N)
+    for ``coupling="none"``; None before the first chunk.
+    """
+
+    def __init__(self, chains, batch, intermediate_size, conv_kernel, device, dtype):
+        self.conv_states = [
+            torch.zeros(batch, intermediate_size, conv_kernel, device=device, dtype=dtype) for _ in range(chains)
+        ]
+        self.ssm_state = None
+
+    @property
+    def started(self) -> bool:
+        return self.ssm_state is not None
+
+
 class CoupledMambaLayer(GradientCheckpointingLayer):
     """One layer: a ``CoupledMambaBlock`` per modality, joined by one coupled selective scan.
 
     forward: hidden_states (batch, M, L, hidden), attention_mask (batch, M, L) or None -> (batch, M, L, hidden).
+    state: a ``CoupledMambaLayerState``, for a forward in time chunks without gradients: read (the states after the
+    previous chunk) and updated in place.
     """
 
     def __init__(self, config: CoupledMambaConfig, layer_idx: int):
@@ -113,18 +134,26 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         self.coupling = config.coupling
         self.blocks = nn.ModuleDict({name: CoupledMambaBlock(config, layer_idx) for name in config.modality_names})
 
-    def forward(self, hidden_states, attention_mask=None):
+    def forward(self, hidden_states, attention_mask=None, state=None):
+        if state is not None and torch.is_grad_enabled():
+            raise ValueError("CoupledMambaLayer: a carried state (chunked inference) needs gradients disabled")
         if not self.training:
-            return self._forward(hidden_states, attention_mask)
+            return self._forward(hidden_states, attention_mask, state)
         with training_forward():  # the same numbers with and without gradients (see MambaMixer.forward)
-            return self._forward(hidden_states, attention_mask)
+            return self._forward(hidden_states, attention_mask, state)
 
-    def _forward(self, hidden_states, attention_mask):
+    def _forward(self, hidden_states, attention_mask, state=None):
         xs, zs, deltas, Bs, Cs = [], [], [], [], []
+        initial_state = state.ssm_state if state is not None else None
         for index, block in enumerate(self.blocks.values()):
             mask = attention_mask[:, index] if attention_mask is not None else None
             normed = block.norm(hidden_states[:, index])
-            x, z = block.mixer.input_stage(normed, mask)  # (batch, dim, L) each
+            if state is None:
+                x, z = block.mixer.input_stage(normed, mask)  # (batch, dim, L) each
+            else:  # a continued sequence: the conv reads the previous chunk's last inputs, and keeps this one's
+                conv_state = state.conv_states[index]
+                conv_initial = conv_state[..., 1:].clone() if state.started else None
+                x, z = block.mixer.input_stage(normed, mask, conv_state, conv_initial)
             delta, B, C = block.mixer.ssm_parameters(x)  # (batch, dim, L), (batch, N, L), (batch, N, L)
             xs.append(x)
             zs.append(z)
@@ -140,14 +169,21 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
             D = torch.cat([mixer.D for mixer in mixers], dim=0)
             B, C = torch.stack(Bs, dim=1), torch.stack(Cs, dim=1)
             del xs, zs, deltas, Bs, Cs  # the per-modality activations are no longer needed once stacked
-            y = selective_scan(u, delta, A, B, C, D, z=z, delta_softplus=True).unflatten(1, (chains, -1))
+            y = selective_scan(u, delta, A, B, C, D, z=z, delta_softplus=True, initial_state=initial_state,
+                               return_final_state=state is not None)
+            if state is not None:
+                y, state.ssm_state = y
+            y = y.unflatten(1, (chains, -1))
             del u, delta, z, B, C  # (batch, M, dim, L) each: free them before the output projections
         else:
             A, D = self._stacked_parameters(mixers)
             # the chains as they are: the Triton kernel reads each modality's activations in place (no stacking
             # copies; y comes back in the activations' time-major layout); other backends stack them
             y = coupled_selective_scan_chains(xs, deltas, A, Bs, Cs, D, zs=zs, delta_softplus=True,
-                                              coupling=self.coupling)
+                                              coupling=self.coupling, initial_state=initial_state,
+                                              return_final_state=state is not None)
+            if state is not None:
+                y, state.ssm_state = y
             del xs, zs, deltas, Bs, Cs  # free the per-modality activations before the output projections
         if not torch.is_grad_enabled():
             # (M, batch, L, hidden) memory: the next layer's per-modality slices are contiguous (no copies for its
@@ -394,15 +430,24 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         return None if bool(mask.all()) else mask
 
     # ------------------------------------------------------------------------------------------------------------
-    def _pool(self, hidden_states, mask):
-        """hidden_states (batch, M, L, hidden), mask (batch, M, L) float -> (batch, M, hidden); zeros where absent."""
+    def _pool(self, hidden_states, mask, chunk=None):
+        """hidden_states (batch, M, L, hidden), mask (batch, M, L) float -> (batch, M, hidden); zeros where absent.
+        No (batch, M, L, hidden) temporaries beyond ``chunk`` steps (max pooling works chunk by chunk)."""
         present = mask.sum(-1) > 0  # (batch, M)
-        weights = mask[..., None].to(hidden_states.dtype)
         if self.config.pooling == "mean":
-            pooled = (hidden_states * weights).sum(2) / mask.sum(-1, keepdim=True).clamp_min(1.0).to(hidden_states.dtype)
+            # (batch, M, 1, L) @ (batch, M, L, hidden): the masked sum without a masked copy of the states
+            weights = mask[..., None, :].to(hidden_states.dtype)
+            pooled = torch.matmul(weights, hidden_states)[..., 0, :]
+            pooled = pooled / mask.sum(-1, keepdim=True).clamp_min(1.0).to(hidden_states.dtype)
         elif self.config.pooling == "max":
-            filled = hidden_states.masked_fill(mask[..., None] == 0, torch.finfo(hidden_states.dtype).min)
-            pooled = filled.amax(dim=2)
+            length = hidden_states.shape[2]
+            step = chunk or length
+            lowest = torch.finfo(hidden_states.dtype).min
+            pooled = None
+            for start in range(0, length, step):
+                part = hidden_states[:, :, start:start + step]
+                part = part.masked_fill(mask[:, :, start:start + step, None] == 0, lowest).amax(dim=2)
+                pooled = part if pooled is None else torch.maximum(pooled, part)
         else:  # last valid step
             positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=mask.dtype)
             last = (mask * positions).argmax(dim=-1)  # (batch, M)
@@ -466,9 +511,27 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
 
     def _eager_forward(self, input_features, attention_mask, output_hidden_states, return_dict):
         features, mask = self._prepare_inputs(input_features, attention_mask)
+        layer_mask = self._layer_mask(attention_mask, input_features, mask)
+        chunk = self.config.inference_chunk_size
+        if chunk is not None and features[0].shape[1] > chunk and not torch.is_grad_enabled():
+            hidden_states, all_hidden_states = self._layers_in_chunks(features, layer_mask, chunk, output_hidden_states)
+        else:
+            chunk = None
+            hidden_states, all_hidden_states = self._layers_whole(features, layer_mask, output_hidden_states)
+        pooled, present = self._pool(hidden_states, mask, chunk)
+        fused = self._fuse(pooled, present)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, fused, pooled, present, all_hidden_states) if v is not None)
+        return CoupledMambaModelOutput(
+            last_hidden_state=hidden_states, pooler_output=fused, modality_embeds=pooled, modality_mask=present,
+            hidden_states=all_hidden_states,
+        )
+
+    def _layers_whole(self, features, layer_mask, output_hidden_states):
+        """features: M (batch, L, dim_m) -> the final (normed) hidden states (batch, M, L, hidden) and, when asked,
+        every layer's input plus the final states."""
         names = self.config.modality_names
         hidden_states = torch.stack([self.projections[name](feat) for name, feat in zip(names, features)], dim=1)
-        layer_mask = self._layer_mask(attention_mask, input_features, mask)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not hidden_states.requires_grad:
             # Reentrant checkpointing passes gradients only to layers whose input requires grad (frozen projections,
             # e.g. LoRA on the mixers only, would leave every checkpointed adapter without a gradient).
@@ -482,14 +545,38 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         hidden_states = torch.stack([self.norm_f[name](hidden_states[:, i]) for i, name in enumerate(names)], dim=1)
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-        pooled, present = self._pool(hidden_states, mask)
-        fused = self._fuse(pooled, present)
-        if not return_dict:
-            return tuple(v for v in (hidden_states, fused, pooled, present, all_hidden_states) if v is not None)
-        return CoupledMambaModelOutput(
-            last_hidden_state=hidden_states, pooler_output=fused, modality_embeds=pooled, modality_mask=present,
-            hidden_states=all_hidden_states,
-        )
+        return hidden_states, all_hidden_states
+
+    def _layers_in_chunks(self, features, layer_mask, chunk, output_hidden_states):
+        """``_layers_whole`` without gradients, ``chunk`` time steps at a time through every layer (each layer carries
+        its conv and scan states in a ``CoupledMambaLayerState``): only the outputs are L long."""
+        names = self.config.modality_names
+        batch, length = features[0].shape[:2]
+        dtype = self.projections[names[0]].fc2.weight.dtype
+        device = features[0].device
+        shape = (batch, len(names), length, self.config.hidden_size)
+        last_hidden = torch.empty(shape, device=device, dtype=dtype)
+        # every layer's input (embeddings first) when asked for: those are L long by request
+        levels = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers] if output_hidden_states else []
+        states = [
+            CoupledMambaLayerState(len(names), batch, self.config.intermediate_size, self.config.conv_kernel, device,
+                                   dtype)
+            for _ in self.layers
+        ]
+        with config_backend(self.config):
+            for start in range(0, length, chunk):
+                end = min(start + chunk, length)
+                hidden_states = torch.stack(
+                    [self.projections[name](feat[:, start:end]) for name, feat in zip(names, features)], dim=1
+                )
+                mask = layer_mask[..., start:end] if layer_mask is not None else None
+                for index, (layer, state) in enumerate(zip(self.layers, states)):
+                    if levels:
+                        levels[index][:, :, start:end] = hidden_states
+                    hidden_states = layer(hidden_states, mask, state=state)
+                for i, name in enumerate(names):
+                    last_hidden[:, i, start:end] = self.norm_f[name](hidden_states[:, i])
+        return last_hidden, (tuple(levels) + (last_hidden,) if output_hidden_states else None)
 
 
 class CoupledMambaClassificationHead(nn.Module):
