@@ -669,6 +669,48 @@ def test_gpu_coupled_mamba_inference_cuda_graphs(packed):
     assert len(model._forward_graphs) == 2
 
 
+def _check_layer_norm(layer_norm, device, dtype, tol):
+    """The Triton LayerNorm against F.layer_norm: strided 3-D slices read in place, 2-D and 4-D inputs, widths that
+    are not powers of two or span several rows per program, with and without weight / bias."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    stream = torch.randn(4, 3, 37, 48, device=device, generator=gen).to(dtype) * 3 + 1  # (batch, M, L, hidden)
+    cases = [stream[:, 1], stream.reshape(-1, 48), stream, torch.randn(5, 7, 100, device=device, generator=gen)
+             .to(dtype), torch.randn(9, 1, device=device, generator=gen).to(dtype)]
+    for x in cases:
+        hidden = x.shape[-1]
+        weight = torch.randn(hidden, device=device, generator=gen).to(dtype)
+        bias = torch.randn(hidden, device=device, generator=gen).to(dtype)
+        for w, b in ((weight, bias), (weight, None), (None, None)):
+            out = layer_norm(x, w, b, 1e-5)
+            ref = torch.nn.functional.layer_norm(x.float(), (hidden,), None if w is None else w.float(),
+                                                 None if b is None else b.float(), 1e-5)
+            assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+            torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_layer_norm_matches_torch(dtype):
+    """kernels/layer_norm against F.layer_norm, and CoupledMambaLayerNorm: the kernel without gradients, PyTorch's
+    (differentiable) path with them, the same values either way."""
+    from multimodal_mamba.kernels.layer_norm import layer_norm_triton
+    from multimodal_mamba.modeling.modeling_coupled_mamba import CoupledMambaLayerNorm
+
+    _check_layer_norm(layer_norm_triton, "cuda", dtype, 1e-5 if dtype == torch.float32 else 2e-2)
+    norm = CoupledMambaLayerNorm(256).to("cuda", dtype)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(8, 3, 40, 256, device="cuda", dtype=dtype)[:, 2]
+    with torch.no_grad():
+        fast = norm(x)
+    x.requires_grad_(True)
+    slow = norm(x)
+    slow.sum().backward()
+    assert x.grad is not None
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast.float(), slow.detach().float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.gpu
 def test_gpu_coupled_mamba_inference_in_chunks():
     """config.inference_chunk_size on CUDA (the Triton coupled scan and conv, states carried between chunks): the
@@ -980,6 +1022,12 @@ def interpreted():
         "causal_conv1d": importlib.import_module("multimodal_mamba.kernels.causal_conv1d.fused"),
         "state_update": importlib.import_module("multimodal_mamba.kernels.state_update.fused"),
     }
+
+
+@interpreter
+def test_interpreter_layer_norm():
+    fused = importlib.import_module("multimodal_mamba.kernels.layer_norm.fused")
+    _check_layer_norm(fused.layer_norm_triton, "cpu", torch.float32, 1e-5)
 
 
 @interpreter

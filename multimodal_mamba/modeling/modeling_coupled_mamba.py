@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_coupled_mamba import CoupledMambaConfig
 from .peft_adapters import AdapterLoadingMixin
-from .modeling_mamba_lm import KEEP_IN_FP32, MambaMixer, init_mamba_module_weights
+from .modeling_mamba_lm import KEEP_IN_FP32, MambaMixer, _package_kernels, init_mamba_module_weights
 from .forward_graphs import ForwardGraphs
 from .ops_coupled_scan import coupled_selective_scan_chains
 from .ops_selective_scan import selective_scan
@@ -61,16 +61,32 @@ class CoupledMambaModelOutput(ModelOutput):
     hidden_states: Optional[tuple] = None
 
 
+class CoupledMambaLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and results up to float32 summation order) whose calls on CUDA without
+    gradients run as this package's Triton kernel (kernels/layer_norm: several rows per program, strided inputs
+    read in place; PyTorch's kernel took ~4x the memory time at a Coupled Mamba layer's widths). Every other call,
+    and any call the kernel does not take, is ``F.layer_norm``."""
+
+    def forward(self, x):
+        if x.is_cuda and not torch.is_grad_enabled() and len(self.normalized_shape) == 1:
+            kernels = _package_kernels()
+            if kernels is not None:
+                accepts, layer_norm = kernels["layer_norm"]
+                if accepts(x, self.weight, self.bias):
+                    return layer_norm(x, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class CoupledMambaInputProjection(nn.Module):
     """(batch, L, input_dim) -> (batch, L, hidden): Linear, LayerNorm, ReLU, Dropout, Linear, LayerNorm."""
 
     def __init__(self, input_dim: int, config: CoupledMambaConfig):
         super().__init__()
         self.fc1 = nn.Linear(input_dim, config.projection_hidden_size)
-        self.norm1 = nn.LayerNorm(config.projection_hidden_size, eps=config.layer_norm_epsilon)
+        self.norm1 = CoupledMambaLayerNorm(config.projection_hidden_size, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.projection_dropout)
         self.fc2 = nn.Linear(config.projection_hidden_size, config.hidden_size)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm2 = CoupledMambaLayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, features):
         hidden = self.dropout(F.relu(self.norm1(self.fc1(features))))
@@ -82,7 +98,7 @@ class CoupledMambaBlock(nn.Module):
 
     def __init__(self, config: CoupledMambaConfig, layer_idx: int):
         super().__init__()
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm = CoupledMambaLayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = MambaMixer(
             config.hidden_size,
             state_size=config.state_size,
@@ -281,7 +297,8 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         )
         self.layers = nn.ModuleList([CoupledMambaLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm_f = nn.ModuleDict(
-            {name: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon) for name in config.modality_names}
+            {name: CoupledMambaLayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+             for name in config.modality_names}
         )
         self.fusion_logits = nn.Parameter(torch.zeros(config.num_modalities))
         self.gradient_checkpointing = False

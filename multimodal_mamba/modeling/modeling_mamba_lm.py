@@ -104,8 +104,8 @@ _PACKAGE_KERNELS = []
 
 
 def _package_kernels():
-    """This package's Triton RMSNorm, (batch, L, C) -> (batch, C, L) transposes (one tensor, differentiable;
-    several same-shaped tensors in one launch), one-row GEMV (self-measured, see kernels/gemv) and fused decode step
+    """This package's Triton RMSNorm and LayerNorm (``"layer_norm"``: (accepts, run)), (batch, L, C) -> (batch, C, L)
+    transposes (one tensor, differentiable; several same-shaped tensors in one launch), one-row GEMV (self-measured, see kernels/gemv) and fused decode step
     (``"decode_step"``, kernels/decode_step) as a dict, when they can run here (CUDA, Triton); else None.
     Imported on first use."""
     if not _PACKAGE_KERNELS:
@@ -113,11 +113,13 @@ def _package_kernels():
         if torch.cuda.is_available():
             try:  # absent from remote-code copies and machines without Triton: the PyTorch paths run instead
                 from multimodal_mamba.kernels.gemv import linear_one_row
+                from multimodal_mamba.kernels.layer_norm.fused import layer_norm_accepts, layer_norm_triton
                 from multimodal_mamba.kernels.rms_norm import rms_norm_triton
                 from multimodal_mamba.kernels.transpose import channel_major_triton, time_contiguous_group
 
                 kernels = {"rms_norm": rms_norm_triton, "transpose": channel_major_triton,
-                           "time_contiguous_group": time_contiguous_group, "linear_one_row": linear_one_row}
+                           "time_contiguous_group": time_contiguous_group, "linear_one_row": linear_one_row,
+                           "layer_norm": (layer_norm_accepts, layer_norm_triton)}
             except Exception:
                 kernels = None
             if kernels is not None:

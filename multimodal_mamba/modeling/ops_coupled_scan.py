@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .ops_selective_scan import discretize_delta, gate_and_skip, linear_recurrence_doubling, linear_recurrence_logspace
 from .ssm_backends import _LAST, _REGISTRY, dispatch, forced_backend, register_backend
