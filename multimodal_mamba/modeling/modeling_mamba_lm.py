@@ -328,8 +328,10 @@ class MambaMixer(nn.Module):
         """x (batch, intermediate, L) -> delta (batch, intermediate, L) with dt_proj's bias, B and C (batch, N, L)."""
         params = self.x_proj(x.transpose(1, 2))
         time_step, B, C = torch.split(params, [self.time_step_rank, self.state_size, self.state_size], dim=-1)
-        delta = self.dt_proj(time_step).transpose(1, 2)
-        return delta, B.transpose(1, 2), C.transpose(1, 2)
+        # as (batch * L, rank) rows (a view): F.linear fuses the bias into the GEMM for 2-D inputs, while a strided
+        # 3-D input costs a separate bias add over the whole (batch, L, intermediate) output
+        delta = self.dt_proj(time_step.reshape(-1, self.time_step_rank)).view(x.shape[0], x.shape[-1], -1)
+        return delta.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
 
     def output_stage(self, y):
         """y (batch, intermediate, L) -> (batch, L, hidden)."""
