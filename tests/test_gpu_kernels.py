@@ -653,7 +653,15 @@ def test_gpu_coupled_mamba_inference_cuda_graphs(packed):
     else:
         bad["audio"][0, 3, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
-        run(bad, True)
+        run(bad, True)  # a replay: the graph's own finiteness flags
+    bad_new_shape = features(48, 5)
+    if packed:
+        bad_new_shape[2, 7, 1] = float("inf")
+    else:
+        bad_new_shape["vision"][2, 7, 1] = float("inf")
+    with pytest.raises(ValueError, match="'vision' contain NaN or inf" if not packed else "NaN or inf"):
+        run(bad_new_shape, True)  # a first call (capture): rejected before, nothing kept for its shape
+    assert len(model._forward_graphs) == 2
     mask = torch.ones(3, 40, device="cuda")
     mask[1, 30:] = 0
     model.config.inference_cuda_graphs = True

@@ -71,6 +71,7 @@ class ForwardGraphs:
 
     def run(self, forward: Callable, inputs: Sequence[torch.Tensor], parameters: Sequence[torch.Tensor],
             extra_key=()) -> Optional[object]:
+        """A ValueError of the forward's first (warm-up) run propagates, and nothing is kept for its signature."""
         if not inputs or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
             return None
         if torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
@@ -101,7 +102,10 @@ class ForwardGraphs:
         try:
             graph, static_output = capture_graph(lambda: forward(*static_inputs), device)
             graph.replay()  # (the capture recorded the kernels without running them)
-        except Exception as error:  # noqa: BLE001 (any capture failure means: run eagerly)
+        except ValueError:  # the forward rejected these inputs (in its warm-up): the caller's error, not a capture's
+            _close_failed_capture(device)
+            raise
+        except Exception as error:  # noqa: BLE001 (any other capture failure means: run eagerly)
             _close_failed_capture(device)
             _say_once(("forward capture", key[0]),
                       f"CUDA graph capture of the forward failed ({error!r}); running eagerly", log=logger)

@@ -499,7 +499,9 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
     def _graphed_forward(self, input_features, output_hidden_states, return_dict):
         """The forward as a replayed CUDA graph (``config.inference_cuda_graphs``), or None where it does not apply:
         gradients enabled, features not all CUDA tensors, or a failed capture. The features' values are checked
-        (NaN / inf) before each replay, as the eager forward does."""
+        (NaN / inf) as the eager forward does, but inside the graph: its flags are read after the replay, so the
+        check costs no synchronization before the kernels start (the first call of a shape, which captures, checks
+        eagerly)."""
         names = self.config.modality_names
         if isinstance(input_features, torch.Tensor):
             tensors, layout = [input_features], None
@@ -512,19 +514,27 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             return None
         if not tensors or not all(t.is_cuda for t in tensors) or torch.is_grad_enabled():
             return None
-        features = self._split_features(input_features)
-        self._check_finite(names, features)
+        present = [name for name, f in zip(names, self._split_features(input_features)) if f is not None]
 
         def forward(*static):
             feats = static[0] if layout is None else dict(zip(layout, static))
-            return self._eager_forward(feats, None, output_hidden_states, return_dict)
+            output = self._eager_forward(feats, None, output_hidden_states, return_dict)
+            finite = torch.stack([torch.isfinite(f).all() for f in self._split_features(feats) if f is not None])
+            return output, finite
 
         # what else decides the captured kernels: a backend forced by context manager or by the config field
         extra = (layout, bool(output_hidden_states), bool(return_dict), forced_backend(),
                  getattr(self.config, "ssm_backend", None))
         # the parameters' storage (a module walk: about half the host time of self.parameters())
         storage = [p for module in self.modules() for p in module._parameters.values() if p is not None]
-        return self._forward_graphs.run(forward, tensors, storage, extra)
+        result = self._forward_graphs.run(forward, tensors, storage, extra)
+        if result is None:
+            return None
+        output, finite = result
+        for name, ok in zip(present, finite.tolist()):
+            if not ok:
+                raise ValueError(f"CoupledMambaModel: features of {name!r} contain NaN or inf")
+        return output
 
     def _eager_forward(self, input_features, attention_mask, output_hidden_states, return_dict):
         features, mask = self._prepare_inputs(input_features, attention_mask)
