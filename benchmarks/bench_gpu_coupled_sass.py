@@ -66,7 +66,8 @@ def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16"
     const.update(M=chains, N=state, N_PAD=triton.next_power_of_2(state), LPC=max(1, 32 * num_warps // block_d),
                  BD=block_d, K=k, SAVE_EVERY=save_every, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
                  HAS_H0=False, FAST=True, PREFETCH_BC=prefetch_bc, BC_AHEAD=bc_ahead,
-                 XLANE=bool(xlane) and sequential.xlane_applies(block_d, num_warps, k))
+                 XLANE=bool(xlane) and sequential.xlane_applies(block_d, num_warps, k),
+                 JS=1 if lmajor else block_d)
     ones = ["stride_bc_n"] + ([f"stride_{t}_l" for t in ("u", "dl", "z", "o")] if lmajor else
                               [f"stride_{t}_d" for t in ("u", "dl", "z", "o")])
     for p in ones:

@@ -179,13 +179,13 @@ def _shfl_bfly(x, MASK: tl.constexpr):
 
 
 @triton.jit
-def _xrow(tile, offs_k, k: tl.constexpr, BD: tl.constexpr, FAST: tl.constexpr):
-    """Row k of a (K, BD) tile with one element per lane (K = LPC, lane = row * BD + channel), broadcast over the
-    rows: every lane of channel d gets tile[k, d], one indexed shuffle (``_row``'s masked sum over lanes costs two
-    butterfly shuffles, two adds and a select). The result, read as an (LPC, BD) tile, has the layout of a slice of
-    the state tile, so it broadcasts against it without conversion."""
+def _xrow(tile, offs_k, k: tl.constexpr, K: tl.constexpr, JS: tl.constexpr, FAST: tl.constexpr):
+    """Row k of a (K, BD) tile with one element per lane (K = LPC; row j of channel d in lane j * JS + d * (K if
+    JS == 1 else 1)), broadcast over the rows: every lane of channel d gets tile[k, d], one indexed shuffle
+    (``_row``'s masked sum over lanes costs two butterfly shuffles, two adds and a select). The result, read as an
+    (LPC, BD) tile, has the layout of a slice of the state tile, so it broadcasts against it without conversion."""
     if FAST:
-        return _shfl_idx(tile, k * BD, BD - 1)
+        return _shfl_idx(tile, k * JS, 31 ^ ((K - 1) * JS))
     else:
         return tl.broadcast_to(_row(tile, offs_k, k)[None, :], tile.shape)
 
@@ -213,27 +213,28 @@ def _xhalf(lo, hi, upper, MASK: tl.constexpr):
 
 
 @triton.jit
-def _xscatter(acc, offs_acc, jj, K: tl.constexpr, BD: tl.constexpr, FAST: tl.constexpr):
+def _xscatter(acc, offs_acc, jj, K: tl.constexpr, JS: tl.constexpr, FAST: tl.constexpr):
     """y[k, d] = sum over the channel's lanes j of acc[k, j, d], returned as a (K, BD) tile whose lane (j, d) holds
-    y[j, d]: a butterfly reduce-scatter, K - 1 shuffles per chunk instead of log2(K) per step."""
+    y[j, d]: a butterfly reduce-scatter, K - 1 shuffles per chunk instead of log2(K) per step (JS: the lanes' row
+    stride, see _xrow)."""
     if FAST:
         if K == 2:
-            y = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 1), (jj & 1) != 0, BD)
+            y = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 1), (jj & 1) != 0, JS)
         elif K == 4:
             up = (jj & 2) != 0
-            w0 = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 2), up, 2 * BD)
-            w1 = _xhalf(_xpick(acc, offs_acc, 1), _xpick(acc, offs_acc, 3), up, 2 * BD)
-            y = _xhalf(w0, w1, (jj & 1) != 0, BD)
+            w0 = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 2), up, 2 * JS)
+            w1 = _xhalf(_xpick(acc, offs_acc, 1), _xpick(acc, offs_acc, 3), up, 2 * JS)
+            y = _xhalf(w0, w1, (jj & 1) != 0, JS)
         else:
             up = (jj & 4) != 0
-            w0 = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 4), up, 4 * BD)
-            w1 = _xhalf(_xpick(acc, offs_acc, 1), _xpick(acc, offs_acc, 5), up, 4 * BD)
-            w2 = _xhalf(_xpick(acc, offs_acc, 2), _xpick(acc, offs_acc, 6), up, 4 * BD)
-            w3 = _xhalf(_xpick(acc, offs_acc, 3), _xpick(acc, offs_acc, 7), up, 4 * BD)
+            w0 = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 4), up, 4 * JS)
+            w1 = _xhalf(_xpick(acc, offs_acc, 1), _xpick(acc, offs_acc, 5), up, 4 * JS)
+            w2 = _xhalf(_xpick(acc, offs_acc, 2), _xpick(acc, offs_acc, 6), up, 4 * JS)
+            w3 = _xhalf(_xpick(acc, offs_acc, 3), _xpick(acc, offs_acc, 7), up, 4 * JS)
             up = (jj & 2) != 0
-            v0 = _xhalf(w0, w2, up, 2 * BD)
-            v1 = _xhalf(w1, w3, up, 2 * BD)
-            y = _xhalf(v0, v1, (jj & 1) != 0, BD)
+            v0 = _xhalf(w0, w2, up, 2 * JS)
+            v1 = _xhalf(w1, w3, up, 2 * JS)
+            y = _xhalf(v0, v1, (jj & 1) != 0, JS)
         return y
     else:
         return tl.sum(acc, axis=1)
@@ -302,7 +303,7 @@ def _coupled_seq_fwd_kernel(
     M: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, LPC: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
     SAVE_EVERY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, FAST: tl.constexpr, PREFETCH_BC: tl.constexpr,
-    BC_AHEAD: tl.constexpr, XLANE: tl.constexpr,
+    BC_AHEAD: tl.constexpr, XLANE: tl.constexpr, JS: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -311,9 +312,11 @@ def _coupled_seq_fwd_kernel(
     NI: tl.constexpr = N_PAD // LPC
     offs_n = tl.arange(0, NI)[:, None] + tl.arange(0, LPC)[None, :] * NI  # (NI, LPC)
     offs_k = tl.arange(0, K)
-    # XLANE (K = LPC, K * BD = 32): (K, BD) tiles hold one element per lane, row j of channel d in lane j * BD + d,
-    # which is where the state tile keeps the channel's j-th lane: rows are broadcast by one shuffle per step and the
-    # readout's lane sum is done once per chunk (``_xrow``, ``_xscatter``)
+    # XLANE (K = LPC, K * BD = 32): (K, BD) tiles hold one element per lane, where the state tile keeps the channel's
+    # j-th lane: rows are broadcast by one shuffle per step and the readout's lane sum is done once per chunk
+    # (``_xrow``, ``_xscatter``). JS: the lane stride of the rows: the layout Triton picks from the memory order
+    # (channels contiguous: lane j * BD + d, JS = BD; steps contiguous: lane j + K * d, JS = 1; checked by the GPU
+    # tests and bench_gpu_coupled_sass.py)
     offs_acc = tl.arange(0, K)[:, None, None]
     jj = tl.arange(0, K)[:, None]
     mask_d = offs_d < dim
@@ -440,23 +443,23 @@ def _coupled_seq_fwd_kernel(
                 Bv0, Cv0, Bv1, Cv1, Bv2, Cv2, Bv3, Cv3 = _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, off_bc,
                                                                          mask_n, EVEN_N, M)
             if XLANE:
-                h0, pk = _xstep(H, A20, _xrow(dt0, offs_k, k, BD, FAST), _xrow(dtu0, offs_k, k, BD, FAST), lc, Bv0,
-                                Cv0, FAST)
+                dtk, dtuk = _xrow(dt0, offs_k, k, K, JS, FAST), _xrow(dtu0, offs_k, k, K, JS, FAST)
+                h0, pk = _xstep(H, A20, dtk, dtuk, lc, Bv0, Cv0, FAST)
                 acc0 = tl.where(offs_acc == k, pk[None, :, :], acc0)
                 H_new = h0
                 if M > 1:
-                    h1, pk = _xstep(H, A21, _xrow(dt1, offs_k, k, BD, FAST), _xrow(dtu1, offs_k, k, BD, FAST), lc,
-                                    Bv1, Cv1, FAST)
+                    dtk, dtuk = _xrow(dt1, offs_k, k, K, JS, FAST), _xrow(dtu1, offs_k, k, K, JS, FAST)
+                    h1, pk = _xstep(H, A21, dtk, dtuk, lc, Bv1, Cv1, FAST)
                     acc1 = tl.where(offs_acc == k, pk[None, :, :], acc1)
                     H_new += h1
                 if M > 2:
-                    h2, pk = _xstep(H, A22, _xrow(dt2, offs_k, k, BD, FAST), _xrow(dtu2, offs_k, k, BD, FAST), lc,
-                                    Bv2, Cv2, FAST)
+                    dtk, dtuk = _xrow(dt2, offs_k, k, K, JS, FAST), _xrow(dtu2, offs_k, k, K, JS, FAST)
+                    h2, pk = _xstep(H, A22, dtk, dtuk, lc, Bv2, Cv2, FAST)
                     acc2 = tl.where(offs_acc == k, pk[None, :, :], acc2)
                     H_new += h2
                 if M > 3:
-                    h3, pk = _xstep(H, A23, _xrow(dt3, offs_k, k, BD, FAST), _xrow(dtu3, offs_k, k, BD, FAST), lc,
-                                    Bv3, Cv3, FAST)
+                    dtk, dtuk = _xrow(dt3, offs_k, k, K, JS, FAST), _xrow(dtu3, offs_k, k, K, JS, FAST)
+                    h3, pk = _xstep(H, A23, dtk, dtuk, lc, Bv3, Cv3, FAST)
                     acc3 = tl.where(offs_acc == k, pk[None, :, :], acc3)
                     H_new += h3
             else:
@@ -478,13 +481,13 @@ def _coupled_seq_fwd_kernel(
             H = H_new
 
         if XLANE:
-            y0 = _xscatter(acc0, offs_acc, jj, K, BD, FAST)
+            y0 = _xscatter(acc0, offs_acc, jj, K, JS, FAST)
             if M > 1:
-                y1 = _xscatter(acc1, offs_acc, jj, K, BD, FAST)
+                y1 = _xscatter(acc1, offs_acc, jj, K, JS, FAST)
             if M > 2:
-                y2 = _xscatter(acc2, offs_acc, jj, K, BD, FAST)
+                y2 = _xscatter(acc2, offs_acc, jj, K, JS, FAST)
             if M > 3:
-                y3 = _xscatter(acc3, offs_acc, jj, K, BD, FAST)
+                y3 = _xscatter(acc3, offs_acc, jj, K, JS, FAST)
         off_o = row_o + t[:, None] * stride_o_l
         _finish(y0, cu0, cz0, Dv0, inv_scale, O0, off_o, mask, HAS_D, HAS_Z, FAST)
         if M > 1:
@@ -511,27 +514,49 @@ def _is_lmajor(t):
 
 
 def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
-    """(block_d, num_warps, K, prefetch_bc, bc_ahead) for a launch. One warp per program, ``block_d`` channels per
-    warp: each channel's N_PAD states are split over 32 / block_d lanes, ``SEQ_STATES_PER_LANE`` states per lane
-    (N 16: (batch, dim, L) memory 2 lanes, 16 channels per warp; time-major memory 4 lanes, 8 channels per warp).
-    K: steps per chunk. B / C rows prefetched into L1 a chunk ahead and loaded into registers a step ahead.
-    Chosen from GPU timings (H200, ``benchmarks/bench_gpu_coupled_seq_variants.py``, results/gpu_kernels_notes.md):
-    at (8, 3, 1024, 4096, 16) bf16 the (batch, dim, L) layout takes 1.98 ms with (16, 1, 4, prefetch, ahead) against
-    4.53 ms without the B / C changes and 2.50 ms with (8, 1, 4, ...); time-major memory 1.92 ms with
-    (8, 1, 4, prefetch, ahead) against 2.84 ms with (16, 1, 2, ...); the fusion benchmark's (32, 3, 512, 500, 16)
-    time-major scan 0.334 ms against 0.622 ms before. With 4 chains the rows held a step ahead would spill (sm_90:
-    64 / 32 bytes), so they are loaded at their step there."""
-    layout = "lmajor" if lmajor else "tmajor"
+    """(block_d, num_warps, K, prefetch_bc, bc_ahead, xlane, maxnreg) for a launch. One warp per program, ``block_d``
+    channels per warp, each channel's N_PAD states split over 32 / block_d lanes, K = lanes per channel steps per
+    chunk with the XLANE scheme (rows by shuffles, the readout reduce-scattered per chunk); B / C rows prefetched
+    into L1 a chunk ahead and loaded into registers a step ahead; registers capped at 128 (N <= 16, >= 4 lanes per
+    channel: no spills), so that 16 warps fit an SM. Lanes per channel: the most (8, 4, 2) whose warps (batch * dim * lanes / 32) still fit one wave of
+    16 warps per SM: a lone warp per scheduler is latency-bound, so more lanes pay for their duplicated per-channel
+    work until a second wave starts. Without one wave even at 2 lanes: the previous defaults, (16, 1, 4) for
+    (batch, dim, L) memory, (8, 1, 4) time-major.
+    GPU timings (H200, ``benchmarks/bench_gpu_coupled_xlane.py``, results/gpu_kernels_notes.md, fourth round): see
+    the notes' table; the previous round's defaults are the first row of each case there."""
     n_pad = next_pow2(state_size)
-    lanes = min(n_pad, max(2, n_pad // SEQ_STATES_PER_LANE[layout]))
-    block_d = 32 // lanes
-    k = SEQ_K[layout]
+    k_cap = max(1, next_pow2(length))
     prefetch_bc, bc_ahead = SEQ_BC_DEFAULT
-    return block_d, 1, max(1, min(k, next_pow2(length))), prefetch_bc, bc_ahead and chains <= 3
+    bc_ahead = bc_ahead and chains <= 3
+    maxnreg = SEQ_MAXNREG if n_pad <= 16 else 0
+    one_wave = _sm_count() * SEQ_WARPS_PER_SM
+    for lanes in SEQ_XLANE_LANES:
+        block_d = 32 // lanes
+        if lanes <= n_pad and lanes <= k_cap and triton.cdiv(dim, block_d) * batch <= one_wave:
+            return block_d, 1, lanes, prefetch_bc, bc_ahead, True, maxnreg if lanes >= 4 else 0
+    layout = "lmajor" if lmajor else "tmajor"
+    lanes = min(n_pad, max(2, n_pad // SEQ_STATES_PER_LANE[layout]))
+    k = max(1, min(SEQ_K[layout], k_cap))
+    return 32 // lanes, 1, k, prefetch_bc, bc_ahead, SEQ_XLANE_DEFAULT, maxnreg if k == lanes >= 4 else 0
+
+
+_SM_COUNT = {}
+
+
+def _sm_count():
+    if not torch.cuda.is_available():
+        return 132
+    device = torch.cuda.current_device()
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
 
 
 SEQ_K = {"lmajor": 4, "tmajor": 4}
 SEQ_STATES_PER_LANE = {"lmajor": 8, "tmajor": 4}
+SEQ_XLANE_LANES = (8, 4, 2)  # lanes per channel tried by default_config, most first
+SEQ_WARPS_PER_SM = 16  # at <= 128 registers
+SEQ_MAXNREG = 128
 # (prefetch_bc, bc_ahead) of a 3-tuple config: how the per-step B / C rows reach the registers (see the kernel)
 SEQ_BC_DEFAULT = (True, True)
 # the cross-lane scheme of a config where it applies (``xlane_applies``): rows by indexed shuffles, readout
@@ -616,6 +641,13 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         raise ValueError(f"coupled_scan_fwd_seq: config {(block_d, num_warps, k)} splits a channel's {n_pad} states "
                          "unevenly (block_d < 32 needs num_warps 1 and 32 / block_d <= N)")
     xlane = bool(xlane) and xlane_applies(block_d, num_warps, k)
+    # the rows' lane stride follows the memory order, which must then be one for every activation tensor
+    all_t = list(us) + list(deltas) + list(zs or []) + outs
+    by_l = all(t.stride(-1) == 1 for t in all_t)
+    by_d = all(t.stride(-2) == 1 for t in all_t)
+    if by_l == by_d:
+        xlane = False
+    js = 1 if by_l else block_d
     scale = 1.0 / chains if coupling == "mean" else 1.0
     if save_every:
         n_slots = triton.cdiv(length, save_every) + 1
@@ -642,7 +674,7 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         M=chains, N=state_size, N_PAD=n_pad, LPC=lanes, BD=block_d, K=k, SAVE_EVERY=int(save_every),
         HAS_D=D is not None, HAS_Z=zs is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, FAST=not interpret_mode(),
-        PREFETCH_BC=bool(prefetch_bc) and not interpret_mode(), BC_AHEAD=bool(bc_ahead), XLANE=xlane,
+        PREFETCH_BC=bool(prefetch_bc) and not interpret_mode(), BC_AHEAD=bool(bc_ahead), XLANE=xlane, JS=js,
         num_warps=num_warps, **options,
     )
     final = states[:, :, n_slots - 1] if save_every else states
