@@ -31,14 +31,23 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from multimodal_mamba.kernels.coupled_scan import sequential  # noqa: E402
+try:
+    from multimodal_mamba.kernels.coupled_scan import sequential  # noqa: E402
+except ImportError:  # an environment with Triton and torch only (e.g. a venv of the device's Triton version)
+    import types
+
+    for _name in ("multimodal_mamba", "multimodal_mamba.kernels"):
+        _pkg = types.ModuleType(_name)
+        _pkg.__path__ = [str(REPO_ROOT / _name.replace(".", "/"))]
+        sys.modules[_name] = _pkg
+    from multimodal_mamba.kernels.coupled_scan import sequential  # noqa: E402
 
 NVBIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 UNSPECIALIZED = ("length", "n_slots", "stride_A_n", "stride_A_d")
 
 
 def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16", bc="fp32", save_every=0,
-                   prefetch_bc=False, bc_ahead=False):
+                   prefetch_bc=False, bc_ahead=False, maxnreg=None, xlane=False):
     fn = sequential._coupled_seq_fwd_kernel
     sig, const = {}, {}
     for p in fn.arg_names:
@@ -56,7 +65,9 @@ def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16"
             sig[p] = "i32"
     const.update(M=chains, N=state, N_PAD=triton.next_power_of_2(state), LPC=max(1, 32 * num_warps // block_d),
                  BD=block_d, K=k, SAVE_EVERY=save_every, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
-                 HAS_H0=False, FAST=True, PREFETCH_BC=prefetch_bc, BC_AHEAD=bc_ahead)
+                 HAS_H0=False, FAST=True, PREFETCH_BC=prefetch_bc, BC_AHEAD=bc_ahead,
+                 XLANE=bool(xlane) and sequential.xlane_applies(block_d, num_warps, k),
+                 JS=1 if lmajor else block_d)
     ones = ["stride_bc_n"] + ([f"stride_{t}_l" for t in ("u", "dl", "z", "o")] if lmajor else
                               [f"stride_{t}_d" for t in ("u", "dl", "z", "o")])
     for p in ones:
@@ -64,7 +75,7 @@ def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16"
     divisible = [i for i, p in enumerate(fn.arg_names)
                  if sig[p].startswith("*") or (sig[p] == "i32" and p not in UNSPECIALIZED)]
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def loops(sass):
@@ -102,8 +113,10 @@ def loop_mix(sass):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["16,1,4", "16,1,2", "8,1,4", "32,1,1", "16,1,1"],
-                        help="block_d,num_warps,K[,prefetch_bc,bc_ahead] (0/1)")
+                        help="block_d,num_warps,K[,prefetch_bc,bc_ahead[,xlane]] (0/1)")
     parser.add_argument("--layout", choices=["lmajor", "tmajor"], nargs="+", default=["lmajor", "tmajor"])
+    parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ptxas .maxnreg)")
+    parser.add_argument("--dump", default=None, help="write each config's main-loop SASS to DUMP_<config>.sass")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, target sm_90; M 3, N 16, bf16 activations, float32 B / C", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,9 +124,10 @@ def main():
             for text in args.configs:
                 values = [int(v) for v in text.split(",")]
                 block_d, num_warps, k = values[:3]
-                prefetch_bc, bc_ahead = (bool(v) for v in (values[3:5] if len(values) == 5 else (0, 0)))
+                prefetch_bc, bc_ahead = (bool(v) for v in (values[3:5] if len(values) >= 5 else (0, 0)))
+                xlane = len(values) == 6 and bool(values[5])
                 compiled = compile_config(block_d, num_warps, k, layout == "lmajor", prefetch_bc=prefetch_bc,
-                                          bc_ahead=bc_ahead)
+                                          bc_ahead=bc_ahead, maxnreg=args.maxnreg, xlane=xlane)
                 cubin = Path(tmp) / "k.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
                 usage = subprocess.run([f"{NVBIN}/cuobjdump", "-res-usage", str(cubin)], capture_output=True,
@@ -123,6 +137,10 @@ def main():
                 regs = re.search(r"REG:(\d+)", usage).group(1)
                 spill = re.search(r"STACK:(\d+)", usage).group(1)
                 mix = loop_mix(sass)
+                if args.dump:
+                    found = loops(sass)
+                    body = max(found, key=lambda loop: loop[1] - loop[0])[2] if found else []
+                    Path(f"{args.dump}_{layout}_{'_'.join(map(str, values))}.sass").write_text("\n".join(body))
                 total = sum(mix.values())
                 lanes = max(1, 32 * num_warps // block_d)
                 mufu = sum(v for key, v in mix.items() if key.startswith("MUFU"))

@@ -497,7 +497,10 @@ SEQ_CONFIGS = [(16, 1, 4), (16, 1, 1), (16, 1, 2), (16, 1, 8), (8, 1, 4), (8, 1,
                (32, 1, 4), (64, 2, 1), (64, 2, 2), (4, 1, 2), (4, 1, 4),
                # (block_d, num_warps, K, prefetch_bc, bc_ahead): how B / C reach the registers (the defaults use both)
                (16, 1, 4, False, False), (16, 1, 4, True, False), (16, 1, 4, False, True), (8, 1, 4, True, True),
-               (4, 1, 4, True, True), (16, 1, 8, True, True)]
+               (4, 1, 4, True, True), (16, 1, 8, True, True),
+               # (..., xlane): K = lanes per channel, rows broadcast by shuffles (on by default where it applies)
+               (8, 1, 4, True, True, False), (4, 1, 8, True, True, True), (16, 1, 2, True, True, True),
+               (4, 1, 8, True, True, True, 128)]
 
 
 @pytest.mark.gpu
@@ -1207,6 +1210,12 @@ def test_interpreter_coupled_sequential_forward(interpreted):
         (2, 3, 8, 24, 16, False, (16, 1, 4, True, True), "mean", 8, True, True, True, True),
         (1, 3, 12, 16, 16, True, (8, 1, 4, True, True), "sum", 8, True, True, True, False),
         (1, 2, 6, 8, 4, False, (8, 1, 8), "mean", 0, False, True, False, True),
+        # XLANE (K = lanes per channel: rows by shuffles, the readout reduce-scattered once per chunk; under the
+        # interpreter its plain-sum emulation) and the same configs without it
+        (2, 3, 12, 21, 16, True, (4, 1, 8, True, True, True), "mean", 8, True, True, True, True),
+        (1, 4, 8, 19, 8, False, (4, 1, 8, True, False, True), "sum", 0, True, True, True, False),
+        (2, 3, 8, 13, 16, True, (8, 1, 4, True, True, False), "mean", 4, True, True, True, True),
+        (1, 2, 20, 9, 5, False, (16, 1, 2, False, True, True), "mean", 4, True, False, True, True),
     ]
     for batch, chains, dim, length, state, time_major, config, coupling, save, with_z, with_d, with_bias, with_h0 in cases:
         inputs = coupled_inputs(batch, chains, dim, length, state, torch.float32, time_major, with_z, with_h0,

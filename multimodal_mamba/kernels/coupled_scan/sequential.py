@@ -99,11 +99,19 @@ def _row(tile, offs_k, k):
 
 
 @triton.jit
-def _load_raw(U, DL, Z, off_u, off_dl, off_z, mask, HAS_Z: tl.constexpr):
-    ru = tl.load(U + off_u, mask=mask, other=0.0)
-    rd = tl.load(DL + off_dl, mask=mask, other=0.0)
+def _load_one(P, off, mask, XLANE: tl.constexpr):
+    if XLANE:  # loaded as (1, K, BD): the layout of a slice of the (NI, LPC, BD) state tile (see _xrow)
+        return tl.sum(tl.load(P + off[None, :, :], mask=mask[None, :, :], other=0.0).to(tl.float32), axis=0)
+    else:
+        return tl.load(P + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_raw(U, DL, Z, off_u, off_dl, off_z, mask, HAS_Z: tl.constexpr, XLANE: tl.constexpr = False):
+    ru = _load_one(U, off_u, mask, XLANE)
+    rd = _load_one(DL, off_dl, mask, XLANE)
     if HAS_Z:
-        rz = tl.load(Z + off_z, mask=mask, other=0.0)
+        rz = _load_one(Z, off_z, mask, XLANE)
     else:
         rz = ru
     return ru, rd, rz
@@ -155,6 +163,81 @@ def _step(H, A2, dt_k, dtu_k, lc, Bv, Cv, FAST: tl.constexpr):
     a = mufu_ex2(dt_k[None, None, :] * A2 + lc, FAST)
     h = a * H + dtu_k[None, None, :] * Bv[:, :, None]
     return h, tl.sum(tl.sum(h * Cv[:, :, None], axis=0), axis=0)
+
+
+@triton.jit
+def _shfl_idx(x, SRC: tl.constexpr, SEG: tl.constexpr):
+    """Lane (lane & SEG) | SRC's value of x (one element per lane)."""
+    return tl.inline_asm_elementwise(f"shfl.sync.idx.b32 $0, $1, {SRC}, {(SEG << 8) | 31}, -1;", "=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _shfl_bfly(x, MASK: tl.constexpr):
+    return tl.inline_asm_elementwise(f"shfl.sync.bfly.b32 $0, $1, {MASK}, 31, -1;", "=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _xrow(tile, offs_k, k: tl.constexpr, K: tl.constexpr, JS: tl.constexpr, FAST: tl.constexpr):
+    """Row k of a (K, BD) tile with one element per lane (K = LPC; row j of channel d in lane j * JS + d * (K if
+    JS == 1 else 1)), broadcast over the rows: every lane of channel d gets tile[k, d], one indexed shuffle
+    (``_row``'s masked sum over lanes costs two butterfly shuffles, two adds and a select). The result, read as an
+    (LPC, BD) tile, has the layout of a slice of the state tile, so it broadcasts against it without conversion."""
+    if FAST:
+        return _shfl_idx(tile, k * JS, 31 ^ ((K - 1) * JS))
+    else:
+        return tl.broadcast_to(_row(tile, offs_k, k)[None, :], tile.shape)
+
+
+@triton.jit
+def _xstep(H, A2, dt_k, dtu_k, lc, Bv, Cv, FAST: tl.constexpr):
+    """``_step`` with dt / dt u given as (LPC, BD) tiles (``_xrow``) and the readout left as this lane's partial sum
+    (LPC, BD): the sum over a channel's lanes is done once per chunk (``_xscatter``), not per step."""
+    a = mufu_ex2(dt_k[None, :, :] * A2 + lc, FAST)
+    h = a * H + dtu_k[None, :, :] * Bv[:, :, None]
+    return h, tl.sum(h * Cv[:, :, None], axis=0)
+
+
+@triton.jit
+def _xpick(acc, offs_acc, k: tl.constexpr):
+    """Step k's (LPC, BD) partials of a (K, LPC, BD) accumulator (K in-thread: a register pick)."""
+    return tl.sum(tl.where(offs_acc == k, acc, 0.0), axis=0)
+
+
+@triton.jit
+def _xhalf(lo, hi, upper, MASK: tl.constexpr):
+    """One butterfly round of a reduce-scatter: lanes whose row bit is set keep ``hi`` and send ``lo``."""
+    keep = tl.where(upper, hi, lo)
+    return keep + _shfl_bfly(tl.where(upper, lo, hi), MASK)
+
+
+@triton.jit
+def _xscatter(acc, offs_acc, jj, K: tl.constexpr, JS: tl.constexpr, FAST: tl.constexpr):
+    """y[k, d] = sum over the channel's lanes j of acc[k, j, d], returned as a (K, BD) tile whose lane (j, d) holds
+    y[j, d]: a butterfly reduce-scatter, K - 1 shuffles per chunk instead of log2(K) per step (JS: the lanes' row
+    stride, see _xrow)."""
+    if FAST:
+        if K == 2:
+            y = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 1), (jj & 1) != 0, JS)
+        elif K == 4:
+            up = (jj & 2) != 0
+            w0 = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 2), up, 2 * JS)
+            w1 = _xhalf(_xpick(acc, offs_acc, 1), _xpick(acc, offs_acc, 3), up, 2 * JS)
+            y = _xhalf(w0, w1, (jj & 1) != 0, JS)
+        else:
+            up = (jj & 4) != 0
+            w0 = _xhalf(_xpick(acc, offs_acc, 0), _xpick(acc, offs_acc, 4), up, 4 * JS)
+            w1 = _xhalf(_xpick(acc, offs_acc, 1), _xpick(acc, offs_acc, 5), up, 4 * JS)
+            w2 = _xhalf(_xpick(acc, offs_acc, 2), _xpick(acc, offs_acc, 6), up, 4 * JS)
+            w3 = _xhalf(_xpick(acc, offs_acc, 3), _xpick(acc, offs_acc, 7), up, 4 * JS)
+            up = (jj & 2) != 0
+            v0 = _xhalf(w0, w2, up, 2 * JS)
+            v1 = _xhalf(w1, w3, up, 2 * JS)
+            y = _xhalf(v0, v1, (jj & 1) != 0, JS)
+        return y
+    else:
+        return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -220,7 +303,7 @@ def _coupled_seq_fwd_kernel(
     M: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, LPC: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
     SAVE_EVERY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, FAST: tl.constexpr, PREFETCH_BC: tl.constexpr,
-    BC_AHEAD: tl.constexpr,
+    BC_AHEAD: tl.constexpr, XLANE: tl.constexpr, JS: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -229,6 +312,13 @@ def _coupled_seq_fwd_kernel(
     NI: tl.constexpr = N_PAD // LPC
     offs_n = tl.arange(0, NI)[:, None] + tl.arange(0, LPC)[None, :] * NI  # (NI, LPC)
     offs_k = tl.arange(0, K)
+    # XLANE (K = LPC, K * BD = 32): (K, BD) tiles hold one element per lane, where the state tile keeps the channel's
+    # j-th lane: rows are broadcast by one shuffle per step and the readout's lane sum is done once per chunk
+    # (``_xrow``, ``_xscatter``). JS: the lane stride of the rows: the layout Triton picks from the memory order
+    # (channels contiguous: lane j * BD + d, JS = BD; steps contiguous: lane j + K * d, JS = 1; checked by the GPU
+    # tests and bench_gpu_coupled_sass.py)
+    offs_acc = tl.arange(0, K)[:, None, None]
+    jj = tl.arange(0, K)[:, None]
     mask_d = offs_d < dim
     mask_n = offs_n < N
     EVEN_N: tl.constexpr = N == N_PAD
@@ -268,16 +358,16 @@ def _coupled_seq_fwd_kernel(
     t = offs_k
     mask = (t < length)[:, None] & mask_d[None, :]
     ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
-                              row_z + t[:, None] * stride_z_l, mask, HAS_Z)
+                              row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE)
     if M > 1:
         ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
-                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z)
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE)
     if M > 2:
         ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
-                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z)
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE)
     if M > 3:
         ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
-                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z)
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE)
 
     # B / C rows: every step reads M (N,) rows of B and of C that no earlier step touched (64-byte rows, new L1
     # sectors each step), so without help each step waits for L2 about M times over. PREFETCH_BC asks L1 for the
@@ -307,24 +397,28 @@ def _coupled_seq_fwd_kernel(
         off_nz = row_z + tn[:, None] * stride_z_l
         # this chunk's raw tiles; the next chunk's loads go out before the work
         cu0, cd0, cz0 = ru0, rd0, rz0
-        ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, off_nu, off_nd, off_nz, mask_next, HAS_Z)
+        ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE)
         dt0, dtu0 = _prep(cu0, cd0, bias0, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
         y0 = tl.zeros([K, BD], dtype=tl.float32)
+        acc0 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 1:
             cu1, cd1, cz1 = ru1, rd1, rz1
-            ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, off_nu, off_nd, off_nz, mask_next, HAS_Z)
+            ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE)
             dt1, dtu1 = _prep(cu1, cd1, bias1, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
             y1 = tl.zeros([K, BD], dtype=tl.float32)
+            acc1 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 2:
             cu2, cd2, cz2 = ru2, rd2, rz2
-            ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, off_nu, off_nd, off_nz, mask_next, HAS_Z)
+            ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE)
             dt2, dtu2 = _prep(cu2, cd2, bias2, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
             y2 = tl.zeros([K, BD], dtype=tl.float32)
+            acc2 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 3:
             cu3, cd3, cz3 = ru3, rd3, rz3
-            ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, off_nu, off_nd, off_nz, mask_next, HAS_Z)
+            ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE)
             dt3, dtu3 = _prep(cu3, cd3, bias3, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
             y3 = tl.zeros([K, BD], dtype=tl.float32)
+            acc3 = tl.zeros([K, LPC, BD], dtype=tl.float32)
 
         for k in tl.static_range(K):
             tk = chunk * K + k
@@ -348,23 +442,52 @@ def _coupled_seq_fwd_kernel(
             else:
                 Bv0, Cv0, Bv1, Cv1, Bv2, Cv2, Bv3, Cv3 = _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, off_bc,
                                                                          mask_n, EVEN_N, M)
-            h0, yk = _step(H, A20, _row(dt0, offs_k, k), _row(dtu0, offs_k, k), lc, Bv0, Cv0, FAST)
-            y0 = tl.where(offs_k[:, None] == k, yk[None, :], y0)
-            H_new = h0
-            if M > 1:
-                h1, yk = _step(H, A21, _row(dt1, offs_k, k), _row(dtu1, offs_k, k), lc, Bv1, Cv1, FAST)
-                y1 = tl.where(offs_k[:, None] == k, yk[None, :], y1)
-                H_new += h1
-            if M > 2:
-                h2, yk = _step(H, A22, _row(dt2, offs_k, k), _row(dtu2, offs_k, k), lc, Bv2, Cv2, FAST)
-                y2 = tl.where(offs_k[:, None] == k, yk[None, :], y2)
-                H_new += h2
-            if M > 3:
-                h3, yk = _step(H, A23, _row(dt3, offs_k, k), _row(dtu3, offs_k, k), lc, Bv3, Cv3, FAST)
-                y3 = tl.where(offs_k[:, None] == k, yk[None, :], y3)
-                H_new += h3
+            if XLANE:
+                dtk, dtuk = _xrow(dt0, offs_k, k, K, JS, FAST), _xrow(dtu0, offs_k, k, K, JS, FAST)
+                h0, pk = _xstep(H, A20, dtk, dtuk, lc, Bv0, Cv0, FAST)
+                acc0 = tl.where(offs_acc == k, pk[None, :, :], acc0)
+                H_new = h0
+                if M > 1:
+                    dtk, dtuk = _xrow(dt1, offs_k, k, K, JS, FAST), _xrow(dtu1, offs_k, k, K, JS, FAST)
+                    h1, pk = _xstep(H, A21, dtk, dtuk, lc, Bv1, Cv1, FAST)
+                    acc1 = tl.where(offs_acc == k, pk[None, :, :], acc1)
+                    H_new += h1
+                if M > 2:
+                    dtk, dtuk = _xrow(dt2, offs_k, k, K, JS, FAST), _xrow(dtu2, offs_k, k, K, JS, FAST)
+                    h2, pk = _xstep(H, A22, dtk, dtuk, lc, Bv2, Cv2, FAST)
+                    acc2 = tl.where(offs_acc == k, pk[None, :, :], acc2)
+                    H_new += h2
+                if M > 3:
+                    dtk, dtuk = _xrow(dt3, offs_k, k, K, JS, FAST), _xrow(dtu3, offs_k, k, K, JS, FAST)
+                    h3, pk = _xstep(H, A23, dtk, dtuk, lc, Bv3, Cv3, FAST)
+                    acc3 = tl.where(offs_acc == k, pk[None, :, :], acc3)
+                    H_new += h3
+            else:
+                h0, yk = _step(H, A20, _row(dt0, offs_k, k), _row(dtu0, offs_k, k), lc, Bv0, Cv0, FAST)
+                y0 = tl.where(offs_k[:, None] == k, yk[None, :], y0)
+                H_new = h0
+                if M > 1:
+                    h1, yk = _step(H, A21, _row(dt1, offs_k, k), _row(dtu1, offs_k, k), lc, Bv1, Cv1, FAST)
+                    y1 = tl.where(offs_k[:, None] == k, yk[None, :], y1)
+                    H_new += h1
+                if M > 2:
+                    h2, yk = _step(H, A22, _row(dt2, offs_k, k), _row(dtu2, offs_k, k), lc, Bv2, Cv2, FAST)
+                    y2 = tl.where(offs_k[:, None] == k, yk[None, :], y2)
+                    H_new += h2
+                if M > 3:
+                    h3, yk = _step(H, A23, _row(dt3, offs_k, k), _row(dtu3, offs_k, k), lc, Bv3, Cv3, FAST)
+                    y3 = tl.where(offs_k[:, None] == k, yk[None, :], y3)
+                    H_new += h3
             H = H_new
 
+        if XLANE:
+            y0 = _xscatter(acc0, offs_acc, jj, K, JS, FAST)
+            if M > 1:
+                y1 = _xscatter(acc1, offs_acc, jj, K, JS, FAST)
+            if M > 2:
+                y2 = _xscatter(acc2, offs_acc, jj, K, JS, FAST)
+            if M > 3:
+                y3 = _xscatter(acc3, offs_acc, jj, K, JS, FAST)
         off_o = row_o + t[:, None] * stride_o_l
         _finish(y0, cu0, cz0, Dv0, inv_scale, O0, off_o, mask, HAS_D, HAS_Z, FAST)
         if M > 1:
@@ -391,29 +514,61 @@ def _is_lmajor(t):
 
 
 def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
-    """(block_d, num_warps, K, prefetch_bc, bc_ahead) for a launch. One warp per program, ``block_d`` channels per
-    warp: each channel's N_PAD states are split over 32 / block_d lanes, ``SEQ_STATES_PER_LANE`` states per lane
-    (N 16: (batch, dim, L) memory 2 lanes, 16 channels per warp; time-major memory 4 lanes, 8 channels per warp).
-    K: steps per chunk. B / C rows prefetched into L1 a chunk ahead and loaded into registers a step ahead.
-    Chosen from GPU timings (H200, ``benchmarks/bench_gpu_coupled_seq_variants.py``, results/gpu_kernels_notes.md):
-    at (8, 3, 1024, 4096, 16) bf16 the (batch, dim, L) layout takes 1.98 ms with (16, 1, 4, prefetch, ahead) against
-    4.53 ms without the B / C changes and 2.50 ms with (8, 1, 4, ...); time-major memory 1.92 ms with
-    (8, 1, 4, prefetch, ahead) against 2.84 ms with (16, 1, 2, ...); the fusion benchmark's (32, 3, 512, 500, 16)
-    time-major scan 0.334 ms against 0.622 ms before. With 4 chains the rows held a step ahead would spill (sm_90:
-    64 / 32 bytes), so they are loaded at their step there."""
-    layout = "lmajor" if lmajor else "tmajor"
+    """(block_d, num_warps, K, prefetch_bc, bc_ahead, xlane, maxnreg) for a launch. One warp per program, ``block_d``
+    channels per warp, each channel's N_PAD states split over 32 / block_d lanes, K = lanes per channel steps per
+    chunk with the XLANE scheme (rows by shuffles, the readout reduce-scattered per chunk); B / C rows prefetched
+    into L1 a chunk ahead and loaded into registers a step ahead; registers capped at 128 (N <= 16, >= 4 lanes per
+    channel: no spills), so that 16 warps fit an SM. Lanes per channel: the most (8, 4, 2) whose warps (batch * dim * lanes / 32) still fit one wave of
+    16 warps per SM: a lone warp per scheduler is latency-bound, so more lanes pay for their duplicated per-channel
+    work until a second wave starts. Without one wave even at 2 lanes: the previous defaults, (16, 1, 4) for
+    (batch, dim, L) memory, (8, 1, 4) time-major.
+    GPU timings (H200, ``benchmarks/bench_gpu_coupled_xlane.py``, results/gpu_kernels_notes.md, fourth round): see
+    the notes' table; the previous round's defaults are the first row of each case there."""
     n_pad = next_pow2(state_size)
-    lanes = min(n_pad, max(2, n_pad // SEQ_STATES_PER_LANE[layout]))
-    block_d = 32 // lanes
-    k = SEQ_K[layout]
+    k_cap = max(1, next_pow2(length))
     prefetch_bc, bc_ahead = SEQ_BC_DEFAULT
-    return block_d, 1, max(1, min(k, next_pow2(length))), prefetch_bc, bc_ahead and chains <= 3
+    bc_ahead = bc_ahead and chains <= 3
+    maxnreg = SEQ_MAXNREG if n_pad <= 16 else 0
+    one_wave = _sm_count() * SEQ_WARPS_PER_SM
+    for lanes in SEQ_XLANE_LANES:
+        block_d = 32 // lanes
+        if lanes <= n_pad and lanes <= k_cap and triton.cdiv(dim, block_d) * batch <= one_wave:
+            return block_d, 1, lanes, prefetch_bc, bc_ahead, True, maxnreg if lanes >= 4 else 0
+    layout = "lmajor" if lmajor else "tmajor"
+    lanes = min(n_pad, max(2, n_pad // SEQ_STATES_PER_LANE[layout]))
+    k = max(1, min(SEQ_K[layout], k_cap))
+    return 32 // lanes, 1, k, prefetch_bc, bc_ahead, SEQ_XLANE_DEFAULT, maxnreg if k == lanes >= 4 else 0
+
+
+_SM_COUNT = {}
+
+
+def _sm_count():
+    if not torch.cuda.is_available():
+        return 132
+    device = torch.cuda.current_device()
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
 
 
 SEQ_K = {"lmajor": 4, "tmajor": 4}
 SEQ_STATES_PER_LANE = {"lmajor": 8, "tmajor": 4}
+SEQ_XLANE_LANES = (8, 4, 2)  # lanes per channel tried by default_config, most first
+SEQ_WARPS_PER_SM = 16  # at <= 128 registers
+SEQ_MAXNREG = 128
 # (prefetch_bc, bc_ahead) of a 3-tuple config: how the per-step B / C rows reach the registers (see the kernel)
 SEQ_BC_DEFAULT = (True, True)
+# the cross-lane scheme of a config where it applies (``xlane_applies``): rows by indexed shuffles, readout
+# reduce-scattered once per chunk
+SEQ_XLANE_DEFAULT = True
+
+
+def xlane_applies(block_d, num_warps, k):
+    """Whether the XLANE scheme fits a config: one warp, K = lanes per channel (2, 4 or 8), so that (K, block_d)
+    tiles are one element per lane."""
+    lanes = 32 // block_d if num_warps == 1 and 32 % block_d == 0 else 0
+    return num_warps == 1 and lanes in (2, 4, 8) and k == lanes
 
 
 def prepare_bc(Bs, Cs):
@@ -470,10 +625,14 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
     config = tuple(config or default_config(batch, dim, length, state_size, _is_lmajor(u0), u0.dtype, chains))
     if len(config) == 3:
         config = config + SEQ_BC_DEFAULT
-    if len(config) != 5:
+    if len(config) == 5:
+        config = config + (SEQ_XLANE_DEFAULT,)
+    if len(config) == 6:
+        config = config + (0,)
+    if len(config) != 7:
         raise ValueError(f"coupled_scan_fwd_seq: config must be (block_d, num_warps, K) or (block_d, num_warps, K, "
-                         f"prefetch_bc, bc_ahead), got {config}")
-    block_d, num_warps, k, prefetch_bc, bc_ahead = config
+                         f"prefetch_bc, bc_ahead[, xlane[, maxnreg]]), got {config}")
+    block_d, num_warps, k, prefetch_bc, bc_ahead, xlane, maxnreg = config
     if save_every and save_every % k:
         raise ValueError(f"coupled_scan_fwd_seq: save_every ({save_every}) must be a multiple of K ({k})")
     n_pad = next_pow2(state_size)
@@ -481,6 +640,14 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
     if lanes > 1 and (num_warps != 1 or 32 % block_d or lanes > n_pad):
         raise ValueError(f"coupled_scan_fwd_seq: config {(block_d, num_warps, k)} splits a channel's {n_pad} states "
                          "unevenly (block_d < 32 needs num_warps 1 and 32 / block_d <= N)")
+    xlane = bool(xlane) and xlane_applies(block_d, num_warps, k)
+    # the rows' lane stride follows the memory order, which must then be one for every activation tensor
+    all_t = list(us) + list(deltas) + list(zs or []) + outs
+    by_l = all(t.stride(-1) == 1 for t in all_t)
+    by_d = all(t.stride(-2) == 1 for t in all_t)
+    if by_l == by_d:
+        xlane = False
+    js = 1 if by_l else block_d
     scale = 1.0 / chains if coupling == "mean" else 1.0
     if save_every:
         n_slots = triton.cdiv(length, save_every) + 1
@@ -497,6 +664,7 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         return list(ts) + [ts[0]] * (MAX_CHAINS - len(ts))
 
     grid = (triton.cdiv(dim, block_d), batch)
+    options = {"maxnreg": int(maxnreg)} if maxnreg and not interpret_mode() else {}
     _coupled_seq_fwd_kernel[grid](
         *pad4(us), *pad4(deltas), *pad4(zz), *pad4(outs), *pad4(Bs), *pad4(Cs),
         A, Dp, bias, h0, states,
@@ -506,7 +674,8 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         M=chains, N=state_size, N_PAD=n_pad, LPC=lanes, BD=block_d, K=k, SAVE_EVERY=int(save_every),
         HAS_D=D is not None, HAS_Z=zs is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, FAST=not interpret_mode(),
-        PREFETCH_BC=bool(prefetch_bc) and not interpret_mode(), BC_AHEAD=bool(bc_ahead), num_warps=num_warps,
+        PREFETCH_BC=bool(prefetch_bc) and not interpret_mode(), BC_AHEAD=bool(bc_ahead), XLANE=xlane, JS=js,
+        num_warps=num_warps, **options,
     )
     final = states[:, :, n_slots - 1] if save_every else states
     return out_full, final, (states if save_every else None)
