@@ -518,9 +518,10 @@ def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
     channels per warp, each channel's N_PAD states split over 32 / block_d lanes, K = lanes per channel steps per
     chunk with the XLANE scheme (rows by shuffles, the readout reduce-scattered per chunk); B / C rows prefetched
     into L1 a chunk ahead and loaded into registers a step ahead; registers capped at 128 (N <= 16, >= 4 lanes per
-    channel: no spills), so that 16 warps fit an SM. Lanes per channel: the most (8, 4, 2) whose warps (batch * dim * lanes / 32) still fit one wave of
-    16 warps per SM: a lone warp per scheduler is latency-bound, so more lanes pay for their duplicated per-channel
-    work until a second wave starts. Without one wave even at 2 lanes: the previous defaults, (16, 1, 4) for
+    channel: no spills), so that 16 warps fit an SM. Lanes per channel: the most (8, 4, 2) whose warps
+    (batch * dim * lanes / 32) still fit one wave of 16 warps per SM: a lone warp per scheduler is latency-bound, so
+    more lanes pay for their duplicated per-channel work until a second wave starts. Without one wave even at 2 lanes,
+    or on a Triton where XLANE does not run (``XLANE_SUPPORTED``): the previous defaults, (16, 1, 4) for
     (batch, dim, L) memory, (8, 1, 4) time-major.
     GPU timings (H200, ``benchmarks/bench_gpu_coupled_xlane.py``, results/gpu_kernels_notes.md, fourth round): see
     the notes' table; the previous round's defaults are the first row of each case there."""
@@ -530,7 +531,7 @@ def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
     bc_ahead = bc_ahead and chains <= 3
     maxnreg = SEQ_MAXNREG if n_pad <= 16 else 0
     one_wave = _sm_count() * SEQ_WARPS_PER_SM
-    for lanes in SEQ_XLANE_LANES:
+    for lanes in SEQ_XLANE_LANES if XLANE_SUPPORTED else ():
         block_d = 32 // lanes
         if lanes <= n_pad and lanes <= k_cap and triton.cdiv(dim, block_d) * batch <= one_wave:
             return block_d, 1, lanes, prefetch_bc, bc_ahead, True, maxnreg if lanes >= 4 else 0
@@ -562,6 +563,11 @@ SEQ_BC_DEFAULT = (True, True)
 # the cross-lane scheme of a config where it applies (``xlane_applies``): rows by indexed shuffles, readout
 # reduce-scattered once per chunk
 SEQ_XLANE_DEFAULT = True
+# XLANE's shuffles address lanes by the layout Triton picks for the (K, block_d) tiles (JS), which no Triton API
+# fixes: a version that picked another would give wrong results, not an error. So it runs only on the versions
+# whose layouts the GPU tests checked; elsewhere the kernel reduces with tl.sum (layout-independent, slower).
+XLANE_TRITON_VERSIONS = ("3.6.",)
+XLANE_SUPPORTED = triton.__version__.startswith(XLANE_TRITON_VERSIONS)
 
 
 def xlane_applies(block_d, num_warps, k):
@@ -640,7 +646,7 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
     if lanes > 1 and (num_warps != 1 or 32 % block_d or lanes > n_pad):
         raise ValueError(f"coupled_scan_fwd_seq: config {(block_d, num_warps, k)} splits a channel's {n_pad} states "
                          "unevenly (block_d < 32 needs num_warps 1 and 32 / block_d <= N)")
-    xlane = bool(xlane) and xlane_applies(block_d, num_warps, k)
+    xlane = bool(xlane) and XLANE_SUPPORTED and xlane_applies(block_d, num_warps, k)
     # the rows' lane stride follows the memory order, which must then be one for every activation tensor
     all_t = list(us) + list(deltas) + list(zs or []) + outs
     by_l = all(t.stride(-1) == 1 for t in all_t)
