@@ -220,8 +220,9 @@ def main():
         torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    # GPU kernel time (torch.profiler) in a second pass, after every wall time: once the profiler has run, kernel
-    # launches in this process stay slower (wall times taken after it came out up to ~0.7 ms higher at L 500)
+    # GPU kernel time (torch.profiler) in a second pass, after every wall time, so that no timed call follows a
+    # profiled one (checked: the graphed forward at L 500 took 2.73 ms before and 2.75 ms after a profiled forward,
+    # benchmarks/diag_coupled_graph_wall.py)
     for row in rows:
         if row["L"] > args.gpu_time_max_length:
             continue
