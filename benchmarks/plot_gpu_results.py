@@ -94,10 +94,16 @@ def main():
     rows = read(args.results / "gpu_coupled_vs_attention.csv")
     lengths = [num(r["L"]) for r in rows]
     ax.plot(lengths, [num(r["coupled_s"]) for r in rows], "o-", label="Coupled Mamba time (s)")
+    if "coupled_graph_s" in rows[0]:
+        ax.plot(lengths, [num(r["coupled_graph_s"]) for r in rows], "^-", label="Coupled Mamba, CUDA graphs (s)")
     att = [(num(r["L"]), num(r["attention_s"])) for r in rows if num(r["attention_s"]) is not None]
     ax.plot([a for a, _ in att], [b for _, b in att], "s-", label="cross-attention time (s)")
     ax2 = ax.twinx()
     ax2.plot(lengths, [num(r["coupled_GiB"]) for r in rows], "o--", color="tab:green", label="Coupled Mamba GiB")
+    chunked = [(num(r["L"]), num(r["chunk_GiB"])) for r in rows if num(r.get("chunk_GiB")) is not None]
+    if chunked:
+        ax2.plot([a for a, _ in chunked], [b for _, b in chunked], "v--", color="tab:olive",
+                 label="Coupled Mamba in time chunks, GiB")
     attm = [(num(r["L"]), num(r["attention_GiB"])) for r in rows if num(r["attention_GiB"]) is not None]
     ax2.plot([a for a, _ in attm], [b for _, b in attm], "s--", color="tab:red", label="cross-attention GiB")
     for a in (ax, ax2):
