@@ -102,6 +102,22 @@ def measure(model, feats, repeats=7):
     return sorted(times)[len(times) // 2], peak / 2**30
 
 
+def measure_graphed(coupled, feats):
+    """``measure`` with config.inference_cuda_graphs on: the first call captures (its peak counts); the graph is
+    dropped afterwards. Raises if no graph was captured (the timings would be the eager forward's)."""
+    coupled.config.inference_cuda_graphs = True
+    try:
+        result = measure(coupled, feats)
+    finally:
+        coupled.config.inference_cuda_graphs = False
+        captured = len(coupled._forward_graphs)
+        coupled._forward_graphs.clear()
+        torch.cuda.empty_cache()
+    if captured != 1:
+        raise RuntimeError(f"the graphed forward did not capture ({captured} graphs)")
+    return result
+
+
 def gpu_time(model, feats):
     """Seconds of GPU kernel time in one no-grad forward (torch.profiler): the forward's cost without the host's
     launch overhead, which bounds the wall time from below when the host keeps ahead."""
@@ -178,29 +194,13 @@ def main():
             row["coupled_s"], row["coupled_GiB"] = measure(coupled, feats)
             assert last_backend("coupled_selective_scan") == "triton"
             if args.graphs:
-                # the same model with config.inference_cuda_graphs: the first call captures (its peak counts)
-                coupled.config.inference_cuda_graphs = True
-                try:
-                    row["coupled_graph_s"], row["coupled_graph_GiB"] = measure(coupled, feats)
-                finally:
-                    coupled.config.inference_cuda_graphs = False
-                    captured = len(coupled._forward_graphs)
-                    coupled._forward_graphs.clear()
-                    torch.cuda.empty_cache()
-                if captured != 1:
-                    raise RuntimeError(f"L {length}: the graphed forward did not capture ({captured} graphs)")
+                row["coupled_graph_s"], row["coupled_graph_GiB"] = measure_graphed(coupled, feats)
             if args.chunk and length > args.chunk:
                 coupled.config.inference_chunk_size = args.chunk
                 try:
                     row["chunk_s"], row["chunk_GiB"] = measure(coupled, feats)
                     if args.graphs:
-                        coupled.config.inference_cuda_graphs = True
-                        try:
-                            row["chunk_graph_s"], row["chunk_graph_GiB"] = measure(coupled, feats)
-                        finally:
-                            coupled.config.inference_cuda_graphs = False
-                            coupled._forward_graphs.clear()
-                            torch.cuda.empty_cache()
+                        row["chunk_graph_s"], row["chunk_graph_GiB"] = measure_graphed(coupled, feats)
                 finally:
                     coupled.config.inference_chunk_size = None
         try:
