@@ -521,7 +521,7 @@ def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
     channel: no spills), so that 16 warps fit an SM. Lanes per channel: the most (8, 4, 2) whose warps
     (batch * dim * lanes / 32) still fit one wave of 16 warps per SM: a lone warp per scheduler is latency-bound, so
     more lanes pay for their duplicated per-channel work until a second wave starts. Without one wave even at 2 lanes,
-    or on a Triton where XLANE does not run (``XLANE_SUPPORTED``): the previous defaults, (16, 1, 4) for
+    for N > 16, or on a Triton where XLANE does not run (``XLANE_SUPPORTED``): the previous defaults, (16, 1, 4) for
     (batch, dim, L) memory, (8, 1, 4) time-major.
     GPU timings (H200, ``benchmarks/bench_gpu_coupled_xlane.py``, results/gpu_kernels_notes.md, fourth round): see
     the notes' table; the previous round's defaults are the first row of each case there."""
@@ -531,7 +531,10 @@ def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
     bc_ahead = bc_ahead and chains <= 3
     maxnreg = SEQ_MAXNREG if n_pad <= 16 else 0
     one_wave = _sm_count() * SEQ_WARPS_PER_SM
-    for lanes in SEQ_XLANE_LANES if XLANE_SUPPORTED else ():
+    # XLANE's configs were measured at N <= 16 (128 registers, 16 warps per SM); at N 64 (the paper's d_state) K = 8
+    # lanes doubled the compile time (84 s against 43 s for (16, 1, 4) with Triton 3.6 on this project's CPU
+    # machine) and was not timed on the GPU, so larger N keep the previous defaults
+    for lanes in SEQ_XLANE_LANES if XLANE_SUPPORTED and n_pad <= 16 else ():
         block_d = 32 // lanes
         if lanes <= n_pad and lanes <= k_cap and triton.cdiv(dim, block_d) * batch <= one_wave:
             return block_d, 1, lanes, prefetch_bc, bc_ahead, True, maxnreg if lanes >= 4 else 0
