@@ -390,11 +390,21 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         """ValueError naming the first modality whose features hold NaN or inf. One device round trip for all
         modalities (not one each); skipped while a CUDA graph is being captured (no synchronization is allowed
         there)."""
-        present = [(name, f) for name, f in zip(names, features) if f is not None]
-        if not present or (present[0][1].is_cuda and torch.cuda.is_current_stream_capturing()):
+        present = [f for f in features if f is not None]
+        if not present or (present[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             return
-        finite = torch.stack([torch.isfinite(f).all() for _, f in present]).tolist()
-        for (name, _), ok in zip(present, finite):
+        CoupledMambaModel._raise_if_not_finite(names, features, CoupledMambaModel._finite_flags(features))
+
+    @staticmethod
+    def _finite_flags(features):
+        """(number of given modalities,) bool on their device: whether each given modality's features are finite."""
+        return torch.stack([torch.isfinite(f).all() for f in features if f is not None])
+
+    @staticmethod
+    def _raise_if_not_finite(names, features, flags):
+        """ValueError naming the first given modality whose ``_finite_flags`` entry is False (reads the flags)."""
+        given = [name for name, f in zip(names, features) if f is not None]
+        for name, ok in zip(given, flags.tolist()):
             if not ok:
                 raise ValueError(f"CoupledMambaModel: features of {name!r} contain NaN or inf")
 
@@ -514,13 +524,11 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             return None
         if not tensors or not all(t.is_cuda for t in tensors) or torch.is_grad_enabled():
             return None
-        present = [name for name, f in zip(names, self._split_features(input_features)) if f is not None]
 
         def forward(*static):
             feats = static[0] if layout is None else dict(zip(layout, static))
             output = self._eager_forward(feats, None, output_hidden_states, return_dict)
-            finite = torch.stack([torch.isfinite(f).all() for f in self._split_features(feats) if f is not None])
-            return output, finite
+            return output, self._finite_flags(self._split_features(feats))
 
         # what else decides the captured kernels: a backend forced by context manager or by the config field
         extra = (layout, bool(output_hidden_states), bool(return_dict), forced_backend(),
@@ -531,9 +539,7 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         if result is None:
             return None
         output, finite = result
-        for name, ok in zip(present, finite.tolist()):
-            if not ok:
-                raise ValueError(f"CoupledMambaModel: features of {name!r} contain NaN or inf")
+        self._raise_if_not_finite(names, self._split_features(input_features), finite)
         return output
 
     def _eager_forward(self, input_features, attention_mask, output_hidden_states, return_dict):

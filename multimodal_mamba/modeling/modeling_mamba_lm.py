@@ -105,9 +105,9 @@ _PACKAGE_KERNELS = []
 
 def _package_kernels():
     """This package's Triton RMSNorm and LayerNorm (``"layer_norm"``: (accepts, run)), (batch, L, C) -> (batch, C, L)
-    transposes (one tensor, differentiable; several same-shaped tensors in one launch), one-row GEMV (self-measured, see kernels/gemv) and fused decode step
-    (``"decode_step"``, kernels/decode_step) as a dict, when they can run here (CUDA, Triton); else None.
-    Imported on first use."""
+    transposes (one tensor, differentiable; several same-shaped tensors in one launch), one-row GEMV (self-measured,
+    see kernels/gemv) and fused decode step (``"decode_step"``, kernels/decode_step) as a dict, when they can run
+    here (CUDA, Triton); else None. Imported on first use."""
     if not _PACKAGE_KERNELS:
         kernels = None
         if torch.cuda.is_available():
