@@ -9,6 +9,10 @@ width and depth:
   (keys and values concatenated), then a feed-forward block, pre-norm residuals (MulT-style). Attention is computed
   explicitly (scores materialized, as in MulT's implementation); pass ``--sdpa`` for PyTorch's fused attention.
 
+Both return the fused representation: the attention model its pooled (batch, hidden) vector, Coupled Mamba its pooled
+and fused vectors (``return_last_hidden_state=False``; ``--keep-last-hidden-state`` adds its (batch, M, L, hidden)
+final states, as runs before session 10 did).
+
 For each length the script reports the forward time (no grad, median) and the peak memory above the weights and
 inputs, and the ratios attention / Coupled Mamba (goal at L = 500: >= 3x faster, >= 8x less memory; linear growth
 beyond). Lengths where attention runs out of memory are reported as such.
@@ -85,29 +89,29 @@ class CrossAttentionFusion(nn.Module):
         return torch.stack([xs[n].mean(1) for n in self.names], 1).mean(1)
 
 
-def measure(model, feats, repeats=7):
+def measure(model, feats, repeats=7, **kwargs):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        model(feats)
+        model(feats, **kwargs)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            model(feats)
+            model(feats, **kwargs)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2], peak / 2**30
 
 
-def measure_graphed(coupled, feats):
+def measure_graphed(coupled, feats, **kwargs):
     """``measure`` with config.inference_cuda_graphs on: the first call captures (its peak counts); the graph is
     dropped afterwards. Raises if no graph was captured (the timings would be the eager forward's)."""
     coupled.config.inference_cuda_graphs = True
     try:
-        result = measure(coupled, feats)
+        result = measure(coupled, feats, **kwargs)
     finally:
         coupled.config.inference_cuda_graphs = False
         captured = len(coupled._forward_graphs)
@@ -118,7 +122,7 @@ def measure_graphed(coupled, feats):
     return result
 
 
-def gpu_time(model, feats):
+def gpu_time(model, feats, **kwargs):
     """Seconds of GPU kernel time in one no-grad forward (torch.profiler): the forward's cost without the host's
     launch overhead, which bounds the wall time from below when the host keeps ahead."""
     from torch.profiler import ProfilerActivity
@@ -127,7 +131,7 @@ def gpu_time(model, feats):
     with torch.no_grad():
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(feats)
+            model(feats, **kwargs)
             torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type.name == "CUDA"]
     return sum(e.time_range.elapsed_us() for e in events) / 1e6, len(events)
@@ -172,8 +176,12 @@ def main():
                         help="also measure the GPU kernel time (profiler) of one forward up to this length")
     parser.add_argument("--profile", type=int, default=0, metavar="L",
                         help="only profile one forward of each model at length L (CUDA time per kernel, launches)")
+    parser.add_argument("--keep-last-hidden-state", action="store_true",
+                        help="Coupled Mamba also returns its (batch, M, L, hidden) final states (by default it returns "
+                             "the pooled and fused vectors only, as the attention model returns its pooled vector)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    outputs = dict(return_last_hidden_state=args.keep_last_hidden_state)
     dtype = torch.bfloat16
     config = CoupledMambaConfig(modality_dims=MODALITIES, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                 state_size=args.state, coupling="mean")
@@ -191,16 +199,16 @@ def main():
         feats = {n: torch.randn(args.batch, length, d, device="cuda", dtype=dtype) for n, d in MODALITIES.items()}
         row = dict(L=length)
         with ssm_backend("triton"):
-            row["coupled_s"], row["coupled_GiB"] = measure(coupled, feats)
+            row["coupled_s"], row["coupled_GiB"] = measure(coupled, feats, **outputs)
             assert last_backend("coupled_selective_scan") == "triton"
             if args.graphs:
-                row["coupled_graph_s"], row["coupled_graph_GiB"] = measure_graphed(coupled, feats)
+                row["coupled_graph_s"], row["coupled_graph_GiB"] = measure_graphed(coupled, feats, **outputs)
             if args.chunk and length > args.chunk:
                 coupled.config.inference_chunk_size = args.chunk
                 try:
-                    row["chunk_s"], row["chunk_GiB"] = measure(coupled, feats)
+                    row["chunk_s"], row["chunk_GiB"] = measure(coupled, feats, **outputs)
                     if args.graphs:
-                        row["chunk_graph_s"], row["chunk_graph_GiB"] = measure_graphed(coupled, feats)
+                        row["chunk_graph_s"], row["chunk_graph_GiB"] = measure_graphed(coupled, feats, **outputs)
                 finally:
                     coupled.config.inference_chunk_size = None
         try:
@@ -228,11 +236,11 @@ def main():
             continue
         feats = {n: torch.randn(args.batch, row["L"], d, device="cuda", dtype=dtype) for n, d in MODALITIES.items()}
         with ssm_backend("triton"):
-            row["coupled_gpu_s"], row["coupled_kernels"] = gpu_time(coupled, feats)
+            row["coupled_gpu_s"], row["coupled_kernels"] = gpu_time(coupled, feats, **outputs)
             if "chunk_s" in row:
                 coupled.config.inference_chunk_size = args.chunk
                 try:
-                    row["chunk_gpu_s"], row["chunk_kernels"] = gpu_time(coupled, feats)
+                    row["chunk_gpu_s"], row["chunk_kernels"] = gpu_time(coupled, feats, **outputs)
                 finally:
                     coupled.config.inference_chunk_size = None
         if isinstance(row.get("attention_s"), float):
@@ -260,7 +268,9 @@ def main():
         f"coupled_graph_*: the same Coupled Mamba model with config.inference_cuda_graphs=True (one CUDA graph per "
         f"input shape, captured on the first call, whose peak memory counts). chunk_*: the same model with "
         f"config.inference_chunk_size={args.chunk} (time chunks through all layers, states carried), eager and "
-        f"graphed. Ratios: attention / coupled.",
+        f"graphed. Outputs: the attention model returns its pooled (batch, hidden) vector; Coupled Mamba returns "
+        f"{'also its (batch, M, L, hidden) final states' if args.keep_last_hidden_state else 'its pooled and fused vectors only (return_last_hidden_state=False)'}. "
+        f"Ratios: attention / coupled.",
         "",
         "Command: `" + " ".join(["python benchmarks/bench_gpu_coupled_vs_attention.py"] + sys.argv[1:]) + "`",
         "",

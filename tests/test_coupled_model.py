@@ -248,6 +248,65 @@ def test_inference_in_chunks_gives_the_whole_forward(coupling, pooling, monkeypa
                 torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "max", "last"])
+def test_return_last_hidden_state_false_pools_chunk_by_chunk(pooling, monkeypatch):
+    """return_last_hidden_state=False: last_hidden_state is None (dict and tuple outputs), the pooled and fused
+    vectors are the default forward's, and in chunked mode no (batch, M, L, hidden) tensor reaches the pooling: it
+    gets one chunk of final states at a time, in order, covering every step once."""
+    torch.manual_seed(0)
+    model = CoupledMambaModel(tiny_config(pooling=pooling, num_hidden_layers=2)).eval()
+    feats = features(batch=2, length=11)
+    mask = torch.ones(2, 3, 11)
+    mask[1, 0, 8:] = 0
+    mask[0, 2, :2] = 0
+    from multimodal_mamba.modeling.modeling_coupled_mamba import CoupledMambaStepPooling
+
+    for attention_mask in (None, mask):
+        with torch.no_grad():
+            full = model(feats, attention_mask=attention_mask)
+            lean = model(feats, attention_mask=attention_mask, return_last_hidden_state=False)
+        assert full.last_hidden_state.shape == (2, 3, 11, 16) and lean.last_hidden_state is None
+        torch.testing.assert_close(lean.pooler_output, full.pooler_output)
+        torch.testing.assert_close(lean.modality_embeds, full.modality_embeds)
+        model.config.inference_chunk_size = 4
+        seen = []
+        original_add = CoupledMambaStepPooling.add
+
+        def spy(self, part, start):
+            seen.append((start, part.shape[2]))
+            return original_add(self, part, start)
+
+        try:
+            with monkeypatch.context() as patch, torch.no_grad():
+                patch.setattr(CoupledMambaStepPooling, "add", spy)
+                chunked = model(feats, attention_mask=attention_mask, return_last_hidden_state=False)
+                as_tuple = model(feats, attention_mask=attention_mask, return_last_hidden_state=False,
+                                 return_dict=False)
+        finally:
+            model.config.inference_chunk_size = None
+        assert seen[:3] == [(0, 4), (4, 4), (8, 3)]
+        assert chunked.last_hidden_state is None
+        torch.testing.assert_close(chunked.pooler_output, full.pooler_output, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(chunked.modality_embeds, full.modality_embeds, atol=2e-5, rtol=1e-4)
+        assert len(as_tuple) == 3  # (pooler_output, modality_embeds, modality_mask)
+        torch.testing.assert_close(as_tuple[0], chunked.pooler_output)
+
+
+def test_classification_in_chunks_gives_the_whole_forward():
+    """The classification model asks its encoder for the pooled vector only: its logits in chunked mode equal the
+    whole forward's, and output_hidden_states still returns every layer's states."""
+    torch.manual_seed(0)
+    model = CoupledMambaForSequenceClassification(tiny_config(num_labels=3, num_hidden_layers=2)).eval()
+    x = packed(features(batch=2, length=10))
+    with torch.no_grad():
+        whole = model(x, output_hidden_states=True)
+        model.config.inference_chunk_size = 3
+        chunked = model(x, output_hidden_states=True)
+    torch.testing.assert_close(chunked.logits, whole.logits, atol=2e-5, rtol=1e-4)
+    assert len(chunked.hidden_states) == len(whole.hidden_states) == 3
+    torch.testing.assert_close(chunked.hidden_states[-1], whole.hidden_states[-1], atol=2e-5, rtol=1e-4)
+
+
 def test_inference_chunk_size_leaves_gradient_forwards_whole():
     """With gradients enabled the forward runs whole (the chunked path is inference only) and trains as usual;
     a layer refuses a carried state with gradients."""

@@ -740,14 +740,14 @@ def test_gpu_coupled_mamba_inference_in_chunks():
     mask[1, 0, 300:] = 0
     mask[2, 2, :70] = 0
 
-    def run(chunk, graphs=False, attention_mask=None):
+    def run(chunk, graphs=False, attention_mask=None, keep_last=True):
         model.config.inference_chunk_size, model.config.inference_cuda_graphs = chunk, graphs
         try:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad(), ssm_backend("triton"):
-                out = model(input_features=feats, attention_mask=attention_mask)
+                out = model(input_features=feats, attention_mask=attention_mask, return_last_hidden_state=keep_last)
             torch.cuda.synchronize()
             return out, torch.cuda.max_memory_allocated() - base
         finally:
@@ -760,11 +760,26 @@ def test_gpu_coupled_mamba_inference_in_chunks():
     for key in ("last_hidden_state", "pooler_output", "modality_embeds"):
         assert rel(chunked[key].float(), whole[key].float()) <= 5e-3, key
     assert chunked_peak < 0.4 * whole_peak, (chunked_peak, whole_peak)
+    # without the (batch, M, L, hidden) final states the chunked forward holds one chunk's activations only
+    lean, lean_peak = run(64, keep_last=False)
+    assert lean.last_hidden_state is None and rel(lean.pooler_output.float(), whole.pooler_output.float()) <= 5e-3
+    final_states_bytes = whole.last_hidden_state.numel() * whole.last_hidden_state.element_size()
+    assert lean_peak <= chunked_peak - 0.9 * final_states_bytes, (lean_peak, chunked_peak, final_states_bytes)
+    from multimodal_mamba.modeling import forward_graphs
+
+    forward_graphs._BRANCH_STREAMS.clear()
     graphed = [run(64, graphs=True)[0] for _ in range(2)]  # capture, then replay
     assert len(model._forward_graphs) == 1
+    # the capture put the modalities' branches on their own streams (concurrent at replay)
+    assert len(forward_graphs._BRANCH_STREAMS.get(torch.device("cuda", torch.cuda.current_device()), [])) == 3
     model._forward_graphs.clear()
     for out in graphed:
         assert rel(out.last_hidden_state.float(), whole.last_hidden_state.float()) <= 5e-3
+        assert rel(out.pooler_output.float(), whole.pooler_output.float()) <= 5e-3
+    graphed_lean = [run(64, graphs=True, keep_last=False)[0] for _ in range(2)]
+    model._forward_graphs.clear()
+    for out in graphed_lean:
+        assert out.last_hidden_state is None and rel(out.pooler_output.float(), whole.pooler_output.float()) <= 5e-3
     masked_whole, masked_chunked = run(None, attention_mask=mask)[0], run(64, attention_mask=mask)[0]
     for key in ("last_hidden_state", "pooler_output"):
         assert rel(masked_chunked[key].float(), masked_whole[key].float()) <= 5e-3, key

@@ -14,6 +14,7 @@ signature. Python forward hooks run at capture only. When capture fails the forw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
@@ -34,6 +35,52 @@ def _clone_tree(value):
     if isinstance(value, (tuple, list)):
         return type(value)(_clone_tree(v) for v in value)
     return value
+
+
+_BRANCH_STREAMS: dict = {}  # torch.device -> the side streams made so far (reused by every capture)
+
+
+class CaptureBranches:
+    """Independent pieces of a forward (one per modality, say) put on separate CUDA streams while a CUDA graph is
+    being captured, so that its replay runs them concurrently: small kernels of one piece (a Coupled Mamba chunk's
+    GEMMs of 2048 rows) leave most of the GPU idle, and a graph replays each stream's kernels in order.
+
+    ``capture_branches(tensor, count)`` returns one when ``tensor`` is on CUDA and its current stream is capturing,
+    else None (eager forwards stay on one stream: switching streams costs host time there). On creation every
+    branch stream waits for the current stream; ``branch(i)`` is the context that makes stream i current; ``join()``
+    makes the current stream wait for all of them. A tensor made on a branch and read after ``join()`` is safe to
+    free whenever: its memory returns to that branch's stream, which reuses it only after its next fork, i.e. after
+    everything the current stream had queued by then.
+    """
+
+    def __init__(self, device, count: int):
+        self.main = torch.cuda.current_stream(device)
+        streams = _BRANCH_STREAMS.setdefault(device, [])
+        while len(streams) < count:
+            streams.append(torch.cuda.Stream(device=device))
+        self.streams = streams[:count]
+        for stream in self.streams:
+            stream.wait_stream(self.main)
+
+    def branch(self, index: int):
+        return torch.cuda.stream(self.streams[index])
+
+    def join(self) -> None:
+        for stream in self.streams:
+            self.main.wait_stream(stream)
+
+
+def capture_branches(tensor: torch.Tensor, count: int) -> Optional[CaptureBranches]:
+    """A ``CaptureBranches`` of ``count`` streams when a CUDA graph capture is under way on ``tensor``'s device and
+    there is more than one piece, else None."""
+    if count < 2 or not tensor.is_cuda or not torch.cuda.is_current_stream_capturing():
+        return None
+    return CaptureBranches(tensor.device, count)
+
+
+def on_branch(branches: Optional[CaptureBranches], index: int):
+    """The context for piece ``index``: its stream under a capture, nothing otherwise."""
+    return branches.branch(index) if branches is not None else contextlib.nullcontext()
 
 
 class _Captured:

@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput
 from .configuration_coupled_mamba import CoupledMambaConfig
 from .peft_adapters import AdapterLoadingMixin
 from .modeling_mamba_lm import KEEP_IN_FP32, MambaMixer, _package_kernels, init_mamba_module_weights
-from .forward_graphs import ForwardGraphs
+from .forward_graphs import ForwardGraphs, capture_branches, on_branch
 from .ops_coupled_scan import coupled_selective_scan_chains
 from .ops_selective_scan import selective_scan
 from .ssm_backends import config_backend, forced_backend, training_forward
@@ -120,20 +120,29 @@ class CoupledMambaBlock(nn.Module):
 class CoupledMambaLayerState:
     """What one layer carries from one time chunk to the next (``config.inference_chunk_size``).
 
-    conv_states: per modality (batch, intermediate, conv_kernel), the last conv inputs (model dtype);
-    ssm_state: the scan's final state, float32: (batch, intermediate, N) coupled, (batch, M * intermediate, N)
-    for ``coupling="none"``; None before the first chunk.
+    conv_states: per modality (batch, intermediate, conv_kernel), the last conv inputs (model dtype), read by the
+    next chunk; conv_spares: as many buffers of that shape, which a chunk writes its own last inputs into before the
+    two lists are swapped (no copy of the previous inputs per chunk); ssm_state: the scan's final state, float32:
+    (batch, intermediate, N) coupled, (batch, M * intermediate, N) for ``coupling="none"``; None before the first
+    chunk. scan_parameters: the layer's stacked (A, D) for its scan, computed at the first chunk (the parameters do
+    not change during a forward).
     """
 
     def __init__(self, chains, batch, intermediate_size, conv_kernel, device, dtype):
-        self.conv_states = [
-            torch.zeros(batch, intermediate_size, conv_kernel, device=device, dtype=dtype) for _ in range(chains)
-        ]
+        shape = (batch, intermediate_size, conv_kernel)
+        self.conv_states = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(chains)]
+        # zeros as well: a first chunk of one step updates its buffer in place as the conv's history (decode path)
+        self.conv_spares = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(chains)]
         self.ssm_state = None
+        self.scan_parameters = None
 
     @property
     def started(self) -> bool:
         return self.ssm_state is not None
+
+    def swap_conv_states(self) -> None:
+        """After a chunk: the inputs it wrote become the ones the next chunk reads."""
+        self.conv_states, self.conv_spares = self.conv_spares, self.conv_states
 
 
 class CoupledMambaLayer(GradientCheckpointingLayer):
@@ -161,28 +170,38 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
     def _forward(self, hidden_states, attention_mask, state=None):
         xs, zs, deltas, Bs, Cs = [], [], [], [], []
         initial_state = state.ssm_state if state is not None else None
+        mixers = [block.mixer for block in self.blocks.values()]
+        chains = len(mixers)
+        # under a CUDA graph capture the modalities' input stages are captured on separate streams (concurrent at
+        # replay); the scan, which needs all of them, runs after the join
+        branches = capture_branches(hidden_states, chains)
         for index, block in enumerate(self.blocks.values()):
-            mask = attention_mask[:, index] if attention_mask is not None else None
-            normed = block.norm(hidden_states[:, index])
-            if state is None:
-                x, z = block.mixer.input_stage(normed, mask)  # (batch, dim, L) each
-            else:  # a continued sequence: the conv reads the previous chunk's last inputs, and keeps this one's
-                conv_state = state.conv_states[index]
-                conv_initial = conv_state[..., 1:].clone() if state.started else None
-                x, z = block.mixer.input_stage(normed, mask, conv_state, conv_initial)
-            delta, B, C = block.mixer.ssm_parameters(x)  # (batch, dim, L), (batch, N, L), (batch, N, L)
+            with on_branch(branches, index):
+                mask = attention_mask[:, index] if attention_mask is not None else None
+                normed = block.norm(hidden_states[:, index])
+                if state is None:
+                    x, z = block.mixer.input_stage(normed, mask)  # (batch, dim, L) each
+                else:  # a continued sequence: the conv reads the previous chunk's last inputs, and keeps this one's
+                    conv_initial = state.conv_states[index][..., 1:] if state.started else None
+                    x, z = block.mixer.input_stage(normed, mask, state.conv_spares[index], conv_initial)
+                delta, B, C = block.mixer.ssm_parameters(x)  # (batch, dim, L), (batch, N, L), (batch, N, L)
             xs.append(x)
             zs.append(z)
             deltas.append(delta)
             Bs.append(B)
             Cs.append(C)
-        mixers = [block.mixer for block in self.blocks.values()]
-        chains = len(mixers)
+        if branches is not None:
+            branches.join()
+        if state is not None:
+            state.swap_conv_states()
+            if state.scan_parameters is None:
+                state.scan_parameters = self._scan_parameters(mixers)
+            A, D = state.scan_parameters
+        else:
+            A, D = self._scan_parameters(mixers)
         if self.coupling == "none":
             # Independent chains: one grouped selective scan, group m = modality m's channels with its B, C.
             u, delta, z = torch.cat(xs, dim=1), torch.cat(deltas, dim=1), torch.cat(zs, dim=1)
-            A = torch.cat([mixer.ssm_A() for mixer in mixers], dim=0)
-            D = torch.cat([mixer.D for mixer in mixers], dim=0)
             B, C = torch.stack(Bs, dim=1), torch.stack(Cs, dim=1)
             del xs, zs, deltas, Bs, Cs  # the per-modality activations are no longer needed once stacked
             y = selective_scan(u, delta, A, B, C, D, z=z, delta_softplus=True, initial_state=initial_state,
@@ -192,7 +211,6 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
             y = y.unflatten(1, (chains, -1))
             del u, delta, z, B, C  # (batch, M, dim, L) each: free them before the output projections
         else:
-            A, D = self._stacked_parameters(mixers)
             # the chains as they are: the Triton kernel reads each modality's activations in place (no stacking
             # copies; y comes back in the activations' time-major layout); other backends stack them
             y = coupled_selective_scan_chains(xs, deltas, A, Bs, Cs, D, zs=zs, delta_softplus=True,
@@ -205,9 +223,13 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
             # (M, batch, L, hidden) memory: the next layer's per-modality slices are contiguous (no copies for its
             # norms), and the residual sums are written in place of a stacking copy
             out = hidden_states.new_empty((chains,) + hidden_states[:, 0].shape)
+            branches = capture_branches(hidden_states, chains)
             for index, mixer in enumerate(mixers):
-                torch.add(hidden_states[:, index], mixer.output_stage(y[:, index].to(hidden_states.dtype)),
-                          out=out[index])
+                with on_branch(branches, index):
+                    torch.add(hidden_states[:, index], mixer.output_stage(y[:, index].to(hidden_states.dtype)),
+                              out=out[index])
+            if branches is not None:
+                branches.join()  # (y and the inputs stay referenced until here)
             return out.transpose(0, 1)
         outputs = [
             hidden_states[:, index] + mixer.output_stage(y[:, index].to(hidden_states.dtype))
@@ -215,15 +237,58 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         ]
         return torch.stack(outputs, dim=0).transpose(0, 1)
 
-    @staticmethod
-    def _stacked_parameters(mixers):
-        """A (M, dim, N) and D (M, dim) of the modalities' mixers. (Not cached by parameter version: PyTorch's fused
-        AdamW, the Trainer's default, updates parameters without bumping their version counters.)"""
+    def _scan_parameters(self, mixers):
+        """A and D of the modalities' mixers as the scan takes them: (M, dim, N) and (M, dim) for the coupled scan,
+        (M * dim, N) and (M * dim,) for ``coupling="none"``'s grouped scan. (Not cached by parameter version:
+        PyTorch's fused AdamW, the Trainer's default, updates parameters without bumping their version counters.)"""
+        if self.coupling == "none":
+            return torch.cat([m.ssm_A() for m in mixers], dim=0), torch.cat([m.D for m in mixers], dim=0)
         if any(m.__dict__.get("_A_override") is not None for m in mixers):
             A = torch.stack([m.ssm_A() for m in mixers])
         else:  # the same values as stacking every ssm_A(), in 3 kernels instead of 2 M + 1
             A = -torch.exp(torch.stack([m.A_log for m in mixers]).float())
         return A, torch.stack([m.D for m in mixers])
+
+
+class CoupledMambaStepPooling:
+    """Pools each modality's final states over its valid steps (``config.pooling``), fed the states in time order, a
+    chunk at a time (the chunked forward: no (batch, M, L, hidden) tensor is ever needed) or whole.
+
+    mask: (batch, M, L) float, 1 on valid steps. ``add(part, start)`` takes part (batch, M, T, hidden) = the states
+    of steps start .. start + T - 1; ``result(dtype)`` -> pooled (batch, M, hidden), zeros for absent modalities,
+    and present (batch, M) bool. Mean pools accumulate in float32.
+    """
+
+    def __init__(self, mode: str, mask: torch.Tensor):
+        self.mode, self.mask = mode, mask
+        self.present = mask.sum(-1) > 0  # (batch, M)
+        self.pooled = None
+        if mode == "last":
+            positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=mask.dtype)
+            self.last = (mask * positions).argmax(dim=-1)  # (batch, M): the last valid step (0 when none)
+
+    def add(self, part: torch.Tensor, start: int) -> None:
+        steps = part.shape[2]
+        mask = self.mask[:, :, start:start + steps]
+        if self.mode == "mean":
+            # (batch, M, 1, T) @ (batch, M, T, hidden): the masked sum without a masked copy of the states
+            total = torch.matmul(mask[..., None, :].to(part.dtype), part)[..., 0, :].float()
+            self.pooled = total if self.pooled is None else self.pooled + total
+        elif self.mode == "max":
+            lowest = torch.finfo(part.dtype).min
+            best = part.masked_fill(mask[..., None] == 0, lowest).amax(dim=2)
+            self.pooled = best if self.pooled is None else torch.maximum(self.pooled, best)
+        else:  # the last valid step, from the chunk that holds it
+            offset = (self.last - start).clamp(0, steps - 1)
+            picked = torch.gather(part, 2, offset[..., None, None].expand(-1, -1, 1, part.shape[-1])).squeeze(2)
+            held = ((self.last >= start) & (self.last < start + steps))[..., None]
+            self.pooled = torch.where(held, picked, picked if self.pooled is None else self.pooled)
+
+    def result(self, dtype: torch.dtype):
+        pooled = self.pooled
+        if self.mode == "mean":
+            pooled = (pooled / self.mask.sum(-1, keepdim=True).clamp_min(1.0)).to(dtype)
+        return torch.where(self.present[..., None], pooled, torch.zeros_like(pooled)), self.present
 
 
 class CoupledMambaPreTrainedModel(AdapterLoadingMixin, PreTrainedModel):
@@ -457,31 +522,6 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         return None if bool(mask.all()) else mask
 
     # ------------------------------------------------------------------------------------------------------------
-    def _pool(self, hidden_states, mask, chunk=None):
-        """hidden_states (batch, M, L, hidden), mask (batch, M, L) float -> (batch, M, hidden); zeros where absent.
-        No (batch, M, L, hidden) temporaries beyond ``chunk`` steps (max pooling works chunk by chunk)."""
-        present = mask.sum(-1) > 0  # (batch, M)
-        if self.config.pooling == "mean":
-            # (batch, M, 1, L) @ (batch, M, L, hidden): the masked sum without a masked copy of the states
-            weights = mask[..., None, :].to(hidden_states.dtype)
-            pooled = torch.matmul(weights, hidden_states)[..., 0, :]
-            pooled = pooled / mask.sum(-1, keepdim=True).clamp_min(1.0).to(hidden_states.dtype)
-        elif self.config.pooling == "max":
-            length = hidden_states.shape[2]
-            step = chunk or length
-            lowest = torch.finfo(hidden_states.dtype).min
-            pooled = None
-            for start in range(0, length, step):
-                part = hidden_states[:, :, start:start + step]
-                part = part.masked_fill(mask[:, :, start:start + step, None] == 0, lowest).amax(dim=2)
-                pooled = part if pooled is None else torch.maximum(pooled, part)
-        else:  # last valid step
-            positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=mask.dtype)
-            last = (mask * positions).argmax(dim=-1)  # (batch, M)
-            index = last[..., None, None].expand(-1, -1, 1, hidden_states.shape[-1])
-            pooled = torch.gather(hidden_states, 2, index).squeeze(2)
-        return torch.where(present[..., None], pooled, torch.zeros_like(pooled)), present
-
     def _fuse(self, pooled, present):
         """pooled (batch, M, hidden), present (batch, M) -> (batch, fused_size); absent modalities are left out."""
         fusion = self.config.fusion
@@ -494,19 +534,29 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         return (pooled * weights[..., None].to(pooled.dtype)).sum(1)
 
-    def forward(self, input_features=None, attention_mask=None, output_hidden_states=None, return_dict=None, **kwargs):
-        """See the class docstring for the inputs. Returns ``CoupledMambaModelOutput``."""
+    def forward(
+        self, input_features=None, attention_mask=None, output_hidden_states=None, return_dict=None,
+        return_last_hidden_state=None, **kwargs,
+    ):
+        """See the class docstring for the inputs. Returns ``CoupledMambaModelOutput``.
+
+        return_last_hidden_state (default True): False leaves ``last_hidden_state`` out of the output (None) for
+        callers that need only the pooled / fused vectors, as the classification model: with
+        ``config.inference_chunk_size`` the (batch, M, L, hidden) final states are then never materialized (the
+        pooling takes them chunk by chunk), and a CUDA-graphed forward neither keeps nor copies them out.
+        """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        keep_last = True if return_last_hidden_state is None else bool(return_last_hidden_state)
         if getattr(self.config, "inference_cuda_graphs", False) and attention_mask is None and not self.training:
-            graphed = self._graphed_forward(input_features, output_hidden_states, return_dict)
+            graphed = self._graphed_forward(input_features, output_hidden_states, return_dict, keep_last)
             if graphed is not None:
                 return graphed
-        return self._eager_forward(input_features, attention_mask, output_hidden_states, return_dict)
+        return self._eager_forward(input_features, attention_mask, output_hidden_states, return_dict, keep_last)
 
-    def _graphed_forward(self, input_features, output_hidden_states, return_dict):
+    def _graphed_forward(self, input_features, output_hidden_states, return_dict, keep_last=True):
         """The forward as a replayed CUDA graph (``config.inference_cuda_graphs``), or None where it does not apply:
         gradients enabled, features not all CUDA tensors, or a failed capture. The features' values are checked
         (NaN / inf) as the eager forward does, but inside the graph: its flags are read after the replay, so the
@@ -527,12 +577,13 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
 
         def forward(*static):
             feats = static[0] if layout is None else dict(zip(layout, static))
-            output = self._eager_forward(feats, None, output_hidden_states, return_dict)
+            output = self._eager_forward(feats, None, output_hidden_states, return_dict, keep_last)
             return output, self._finite_flags(self._split_features(feats))
 
-        # what else decides the captured kernels: a backend forced by context manager or by the config field
-        extra = (layout, bool(output_hidden_states), bool(return_dict), forced_backend(),
-                 getattr(self.config, "ssm_backend", None))
+        # what else decides the captured kernels: a backend forced by context manager or by the config field, the
+        # chunk size
+        extra = (layout, bool(output_hidden_states), bool(return_dict), keep_last, forced_backend(),
+                 getattr(self.config, "ssm_backend", None), self.config.inference_chunk_size)
         # the parameters' storage (a module walk: about half the host time of self.parameters())
         storage = [p for module in self.modules() for p in module._parameters.values() if p is not None]
         result = self._forward_graphs.run(forward, tensors, storage, extra)
@@ -542,17 +593,22 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         self._raise_if_not_finite(names, self._split_features(input_features), finite)
         return output
 
-    def _eager_forward(self, input_features, attention_mask, output_hidden_states, return_dict):
+    def _eager_forward(self, input_features, attention_mask, output_hidden_states, return_dict, keep_last=True):
         features, mask = self._prepare_inputs(input_features, attention_mask)
         layer_mask = self._layer_mask(attention_mask, input_features, mask)
+        pooling = CoupledMambaStepPooling(self.config.pooling, mask)
         chunk = self.config.inference_chunk_size
         if chunk is not None and features[0].shape[1] > chunk and not torch.is_grad_enabled():
-            hidden_states, all_hidden_states = self._layers_in_chunks(features, layer_mask, chunk, output_hidden_states)
+            hidden_states, all_hidden_states = self._layers_in_chunks(
+                features, layer_mask, chunk, output_hidden_states, pooling, keep_last or output_hidden_states
+            )
         else:
-            chunk = None
             hidden_states, all_hidden_states = self._layers_whole(features, layer_mask, output_hidden_states)
-        pooled, present = self._pool(hidden_states, mask, chunk)
+            pooling.add(hidden_states, 0)
+        pooled, present = pooling.result(self.projections[self.config.modality_names[0]].fc2.weight.dtype)
         fused = self._fuse(pooled, present)
+        if not keep_last:
+            hidden_states = None
         if not return_dict:
             return tuple(v for v in (hidden_states, fused, pooled, present, all_hidden_states) if v is not None)
         return CoupledMambaModelOutput(
@@ -560,11 +616,31 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             hidden_states=all_hidden_states,
         )
 
+    def _per_modality(self, modules, inputs):
+        """modules[name](inputs[i]) for each modality, stacked: (batch, M, ...). Under a CUDA graph capture each
+        modality's call is captured on its own stream (``capture_branches``), so the replay runs them concurrently."""
+        names = self.config.modality_names
+        branches = capture_branches(inputs[0], len(names))
+        outputs = []
+        for index, name in enumerate(names):
+            with on_branch(branches, index):
+                outputs.append(modules[name](inputs[index]))
+        if branches is not None:
+            branches.join()
+        return torch.stack(outputs, dim=1)
+
+    def _project(self, features):
+        """M (batch, L, dim_m) features -> (batch, M, L, hidden) through the input projections."""
+        return self._per_modality(self.projections, features)
+
+    def _final_norm(self, hidden_states):
+        """(batch, M, L, hidden) -> the same after each modality's final LayerNorm."""
+        return self._per_modality(self.norm_f, hidden_states.unbind(1))
+
     def _layers_whole(self, features, layer_mask, output_hidden_states):
         """features: M (batch, L, dim_m) -> the final (normed) hidden states (batch, M, L, hidden) and, when asked,
         every layer's input plus the final states."""
-        names = self.config.modality_names
-        hidden_states = torch.stack([self.projections[name](feat) for name, feat in zip(names, features)], dim=1)
+        hidden_states = self._project(features)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not hidden_states.requires_grad:
             # Reentrant checkpointing passes gradients only to layers whose input requires grad (frozen projections,
             # e.g. LoRA on the mixers only, would leave every checkpointed adapter without a gradient).
@@ -575,20 +651,22 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
                 hidden_states = layer(hidden_states, layer_mask)
                 if output_hidden_states:
                     all_hidden_states = all_hidden_states + (hidden_states,)
-        hidden_states = torch.stack([self.norm_f[name](hidden_states[:, i]) for i, name in enumerate(names)], dim=1)
+        hidden_states = self._final_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
         return hidden_states, all_hidden_states
 
-    def _layers_in_chunks(self, features, layer_mask, chunk, output_hidden_states):
+    def _layers_in_chunks(self, features, layer_mask, chunk, output_hidden_states, pooling, keep_last):
         """``_layers_whole`` without gradients, ``chunk`` time steps at a time through every layer (each layer carries
-        its conv and scan states in a ``CoupledMambaLayerState``): only the outputs are L long."""
+        its conv and scan states in a ``CoupledMambaLayerState``), each chunk's final states handed to ``pooling``:
+        only the outputs are L long, and the final states (batch, M, L, hidden) only when ``keep_last`` (else the
+        first return value is None)."""
         names = self.config.modality_names
         batch, length = features[0].shape[:2]
         dtype = self.projections[names[0]].fc2.weight.dtype
         device = features[0].device
         shape = (batch, len(names), length, self.config.hidden_size)
-        last_hidden = torch.empty(shape, device=device, dtype=dtype)
+        last_hidden = torch.empty(shape, device=device, dtype=dtype) if keep_last else None
         # every layer's input (embeddings first) when asked for: those are L long by request
         levels = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers] if output_hidden_states else []
         states = [
@@ -599,16 +677,16 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         with config_backend(self.config):
             for start in range(0, length, chunk):
                 end = min(start + chunk, length)
-                hidden_states = torch.stack(
-                    [self.projections[name](feat[:, start:end]) for name, feat in zip(names, features)], dim=1
-                )
+                hidden_states = self._project([feat[:, start:end] for feat in features])
                 mask = layer_mask[..., start:end] if layer_mask is not None else None
                 for index, (layer, state) in enumerate(zip(self.layers, states)):
                     if levels:
                         levels[index][:, :, start:end] = hidden_states
                     hidden_states = layer(hidden_states, mask, state=state)
-                for i, name in enumerate(names):
-                    last_hidden[:, i, start:end] = self.norm_f[name](hidden_states[:, i])
+                final = self._final_norm(hidden_states)
+                pooling.add(final, start)
+                if last_hidden is not None:
+                    last_hidden[:, :, start:end] = final
         return last_hidden, (tuple(levels) + (last_hidden,) if output_hidden_states else None)
 
 
@@ -651,7 +729,8 @@ class CoupledMambaForSequenceClassification(CoupledMambaPreTrainedModel):
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
-            input_features, attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True
+            input_features, attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True,
+            return_last_hidden_state=False,  # the head reads the pooled vector only
         )
         logits = self.classifier(outputs.pooler_output)
         loss = self.compute_loss(logits, labels) if labels is not None else None

@@ -302,7 +302,8 @@ class MambaMixer(nn.Module):
 
         ``conv_state`` (batch, intermediate, conv_kernel), if given, is updated in place: a single token is
         a decode step, a longer input refreshes it with the last inputs. ``conv_initial`` (batch,
-        intermediate, conv_kernel - 1) are the inputs that precede this one (a continued prefill).
+        intermediate, conv_kernel - 1) are the inputs that precede this one (a continued prefill); it must not share
+        memory with ``conv_state``, which is written before the conv reads ``conv_initial``.
         """
         hidden_states = _apply_padding_mask(hidden_states, attention_mask)
         # (batch, dim, L) views of time-major memory: the ops run on dense (batch, L, dim) tensors.
@@ -312,8 +313,8 @@ class MambaMixer(nn.Module):
             x = causal_conv1d_update(x[..., 0], conv_state, weight, self.conv1d.bias, activation="silu")[..., None]
         else:
             if conv_state is not None:
-                if conv_initial is None and x.shape[-1] >= self.conv_kernel:
-                    conv_state.copy_(x[..., -self.conv_kernel:])  # the common prefill: one copy
+                if x.shape[-1] >= self.conv_kernel:  # the last inputs are all in x (a prefill, or a long chunk)
+                    conv_state.copy_(x[..., -self.conv_kernel:])
                 else:
                     prefix = conv_initial if conv_initial is not None else x.new_zeros(x.shape[0], x.shape[1], self.conv_kernel - 1)
                     # only the last conv_kernel inputs: concatenating all of x would copy the whole prompt

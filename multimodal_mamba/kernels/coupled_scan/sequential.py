@@ -589,8 +589,14 @@ def prepare_bc(Bs, Cs):
     if all(t.dtype == torch.float32 and t.stride(-2) == 1 and t.stride() == tensors[0].stride() for t in tensors):
         return list(Bs), list(Cs)
     batch, state_size, length = tensors[0].shape
-    packed = torch.empty(batch, len(tensors), length, state_size, device=tensors[0].device, dtype=torch.float32)
-    torch.cat([t.transpose(-1, -2).unsqueeze(1) for t in tensors], dim=1, out=packed)
+    rows = [t.transpose(-1, -2).unsqueeze(1) for t in tensors]
+    if all(t.dtype == tensors[0].dtype for t in tensors) and tensors[0].dtype != torch.float32:
+        # one cat in the inputs' dtype and one conversion: a cat into a float32 ``out`` copies each input separately
+        # (2M kernels)
+        packed = torch.cat(rows, dim=1).float()
+    else:
+        packed = torch.empty(batch, len(tensors), length, state_size, device=tensors[0].device, dtype=torch.float32)
+        torch.cat(rows, dim=1, out=packed)
     views = [packed[:, i].transpose(-1, -2) for i in range(len(tensors))]
     return views[:len(Bs)], views[len(Bs):]
 
