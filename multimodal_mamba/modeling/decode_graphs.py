@@ -89,13 +89,29 @@ def _close_failed_capture(device) -> None:
         _say_once("capture-cleanup", f"CUDA-graph decode: could not close the failed capture ({error})")
 
 
+_WARMUP_STREAMS: dict = {}  # torch.device -> the one side stream every capture's warm-up runs on
+
+
+def _warmup_stream(device) -> "torch.cuda.Stream":
+    """The side stream for capture warm-ups on ``device``, made once per process. cuBLAS keeps a workspace per
+    (handle, stream) for the process's lifetime (32 MiB on an H200): a new stream per capture (from PyTorch's pool of
+    32) held one more workspace after each capture of a new shape."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _WARMUP_STREAMS.get(device)
+    if stream is None:
+        stream = _WARMUP_STREAMS[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
 def capture_graph(fn: Callable, device, warmups: int = 1, pool=None, after_warmup: Optional[Callable] = None):
     """``fn()`` run ``warmups`` times on a side stream (Triton compilation, cuBLAS workspaces: work a capture must not
     do), then ``after_warmup()`` once they have finished (undoing what the warm-ups changed), then ``fn()`` captured in
     a new CUDA graph (in ``pool``, else a private pool), all without gradients. Returns (graph, fn's output, in the
     graph's memory). Raises what the warm-up or the capture raises: the caller then calls ``_close_failed_capture``
     and runs eagerly. Used by the decode step and prefill graphs here and by ``forward_graphs.ForwardGraphs``."""
-    stream = torch.cuda.Stream(device=device)
+    stream = _warmup_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream), torch.no_grad():
         for _ in range(warmups):

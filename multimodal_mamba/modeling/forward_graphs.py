@@ -46,24 +46,25 @@ class CaptureBranches:
     GEMMs of 2048 rows) leave most of the GPU idle, and a graph replays each stream's kernels in order.
 
     ``capture_branches(tensor, count)`` returns one when ``tensor`` is on CUDA and its current stream is capturing,
-    else None (eager forwards stay on one stream: switching streams costs host time there). On creation every
-    branch stream waits for the current stream; ``branch(i)`` is the context that makes stream i current; ``join()``
-    makes the current stream wait for all of them. A tensor made on a branch and read after ``join()`` is safe to
-    free whenever: its memory returns to that branch's stream, which reuses it only after its next fork, i.e. after
-    everything the current stream had queued by then.
+    else None (eager forwards stay on one stream: switching streams costs host time there). Piece 0 stays on the
+    current stream; pieces 1 .. count - 1 get side streams (made once per process and device: cuBLAS keeps a 32 MiB
+    workspace per stream), each of which waits for the current stream on creation of this object. ``branch(i)`` is
+    the context for piece i; ``join()`` makes the current stream wait for the side streams. A tensor made on a branch
+    and read after ``join()`` is safe to free whenever: its memory returns to that branch's stream, which reuses it
+    only after its next fork, i.e. after everything the current stream had queued by then.
     """
 
     def __init__(self, device, count: int):
         self.main = torch.cuda.current_stream(device)
         streams = _BRANCH_STREAMS.setdefault(device, [])
-        while len(streams) < count:
+        while len(streams) < count - 1:
             streams.append(torch.cuda.Stream(device=device))
-        self.streams = streams[:count]
+        self.streams = streams[:count - 1]
         for stream in self.streams:
             stream.wait_stream(self.main)
 
     def branch(self, index: int):
-        return torch.cuda.stream(self.streams[index])
+        return torch.cuda.stream(self.streams[index - 1]) if index > 0 else contextlib.nullcontext()
 
     def join(self) -> None:
         for stream in self.streams:
@@ -71,7 +72,7 @@ class CaptureBranches:
 
 
 def capture_branches(tensor: torch.Tensor, count: int) -> Optional[CaptureBranches]:
-    """A ``CaptureBranches`` of ``count`` streams when a CUDA graph capture is under way on ``tensor``'s device and
+    """A ``CaptureBranches`` for ``count`` pieces when a CUDA graph capture is under way on ``tensor``'s device and
     there is more than one piece, else None."""
     if count < 2 or not tensor.is_cuda or not torch.cuda.is_current_stream_capturing():
         return None
