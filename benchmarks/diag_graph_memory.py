@@ -3,9 +3,9 @@
 For the fusion benchmark's model (batch 32, hidden 256, 4 layers, bf16) with ``config.inference_cuda_graphs``, captures
 one graph per length (``--lengths``) and prints, after each first call: the memory allocated above what was allocated
 before it (what the graph and its capture left behind), and that first call's peak above the same base. Run twice in
-one process: with every capture's warm-up on one persistent side stream (``decode_graphs._warmup_stream``, the code
-now) and with a new side stream per capture (the code before session 10), to show what the warm-up stream costs
-(cuBLAS keeps a workspace per stream).
+one process: with every capture and its warm-up on one persistent side stream (``decode_graphs._capture_stream``, the
+code now) and with a new side stream per capture (before session 10 the warm-up took a new one each time), to show
+what a stream costs (cuBLAS keeps a workspace per stream).
 
     python benchmarks/diag_graph_memory.py [--lengths 100 200 300 400] [--out FILE.json]
 """
@@ -62,17 +62,17 @@ def main():
                    for n, d in MODALITIES.items()}, return_last_hidden_state=False)
     model.config.inference_cuda_graphs = True
     result = {}
-    print("one persistent warm-up stream", flush=True)
-    result["persistent_warmup_stream"] = captures(model, args.lengths, args.batch)
+    print("one persistent capture and warm-up stream", flush=True)
+    result["persistent_capture_stream"] = captures(model, args.lengths, args.batch)
     model._forward_graphs.clear()
     torch.cuda.empty_cache()
-    print("a new warm-up stream per capture (before session 10)", flush=True)
-    original = decode_graphs._warmup_stream
-    decode_graphs._warmup_stream = lambda device: torch.cuda.Stream(device=device)
+    print("a new side stream per capture", flush=True)
+    original = decode_graphs._capture_stream
+    decode_graphs._capture_stream = lambda device: torch.cuda.Stream(device=device)
     try:
-        result["new_warmup_stream_each"] = captures(model, [length + 8 for length in args.lengths], args.batch)
+        result["new_stream_each_capture"] = captures(model, [length + 8 for length in args.lengths], args.batch)
     finally:
-        decode_graphs._warmup_stream = original
+        decode_graphs._capture_stream = original
     print(json.dumps(result, indent=1), flush=True)
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))

@@ -89,19 +89,20 @@ def _close_failed_capture(device) -> None:
         _say_once("capture-cleanup", f"CUDA-graph decode: could not close the failed capture ({error})")
 
 
-_WARMUP_STREAMS: dict = {}  # torch.device -> the one side stream every capture's warm-up runs on
+_CAPTURE_STREAMS: dict = {}  # torch.device -> the one side stream every capture (and its warm-up) runs on
 
 
-def _warmup_stream(device) -> "torch.cuda.Stream":
-    """The side stream for capture warm-ups on ``device``, made once per process. cuBLAS keeps a workspace per
-    (handle, stream) for the process's lifetime (32 MiB on an H200): a new stream per capture (from PyTorch's pool of
-    32) held one more workspace after each capture of a new shape."""
+def _capture_stream(device) -> "torch.cuda.Stream":
+    """The side stream for captures and their warm-ups on ``device``, made once per process. cuBLAS keeps a
+    workspace per (handle, stream) for the process's lifetime (32 MiB on an H200): a new warm-up stream per capture
+    (from PyTorch's pool of 32) left one more workspace allocated after each capture of a new shape (measured:
+    ``benchmarks/diag_graph_memory.py``), and warming up on a stream other than the capture's costs one more."""
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    stream = _WARMUP_STREAMS.get(device)
+    stream = _CAPTURE_STREAMS.get(device)
     if stream is None:
-        stream = _WARMUP_STREAMS[device] = torch.cuda.Stream(device=device)
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
     return stream
 
 
@@ -111,7 +112,7 @@ def capture_graph(fn: Callable, device, warmups: int = 1, pool=None, after_warmu
     a new CUDA graph (in ``pool``, else a private pool), all without gradients. Returns (graph, fn's output, in the
     graph's memory). Raises what the warm-up or the capture raises: the caller then calls ``_close_failed_capture``
     and runs eagerly. Used by the decode step and prefill graphs here and by ``forward_graphs.ForwardGraphs``."""
-    stream = _warmup_stream(device)
+    stream = _capture_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream), torch.no_grad():
         for _ in range(warmups):
@@ -120,7 +121,7 @@ def capture_graph(fn: Callable, device, warmups: int = 1, pool=None, after_warmu
     if after_warmup is not None:
         after_warmup()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+    with torch.cuda.graph(graph, pool=pool, stream=stream), torch.no_grad():
         output = fn()
     return graph, output
 
