@@ -256,27 +256,30 @@ class CoupledMambaStepPooling:
 
     mask: (batch, M, L) float, 1 on valid steps. ``add(part, start)`` takes part (batch, M, T, hidden) = the states
     of steps start .. start + T - 1; ``result(dtype)`` -> pooled (batch, M, hidden), zeros for absent modalities,
-    and present (batch, M) bool. Mean pools accumulate in float32.
+    and present (batch, M) bool. Mean pools sum each chunk in the states' dtype (one matmul per chunk, the weights
+    cast once) and add the chunks' sums in float32 at the end.
     """
 
     def __init__(self, mode: str, mask: torch.Tensor):
         self.mode, self.mask = mode, mask
         self.present = mask.sum(-1) > 0  # (batch, M)
         self.pooled = None
+        self.sums = []  # mean: each chunk's masked sum (batch, M, hidden)
+        self.weights = None  # mean: (batch, M, 1, L) in the states' dtype, made at the first chunk
         if mode == "last":
             positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=mask.dtype)
             self.last = (mask * positions).argmax(dim=-1)  # (batch, M): the last valid step (0 when none)
 
     def add(self, part: torch.Tensor, start: int) -> None:
         steps = part.shape[2]
-        mask = self.mask[:, :, start:start + steps]
         if self.mode == "mean":
+            if self.weights is None:
+                self.weights = self.mask[..., None, :].to(part.dtype)
             # (batch, M, 1, T) @ (batch, M, T, hidden): the masked sum without a masked copy of the states
-            total = torch.matmul(mask[..., None, :].to(part.dtype), part)[..., 0, :].float()
-            self.pooled = total if self.pooled is None else self.pooled + total
+            self.sums.append(torch.matmul(self.weights[..., start:start + steps], part)[..., 0, :])
         elif self.mode == "max":
             lowest = torch.finfo(part.dtype).min
-            best = part.masked_fill(mask[..., None] == 0, lowest).amax(dim=2)
+            best = part.masked_fill(self.mask[:, :, start:start + steps, None] == 0, lowest).amax(dim=2)
             self.pooled = best if self.pooled is None else torch.maximum(self.pooled, best)
         else:  # the last valid step, from the chunk that holds it
             offset = (self.last - start).clamp(0, steps - 1)
@@ -287,7 +290,8 @@ class CoupledMambaStepPooling:
     def result(self, dtype: torch.dtype):
         pooled = self.pooled
         if self.mode == "mean":
-            pooled = (pooled / self.mask.sum(-1, keepdim=True).clamp_min(1.0)).to(dtype)
+            total = self.sums[0].float() if len(self.sums) == 1 else torch.stack(self.sums).float().sum(0)
+            pooled = (total / self.mask.sum(-1, keepdim=True).clamp_min(1.0)).to(dtype)
         return torch.where(self.present[..., None], pooled, torch.zeros_like(pooled)), self.present
 
 
