@@ -6,7 +6,7 @@ activations, float32 B / C rows, strides divisible by 16, M = 3, N = 16, D, z an
 per configuration (block_d, num_warps, K): registers, spill bytes, and the instruction mix of the main loop per
 time step (per lane and per (lane, state)), MUFU (special-function) instructions and shuffles included.
 
-    python benchmarks/bench_gpu_coupled_sass.py [--configs 16,1,4 16,1,1 ...] [--layout lmajor|tmajor]
+    python benchmarks/bench_gpu_coupled_sass.py [--configs 16,1,4 16,1,1 ...] [--layout lmajor|tmajor] [--even]
 
 What it is for: the kernel's layouts are chosen by Triton's layout propagation, which differs between versions (a
 channel's states must stay in one or two lanes; see sequential.py). This checks that on any Triton without a GPU.
@@ -47,13 +47,13 @@ UNSPECIALIZED = ("length", "n_slots", "stride_A_n", "stride_A_d")
 
 
 def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16", bc="fp32", save_every=0,
-                   prefetch_bc=False, bc_ahead=False, maxnreg=None, xlane=False):
+                   prefetch_bc=False, bc_ahead=False, maxnreg=None, xlane=False, even=False):
     fn = sequential._coupled_seq_fwd_kernel
     sig, const = {}, {}
     for p in fn.arg_names:
         if (p[0] in "UZO" and p[1:].isdigit()) or p.startswith("DL"):
             sig[p] = "*" + act
-        elif p[0] in "BC" and p[1:].isdigit():
+        elif p == "BC" or (p[0] in "BC" and p[1:].isdigit()):  # packed B / C rows (or, before, one per chain)
             sig[p] = "*" + bc
         elif p.endswith("_ptr"):
             sig[p] = "*fp32"
@@ -68,8 +68,10 @@ def compile_config(block_d, num_warps, k, lmajor, chains=3, state=16, act="bf16"
                  HAS_H0=False, FAST=True, PREFETCH_BC=prefetch_bc, BC_AHEAD=bc_ahead,
                  XLANE=bool(xlane) and sequential.xlane_applies(block_d, num_warps, k),
                  JS=1 if lmajor else block_d)
-    ones = ["stride_bc_n"] + ([f"stride_{t}_l" for t in ("u", "dl", "z", "o")] if lmajor else
-                              [f"stride_{t}_d" for t in ("u", "dl", "z", "o")])
+    # ("mean" coupling, 32-bit offsets; even: dim and L multiples of (block_d, K), the unmasked tiles)
+    const.update({p: v for p, v in (("PAD_LC", False), ("OFF64", False), ("EVEN", even)) if p in fn.arg_names})
+    ones = [p for p in ("stride_bc_n",) if p in fn.arg_names] + (
+        [f"stride_{t}_l" for t in ("u", "dl", "z", "o")] if lmajor else [f"stride_{t}_d" for t in ("u", "dl", "z", "o")])
     for p in ones:
         const[p], sig[p] = 1, "constexpr"
     divisible = [i for i, p in enumerate(fn.arg_names)
@@ -116,6 +118,7 @@ def main():
                         help="block_d,num_warps,K[,prefetch_bc,bc_ahead[,xlane]] (0/1)")
     parser.add_argument("--layout", choices=["lmajor", "tmajor"], nargs="+", default=["lmajor", "tmajor"])
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ptxas .maxnreg)")
+    parser.add_argument("--even", action="store_true", help="specialize for dim, L multiples of (block_d, K)")
     parser.add_argument("--dump", default=None, help="write each config's main-loop SASS to DUMP_<config>.sass")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, target sm_90; M 3, N 16, bf16 activations, float32 B / C", flush=True)
@@ -127,7 +130,7 @@ def main():
                 prefetch_bc, bc_ahead = (bool(v) for v in (values[3:5] if len(values) >= 5 else (0, 0)))
                 xlane = len(values) == 6 and bool(values[5])
                 compiled = compile_config(block_d, num_warps, k, layout == "lmajor", prefetch_bc=prefetch_bc,
-                                          bc_ahead=bc_ahead, maxnreg=args.maxnreg, xlane=xlane)
+                                          bc_ahead=bc_ahead, maxnreg=args.maxnreg, xlane=xlane, even=args.even)
                 cubin = Path(tmp) / "k.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
                 usage = subprocess.run([f"{NVBIN}/cuobjdump", "-res-usage", str(cubin)], capture_output=True,

@@ -1256,7 +1256,58 @@ def test_interpreter_coupled_sequential_forward(interpreted):
         (1, 4, 8, 19, 8, False, (4, 1, 8, True, False, True), "sum", 0, True, True, True, False),
         (2, 3, 8, 13, 16, True, (8, 1, 4, True, True, False), "mean", 4, True, True, True, True),
         (1, 2, 20, 9, 5, False, (16, 1, 2, False, True, True), "mean", 4, True, False, True, True),
+        # dim and L multiples of (block_d, K): unmasked tiles (SEQ_EVEN_TILES), the last look-ahead re-reading L - 1
+        (2, 3, 16, 24, 16, True, (8, 1, 4, True, True, True), "mean", 8, True, True, True, True),
+        (1, 3, 16, 16, 16, False, (8, 1, 4, True, True), "sum", 8, True, True, False, True),
     ]
+    _check_sequential_cases(sequential, cases)
+
+
+@interpreter
+def test_interpreter_coupled_sequential_forward_int64_offsets(interpreted, monkeypatch):
+    """The kernel's 64-bit offset path (OFF64: taken where a batch element's offsets could pass 2^31, which small
+    inputs never do, so forced here)."""
+    from multimodal_mamba.kernels.coupled_scan import sequential
+
+    monkeypatch.setattr(sequential, "_offsets_fit_int32", lambda *args: False)
+    _check_sequential_cases(sequential, [
+        (2, 3, 8, 21, 4, False, (8, 1, 4, True, True), "mean", 8, True, True, True, True),
+        (2, 3, 12, 21, 16, True, (4, 1, 8, True, True, True), "sum", 8, True, True, True, True),
+        (1, 3, 16, 16, 16, True, (8, 1, 4, True, True, True), "mean", 0, True, True, True, False),
+    ])
+
+
+@interpreter
+def test_interpreter_coupled_prepare_bc_views(interpreted):
+    """B / C packed by ``prepare_bc`` (one (batch, L, 2M, N) float32 tensor) pass into the kernel as they are, and
+    give the result of packing inside the call; float32 N-contiguous rows of another layout are repacked."""
+    from multimodal_mamba.kernels.coupled_scan import sequential
+
+    inputs = coupled_inputs(2, 3, 8, 13, 16, torch.float32, True, True, False, device="cpu", seed=5)
+    lists = _chain_lists(inputs, 3)
+    Bs, Cs = sequential.prepare_bc(lists["Bs"], lists["Cs"])
+    packed = sequential.packed_bc(Bs, Cs)
+    assert packed is not None and packed.shape == (2, 13, 6, 16) and packed.is_contiguous()
+    assert torch.equal(packed[:, :, 1], lists["Bs"][1].transpose(1, 2)) and torch.equal(
+        packed[:, :, 3 + 2], lists["Cs"][2].transpose(1, 2))
+    again = sequential.prepare_bc(Bs, Cs)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(again[0] + again[1], Bs + Cs))
+    # N-contiguous float32 rows of one tensor per chain (not prepare_bc's layout): not taken as packed
+    separate = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in lists["Bs"] + lists["Cs"]]
+    assert sequential.packed_bc(separate[:3], separate[3:]) is None
+
+    def run(B_list, C_list):
+        return sequential.coupled_scan_fwd_seq(lists["us"], lists["deltas"], lists["zs"], inputs["A"], B_list, C_list,
+                                               inputs["D"], inputs["delta_bias"], True, "mean", None,
+                                               config=(8, 1, 4))[0]
+
+    direct = run(lists["Bs"], lists["Cs"])
+    assert torch.equal(run(Bs, Cs), direct) and torch.equal(run(separate[:3], separate[3:]), direct)
+
+
+def _check_sequential_cases(sequential, cases):
+    """Each (batch, M, dim, L, N, time_major, config, coupling, save_every, z, D, bias, h0) case of the sequential
+    forward against the reference: output, final state and saved states."""
     for batch, chains, dim, length, state, time_major, config, coupling, save, with_z, with_d, with_bias, with_h0 in cases:
         inputs = coupled_inputs(batch, chains, dim, length, state, torch.float32, time_major, with_z, with_h0,
                                 device="cpu", seed=dim + length, dt_shift=2.0 if coupling == "sum" else -1.0,

@@ -22,14 +22,21 @@ warps when batch * dim is small (the benchmark's 8 x 1024 channels make only 256
 
 Memory: u, delta, z and y cross HBM once, read in chunks of ``K`` steps (``K`` contiguous steps per thread for the
 (batch, M, dim, L) layout; for time-major memory a chunk is ``K`` rows of channels), prefetched one chunk ahead.
-B and C are read per step as (N,) rows; the wrapper hands them over as float32 (batch, 2M, L, N), written by one
-copy (``prepare_bc``). Each step's 2M rows lie in L1 sectors no earlier step touched, so a plain load right before
-use waits for L2 (several hundred cycles) every step, with about one warp per scheduler to hide it: that made the
-first version of this kernel 5 - 8x slower than its instruction count (4.5 ms on the issue's shape, H200). Now the
-next chunk's rows are prefetched into L1 a chunk ahead (``prefetch.global.L1``, no registers held) and each step's
-rows are loaded into registers one step ahead (``PREFETCH_BC``, ``BC_AHEAD``): 1.98 ms.
+B and C are read per step as (N,) rows; the wrapper hands them over as one float32 (batch, L, 2M, N) tensor
+(``prepare_bc``: per step the B rows of the M chains, then their C rows, 2 M N contiguous floats), so that one
+address per step serves all 2M rows (the chains' rows are constant offsets the loads carry as immediates). Each
+step's rows lie in L1 sectors no earlier step touched, so a plain load right before use waits for L2 (several hundred
+cycles) every step, with about one warp per scheduler to hide it: that made the first version of this kernel 5 - 8x
+slower than its instruction count (4.5 ms on the issue's shape, H200). Now the next chunk's rows are prefetched into
+L1 a chunk ahead (``prefetch.global.L1``, no registers held) and each step's rows are loaded into registers one step
+ahead (``PREFETCH_BC``, ``BC_AHEAD``): 1.98 ms.
 
-Chains: up to 4, each with its own pointers (u, delta, z, out, B, C of chain m may be separate tensors, as the
+Addresses: the batch element's offset goes into each tensor's base pointer once, and the per-lane offsets inside it
+are 32-bit (``OFF64`` where they could overflow); where dim and L are multiples of (block_d, K) the tiles are
+loaded and stored without masks (``EVEN``). Together with the packed B / C rows these cut the loop from 152 to 130
+instructions per step at the fusion benchmark's config (results/gpu_kernels_notes.md, fifth round).
+
+Chains: up to 4, each with its own pointers (u, delta, z, out of chain m may be separate tensors, as the
 modalities' activations of a Coupled Mamba layer are: no stacking copy), sharing strides per kind.
 """
 
@@ -57,27 +64,15 @@ def _prefetch_l1(ptrs):
 
 
 @triton.jit
-def _prefetch_bc_chunk(Bm, Cm, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line,
-                       LINE_ELEMS: tl.constexpr):
-    """L1 prefetch of chain m's B and C rows for steps t_first .. t_first + K - 1 (clamped to L - 1): one address
-    per (step, 128-byte line of the row)."""
-    tp = tl.minimum(t_first + offs_pf_k, length - 1)
-    off = row_bc_pf + tp[:, None] * stride_bc_l + offs_pf_line[None, :] * LINE_ELEMS
-    _prefetch_l1(Bm + off)
-    _prefetch_l1(Cm + off)
-
-
-@triton.jit
-def _prefetch_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k,
-                        offs_pf_line, M: tl.constexpr):
-    """``_prefetch_bc_chunk`` for each of the M chains (32 elements per 128-byte line)."""
-    _prefetch_bc_chunk(B0, C0, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line, 32)
-    if M > 1:
-        _prefetch_bc_chunk(B1, C1, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line, 32)
-    if M > 2:
-        _prefetch_bc_chunk(B2, C2, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line, 32)
-    if M > 3:
-        _prefetch_bc_chunk(B3, C3, row_bc_pf, stride_bc_l, t_first, length, offs_pf_k, offs_pf_line, 32)
+def _prefetch_bc_steps(BC, t_first, length, offs_pf_line, ROW: tl.constexpr, OFF64: tl.constexpr):
+    """L1 prefetch of the B / C rows of steps t_first .. t_first + K - 1 (K * ROW contiguous floats of this batch
+    element's packed (L, 2M, N) rows, K * ROW <= 32 * len(offs_pf_line) - 32; clamped to its last element): one
+    address per 128-byte line."""
+    if OFF64:
+        t_first = t_first.to(tl.int64)
+        length = length.to(tl.int64)
+    off = tl.minimum(t_first * ROW + offs_pf_line * 32, length * ROW - 1)
+    _prefetch_l1(BC + off)
 
 
 @triton.jit
@@ -99,60 +94,71 @@ def _row(tile, offs_k, k):
 
 
 @triton.jit
-def _load_one(P, off, mask, XLANE: tl.constexpr):
+def _load_one(P, off, mask, XLANE: tl.constexpr, EVEN: tl.constexpr):
+    """A (K, BD) tile of u / delta / z (EVEN: no partial chunk or channel block, and ``off`` within bounds: no mask)."""
     if XLANE:  # loaded as (1, K, BD): the layout of a slice of the (NI, LPC, BD) state tile (see _xrow)
-        return tl.sum(tl.load(P + off[None, :, :], mask=mask[None, :, :], other=0.0).to(tl.float32), axis=0)
+        if EVEN:
+            return tl.sum(tl.load(P + off[None, :, :]).to(tl.float32), axis=0)
+        else:
+            return tl.sum(tl.load(P + off[None, :, :], mask=mask[None, :, :], other=0.0).to(tl.float32), axis=0)
     else:
-        return tl.load(P + off, mask=mask, other=0.0)
+        if EVEN:
+            return tl.load(P + off)
+        else:
+            return tl.load(P + off, mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_raw(U, DL, Z, off_u, off_dl, off_z, mask, HAS_Z: tl.constexpr, XLANE: tl.constexpr = False):
-    ru = _load_one(U, off_u, mask, XLANE)
-    rd = _load_one(DL, off_dl, mask, XLANE)
+def _load_raw(U, DL, Z, off_u, off_dl, off_z, mask, HAS_Z: tl.constexpr, XLANE: tl.constexpr, EVEN: tl.constexpr):
+    ru = _load_one(U, off_u, mask, XLANE, EVEN)
+    rd = _load_one(DL, off_dl, mask, XLANE, EVEN)
     if HAS_Z:
-        rz = _load_one(Z, off_z, mask, XLANE)
+        rz = _load_one(Z, off_z, mask, XLANE, EVEN)
     else:
         rz = ru
     return ru, rd, rz
 
 
 @triton.jit
-def _prep(ru, rd, bias, mask, scale, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+def _prep(ru, rd, bias, mask, scale, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+          EVEN: tl.constexpr):
     """dt = softplus(delta + bias) (0 on padded steps) and c dt u, as (K, BD) float32 tiles."""
     dt = rd.to(tl.float32)
     if HAS_BIAS:
         dt += bias[None, :]
     if SOFTPLUS:
         dt = _softplus(dt, FAST)
-    dt = tl.where(mask, dt, 0.0)
+    if not EVEN:
+        dt = tl.where(mask, dt, 0.0)
     return dt, dt * ru.to(tl.float32) * scale
 
 
 @triton.jit
-def _load_bc(Bm, Cm, off_bc, mask_n, EVEN_N: tl.constexpr):
+def _load_bc(row_ptrs, m: tl.constexpr, mask_n, EVEN_N: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
+    """Chain m's B and C rows of one step, ``row_ptrs`` pointing at the step's packed (2M, N) rows: B at + m N, C at
+    + (M + m) N (constant offsets added to the pointers, so that the loads carry them as immediates)."""
     if EVEN_N:
-        Bv = tl.load(Bm + off_bc)
-        Cv = tl.load(Cm + off_bc)
+        Bv = tl.load(row_ptrs + m * N)
+        Cv = tl.load(row_ptrs + (M + m) * N)
     else:
-        Bv = tl.load(Bm + off_bc, mask=mask_n, other=0.0)
-        Cv = tl.load(Cm + off_bc, mask=mask_n, other=0.0)
+        Bv = tl.load(row_ptrs + m * N, mask=mask_n, other=0.0)
+        Cv = tl.load(row_ptrs + (M + m) * N, mask=mask_n, other=0.0)
     return Bv.to(tl.float32), Cv.to(tl.float32)
 
 
 @triton.jit
-def _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, off_bc, mask_n, EVEN_N: tl.constexpr, M: tl.constexpr):
+def _load_bc_chains(row_ptrs, mask_n, EVEN_N: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
     """``_load_bc`` for each of the M chains: (B, C) rows of chains 0 - 3; a chain past M gets chain 0's rows (no
     load; its values are not read). Only where the results are not carried from one chunk to the next (the rows a
     step ahead are: those of chains past M would be carried for nothing)."""
-    b0, c0 = _load_bc(B0, C0, off_bc, mask_n, EVEN_N)
+    b0, c0 = _load_bc(row_ptrs, 0, mask_n, EVEN_N, M, N)
     b1, c1, b2, c2, b3, c3 = b0, c0, b0, c0, b0, c0
     if M > 1:
-        b1, c1 = _load_bc(B1, C1, off_bc, mask_n, EVEN_N)
+        b1, c1 = _load_bc(row_ptrs, 1, mask_n, EVEN_N, M, N)
     if M > 2:
-        b2, c2 = _load_bc(B2, C2, off_bc, mask_n, EVEN_N)
+        b2, c2 = _load_bc(row_ptrs, 2, mask_n, EVEN_N, M, N)
     if M > 3:
-        b3, c3 = _load_bc(B3, C3, off_bc, mask_n, EVEN_N)
+        b3, c3 = _load_bc(row_ptrs, 3, mask_n, EVEN_N, M, N)
     return b0, c0, b1, c1, b2, c2, b3, c3
 
 
@@ -242,13 +248,16 @@ def _xscatter(acc, offs_acc, jj, K: tl.constexpr, JS: tl.constexpr, FAST: tl.con
 
 @triton.jit
 def _finish(y, ru, rz, Dv, inv_scale, O, off_o, mask, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-            FAST: tl.constexpr):
+            FAST: tl.constexpr, EVEN: tl.constexpr):
     out = y * inv_scale
     if HAS_D:
         out += ru.to(tl.float32) * Dv[None, :]
     if HAS_Z:
         out = out * _silu(rz.to(tl.float32), FAST)
-    tl.store(O + off_o, out.to(O.dtype.element_ty), mask=mask)
+    if EVEN:
+        tl.store(O + off_o, out.to(O.dtype.element_ty))
+    else:
+        tl.store(O + off_o, out.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -289,21 +298,28 @@ def _chain_vectors(A_ptr, D_ptr, bias_ptr, m, stride_A_m, stride_A_n, stride_A_d
     return A2, Dv, bias
 
 
+@triton.jit
+def _batch_bases(U, DL, Z, O, pid_b, stride_u_b, stride_dl_b, stride_z_b, stride_o_b):
+    """Chain m's u, delta, z and out pointers moved to batch element pid_b (int64 products)."""
+    return U + pid_b * stride_u_b, DL + pid_b * stride_dl_b, Z + pid_b * stride_z_b, O + pid_b * stride_o_b
+
+
 @triton.jit(do_not_specialize=["length", "n_slots"])  # (one build for every L)
 def _coupled_seq_fwd_kernel(
-    U0, U1, U2, U3, DL0, DL1, DL2, DL3, Z0, Z1, Z2, Z3, O0, O1, O2, O3, B0, B1, B2, B3, C0, C1, C2, C3,
+    U0, U1, U2, U3, DL0, DL1, DL2, DL3, Z0, Z1, Z2, Z3, O0, O1, O2, O3, BC,
     A_ptr, D_ptr, bias_ptr, h0_ptr, states_ptr,
     dim, length, n_slots, scale, inv_scale, lc_valid, lc_pad,
     stride_u_b, stride_u_d, stride_u_l,
     stride_dl_b, stride_dl_d, stride_dl_l,
     stride_z_b, stride_z_d, stride_z_l,
     stride_o_b, stride_o_d, stride_o_l,
-    stride_bc_b, stride_bc_n, stride_bc_l,
+    stride_bc_b,
     stride_A_m, stride_A_n, stride_A_d, stride_Dp_m, stride_bias_m,
     M: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, LPC: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
     SAVE_EVERY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, FAST: tl.constexpr, PREFETCH_BC: tl.constexpr,
-    BC_AHEAD: tl.constexpr, XLANE: tl.constexpr, JS: tl.constexpr,
+    BC_AHEAD: tl.constexpr, XLANE: tl.constexpr, JS: tl.constexpr, PAD_LC: tl.constexpr, OFF64: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -348,100 +364,128 @@ def _coupled_seq_fwd_kernel(
     if SAVE_EVERY > 0:
         _scatter_states(state_row, 1, H, offs_d * (n_slots * N), mask_d, offs_n, N)
 
-    row_u = pid_b * stride_u_b + offs_d[None, :] * stride_u_d
-    row_dl = pid_b * stride_dl_b + offs_d[None, :] * stride_dl_d
-    row_z = pid_b * stride_z_b + offs_d[None, :] * stride_z_d
-    row_o = pid_b * stride_o_b + offs_d[None, :] * stride_o_d
-    row_bc = pid_b * stride_bc_b + offs_n * stride_bc_n
+    # u, delta, z, out and the B / C rows: the batch element's offset goes into the (scalar) base pointers, so that
+    # the per-lane offsets within it are 32-bit (one IMAD.WIDE per address instead of 64-bit adds and shifts; the
+    # launcher sets OFF64 where a batch element's offsets could pass 2^31)
+    U0, DL0, Z0, O0 = _batch_bases(U0, DL0, Z0, O0, pid_b, stride_u_b, stride_dl_b, stride_z_b, stride_o_b)
+    if M > 1:
+        U1, DL1, Z1, O1 = _batch_bases(U1, DL1, Z1, O1, pid_b, stride_u_b, stride_dl_b, stride_z_b, stride_o_b)
+    if M > 2:
+        U2, DL2, Z2, O2 = _batch_bases(U2, DL2, Z2, O2, pid_b, stride_u_b, stride_dl_b, stride_z_b, stride_o_b)
+    if M > 3:
+        U3, DL3, Z3, O3 = _batch_bases(U3, DL3, Z3, O3, pid_b, stride_u_b, stride_dl_b, stride_z_b, stride_o_b)
+    BC = BC + pid_b * stride_bc_b
+    lane_d = offs_d.to(tl.int64) if OFF64 else offs_d
+    row_u = lane_d[None, :] * stride_u_d
+    row_dl = lane_d[None, :] * stride_dl_d
+    row_z = lane_d[None, :] * stride_z_d
+    row_o = lane_d[None, :] * stride_o_d
+    # B / C: one step's rows of all chains are ROW = 2 M N contiguous floats (B of chains 0 .. M-1, then C)
+    ROW: tl.constexpr = 2 * M * N
+    row_bc = offs_n.to(tl.int64) if OFF64 else offs_n
 
     # chunk 0, prefetched
-    t = offs_k
+    t = offs_k.to(tl.int64) if OFF64 else offs_k
     mask = (t < length)[:, None] & mask_d[None, :]
     ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
-                              row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE)
+                              row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE, EVEN)
     if M > 1:
         ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
-                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE)
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE, EVEN)
     if M > 2:
         ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
-                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE)
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE, EVEN)
     if M > 3:
         ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
-                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE)
+                                  row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE, EVEN)
 
     # B / C rows: every step reads M (N,) rows of B and of C that no earlier step touched (64-byte rows, new L1
     # sectors each step), so without help each step waits for L2 about M times over. PREFETCH_BC asks L1 for the
     # next chunk's rows a chunk ahead; BC_AHEAD holds the next step's rows in registers (loaded one step early).
-    N_LINES: tl.constexpr = (N_PAD + 31) // 32
-    offs_pf_k = tl.arange(0, K)
-    offs_pf_line = tl.arange(0, N_LINES)
-    row_bc_pf = pid_b * stride_bc_b
+    # (a chunk's rows are K * ROW contiguous floats: one prefetch address per 128-byte line they touch)
+    PF_LINES: tl.constexpr = (K * ROW + 31) // 32 + 1
+    offs_pf_line = tl.arange(0, triton.next_power_of_2(PF_LINES))
     if PREFETCH_BC:
-        _prefetch_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc_pf, stride_bc_l, 0, length, offs_pf_k, offs_pf_line,
-                            M)
+        _prefetch_bc_steps(BC, pid_d * 0, length, offs_pf_line, ROW, OFF64)
     if BC_AHEAD:  # (only chains below M reload these in the loop, so only theirs are carried from chunk to chunk)
-        nB0, nC0, nB1, nC1, nB2, nC2, nB3, nC3 = _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc, mask_n,
-                                                                 EVEN_N, M)
+        nB0, nC0, nB1, nC1, nB2, nC2, nB3, nC3 = _load_bc_chains(BC + row_bc, mask_n, EVEN_N, M, N)
 
     n_chunks = tl.cdiv(length, K)
     for chunk in range(n_chunks):
         if PREFETCH_BC:
-            _prefetch_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, row_bc_pf, stride_bc_l, chunk * K + K, length,
-                                offs_pf_k, offs_pf_line, M)
+            _prefetch_bc_steps(BC, chunk * K + K, length, offs_pf_line, ROW, OFF64)
         t = chunk * K + offs_k
+        if OFF64:
+            t = t.to(tl.int64)
         mask = (t < length)[:, None] & mask_d[None, :]
-        tn = t + K
+        # (EVEN: the last chunk's look-ahead reads step L - 1 again instead of masking)
+        tn = tl.minimum(t + K, length - 1) if EVEN else t + K
         mask_next = (tn < length)[:, None] & mask_d[None, :]
         off_nu = row_u + tn[:, None] * stride_u_l
         off_nd = row_dl + tn[:, None] * stride_dl_l
         off_nz = row_z + tn[:, None] * stride_z_l
         # this chunk's raw tiles; the next chunk's loads go out before the work
         cu0, cd0, cz0 = ru0, rd0, rz0
-        ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE)
-        dt0, dtu0 = _prep(cu0, cd0, bias0, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
+        ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
+        dt0, dtu0 = _prep(cu0, cd0, bias0, mask, scale, HAS_BIAS, SOFTPLUS, FAST, EVEN)
         y0 = tl.zeros([K, BD], dtype=tl.float32)
         acc0 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 1:
             cu1, cd1, cz1 = ru1, rd1, rz1
-            ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE)
-            dt1, dtu1 = _prep(cu1, cd1, bias1, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
+            ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
+            dt1, dtu1 = _prep(cu1, cd1, bias1, mask, scale, HAS_BIAS, SOFTPLUS, FAST, EVEN)
             y1 = tl.zeros([K, BD], dtype=tl.float32)
             acc1 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 2:
             cu2, cd2, cz2 = ru2, rd2, rz2
-            ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE)
-            dt2, dtu2 = _prep(cu2, cd2, bias2, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
+            ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
+            dt2, dtu2 = _prep(cu2, cd2, bias2, mask, scale, HAS_BIAS, SOFTPLUS, FAST, EVEN)
             y2 = tl.zeros([K, BD], dtype=tl.float32)
             acc2 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 3:
             cu3, cd3, cz3 = ru3, rd3, rz3
-            ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE)
-            dt3, dtu3 = _prep(cu3, cd3, bias3, mask, scale, HAS_BIAS, SOFTPLUS, FAST)
+            ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
+            dt3, dtu3 = _prep(cu3, cd3, bias3, mask, scale, HAS_BIAS, SOFTPLUS, FAST, EVEN)
             y3 = tl.zeros([K, BD], dtype=tl.float32)
             acc3 = tl.zeros([K, LPC, BD], dtype=tl.float32)
 
+        if EVEN:  # this chunk's B / C rows: one pointer, each step's rows at a constant offset from it
+            t_chunk = chunk * K
+            chunk_rows = BC + (row_bc + (t_chunk.to(tl.int64) if OFF64 else t_chunk) * ROW)
         for k in tl.static_range(K):
             tk = chunk * K + k
-            # padded steps (t >= L): dt = 0, so a^m = 2^lc_pad = 1/M and H passes unchanged
-            lc = tl.where(tk < length, lc_valid, lc_pad)
-            off_bc = row_bc + tl.minimum(tk, length - 1) * stride_bc_l
+            # padded steps (t >= L): dt = 0, so a^m = 2^lc_pad = 1/M and H passes unchanged ("mean": lc_valid is
+            # that already; PAD_LC: "sum" with a padded last chunk)
+            if PAD_LC:
+                lc = tl.where(tk < length, lc_valid, lc_pad)
+            else:
+                lc = lc_valid
             if BC_AHEAD:
-                # this step's rows were loaded one step ago; the next step's go out now, before the work
-                off_bc_next = row_bc + tl.minimum(tk + 1, length - 1) * stride_bc_l
+                # this step's rows were loaded one step ago; the next step's go out now, before the work (the last
+                # step's look-ahead, past L, re-reads step L - 1)
+                if EVEN:
+                    if k == K - 1:
+                        next_rows = chunk_rows + tl.where(tk + 1 < length, K * ROW, (K - 1) * ROW)
+                    else:
+                        next_rows = chunk_rows + (k + 1) * ROW
+                else:
+                    t_bc = tl.minimum(tk + 1, length - 1)
+                    next_rows = BC + (row_bc + (t_bc.to(tl.int64) if OFF64 else t_bc) * ROW)
                 Bv0, Cv0 = nB0, nC0
-                nB0, nC0 = _load_bc(B0, C0, off_bc_next, mask_n, EVEN_N)
+                nB0, nC0 = _load_bc(next_rows, 0, mask_n, EVEN_N, M, N)
                 if M > 1:
                     Bv1, Cv1 = nB1, nC1
-                    nB1, nC1 = _load_bc(B1, C1, off_bc_next, mask_n, EVEN_N)
+                    nB1, nC1 = _load_bc(next_rows, 1, mask_n, EVEN_N, M, N)
                 if M > 2:
                     Bv2, Cv2 = nB2, nC2
-                    nB2, nC2 = _load_bc(B2, C2, off_bc_next, mask_n, EVEN_N)
+                    nB2, nC2 = _load_bc(next_rows, 2, mask_n, EVEN_N, M, N)
                 if M > 3:
                     Bv3, Cv3 = nB3, nC3
-                    nB3, nC3 = _load_bc(B3, C3, off_bc_next, mask_n, EVEN_N)
+                    nB3, nC3 = _load_bc(next_rows, 3, mask_n, EVEN_N, M, N)
             else:
-                Bv0, Cv0, Bv1, Cv1, Bv2, Cv2, Bv3, Cv3 = _load_bc_chains(B0, C0, B1, C1, B2, C2, B3, C3, off_bc,
-                                                                         mask_n, EVEN_N, M)
+                t_bc = tl.minimum(tk, length - 1)
+                rows = BC + (row_bc + (t_bc.to(tl.int64) if OFF64 else t_bc) * ROW)
+                Bv0, Cv0, Bv1, Cv1, Bv2, Cv2, Bv3, Cv3 = _load_bc_chains(rows, mask_n, EVEN_N, M, N)
             if XLANE:
                 dtk, dtuk = _xrow(dt0, offs_k, k, K, JS, FAST), _xrow(dtu0, offs_k, k, K, JS, FAST)
                 h0, pk = _xstep(H, A20, dtk, dtuk, lc, Bv0, Cv0, FAST)
@@ -489,13 +533,13 @@ def _coupled_seq_fwd_kernel(
             if M > 3:
                 y3 = _xscatter(acc3, offs_acc, jj, K, JS, FAST)
         off_o = row_o + t[:, None] * stride_o_l
-        _finish(y0, cu0, cz0, Dv0, inv_scale, O0, off_o, mask, HAS_D, HAS_Z, FAST)
+        _finish(y0, cu0, cz0, Dv0, inv_scale, O0, off_o, mask, HAS_D, HAS_Z, FAST, EVEN)
         if M > 1:
-            _finish(y1, cu1, cz1, Dv1, inv_scale, O1, off_o, mask, HAS_D, HAS_Z, FAST)
+            _finish(y1, cu1, cz1, Dv1, inv_scale, O1, off_o, mask, HAS_D, HAS_Z, FAST, EVEN)
         if M > 2:
-            _finish(y2, cu2, cz2, Dv2, inv_scale, O2, off_o, mask, HAS_D, HAS_Z, FAST)
+            _finish(y2, cu2, cz2, Dv2, inv_scale, O2, off_o, mask, HAS_D, HAS_Z, FAST, EVEN)
         if M > 3:
-            _finish(y3, cu3, cz3, Dv3, inv_scale, O3, off_o, mask, HAS_D, HAS_Z, FAST)
+            _finish(y3, cu3, cz3, Dv3, inv_scale, O3, off_o, mask, HAS_D, HAS_Z, FAST, EVEN)
         if SAVE_EVERY > 0:
             t_end = chunk * K + K
             if (t_end % SAVE_EVERY == 0) & (t_end < length):
@@ -561,6 +605,8 @@ SEQ_STATES_PER_LANE = {"lmajor": 8, "tmajor": 4}
 SEQ_XLANE_LANES = (8, 4, 2)  # lanes per channel tried by default_config, most first
 SEQ_WARPS_PER_SM = 16  # at <= 128 registers
 SEQ_MAXNREG = 128
+# no masks where dim and L are multiples of (block_d, K) (the last chunk's look-ahead re-reads step L - 1)
+SEQ_EVEN_TILES = True
 # (prefetch_bc, bc_ahead) of a 3-tuple config: how the per-step B / C rows reach the registers (see the kernel)
 SEQ_BC_DEFAULT = (True, True)
 # the cross-lane scheme of a config where it applies (``xlane_applies``): rows by indexed shuffles, readout
@@ -581,24 +627,56 @@ def xlane_applies(block_d, num_warps, k):
 
 
 def prepare_bc(Bs, Cs):
-    """B and C of every chain as (batch, N, L) float32 views of one N-contiguous (batch, 2M, L, N) tensor, written
-    by one copy (the kernel reads an (N,) row per step: N-contiguous rows load as vectors, and float32 saves the
-    per-step conversions: ~15 % of the kernel's instructions for bf16). Already float32 N-contiguous tensors of
-    equal strides pass as they are."""
-    tensors = list(Bs) + list(Cs)
-    if all(t.dtype == torch.float32 and t.stride(-2) == 1 and t.stride() == tensors[0].stride() for t in tensors):
+    """B and C of every chain (M tensors (batch, N, L) each) as (batch, N, L) float32 views of one (batch, L, 2M, N)
+    contiguous tensor (per step the B rows of chains 0 .. M-1, then their C rows), written by one stack: the kernel
+    reads one step's 2M rows from 2 M N contiguous floats (a few L1 lines instead of 2M; one address, the chains'
+    rows at constant offsets), N-contiguous rows load as vectors, and float32 saves the per-step conversions (~15 %
+    of the kernel's instructions for bf16). Views that already are such a tensor's (``packed_bc``) pass as they are.
+    """
+    if packed_bc(Bs, Cs) is not None:
         return list(Bs), list(Cs)
+    tensors = list(Bs) + list(Cs)
     batch, state_size, length = tensors[0].shape
-    rows = [t.transpose(-1, -2).unsqueeze(1) for t in tensors]
+    rows = [t.transpose(-1, -2) for t in tensors]
     if all(t.dtype == tensors[0].dtype for t in tensors) and tensors[0].dtype != torch.float32:
-        # one cat in the inputs' dtype and one conversion: a cat into a float32 ``out`` copies each input separately
-        # (2M kernels)
-        packed = torch.cat(rows, dim=1).float()
+        # one stack in the inputs' dtype and one conversion: a stack into a float32 ``out`` copies each input
+        # separately (2M kernels)
+        packed = torch.stack(rows, dim=2).float()
     else:
-        packed = torch.empty(batch, len(tensors), length, state_size, device=tensors[0].device, dtype=torch.float32)
-        torch.cat(rows, dim=1, out=packed)
-    views = [packed[:, i].transpose(-1, -2) for i in range(len(tensors))]
+        packed = torch.empty(batch, length, len(tensors), state_size, device=tensors[0].device, dtype=torch.float32)
+        torch.stack(rows, dim=2, out=packed)
+    views = [packed[:, :, i].transpose(-1, -2) for i in range(len(tensors))]
     return views[:len(Bs)], views[len(Bs):]
+
+
+def packed_bc(Bs, Cs):
+    """The (batch, L, 2M, N) float32 tensor whose views Bs and Cs are (as ``prepare_bc`` returns them; B of chain m
+    at row m, C at row M + m), as a tensor starting at Bs[0]'s first element; None if they are not."""
+    tensors = list(Bs) + list(Cs)
+    first = tensors[0]
+    batch, state_size, length = first.shape
+    row = len(tensors) * state_size
+    if first.dtype != torch.float32 or any(t.dtype != torch.float32 or t.device != first.device for t in tensors):
+        return None
+    if any(t.stride() != first.stride() for t in tensors) or (state_size > 1 and first.stride(1) != 1):
+        return None
+    if (length > 1 and first.stride(2) != row) or (batch > 1 and first.stride(0) != length * row):
+        return None
+    size = first.element_size()
+    if any(t.data_ptr() != first.data_ptr() + i * state_size * size for i, t in enumerate(tensors)):
+        return None
+    return first.as_strided((batch, length, len(tensors), state_size), (length * row, row, state_size, 1))
+
+
+def _offsets_fit_int32(tensors, length, k):
+    """Whether every per-lane offset the kernel forms inside one batch element (channel and step offsets of the
+    activations, up to a chunk past L; the packed B / C rows) stays below 2^31."""
+    limit = 2 ** 31 - 1
+    for t in tensors:
+        _, dim, _ = t.shape
+        if abs(t.stride(1)) * dim + abs(t.stride(2)) * (length + 2 * k) > limit:
+            return False
+    return True
 
 
 def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplus, coupling, initial_state,
@@ -637,6 +715,7 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
             if t.stride() != ref:
                 raise ValueError(f"coupled_scan_fwd_seq: the chains' {name} tensors must share strides")
     Bs, Cs = prepare_bc(Bs, Cs)
+    bc = packed_bc(Bs, Cs)
     config = tuple(config or default_config(batch, dim, length, state_size, _is_lmajor(u0), u0.dtype, chains))
     if len(config) == 3:
         config = config + SEQ_BC_DEFAULT
@@ -678,18 +757,22 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
     def pad4(ts):
         return list(ts) + [ts[0]] * (MAX_CHAINS - len(ts))
 
+    # padded steps (t >= L) need their own exponent offset only for "sum" (lc_pad = log2(1 / M) is "mean"'s lc_valid)
+    pad_lc = coupling != "mean" and length % k != 0
+    off64 = not (_offsets_fit_int32(all_t, length, k) and (length + 2 * k) * bc.stride(1) <= 2 ** 31 - 1)
     grid = (triton.cdiv(dim, block_d), batch)
     options = {"maxnreg": int(maxnreg)} if maxnreg and not interpret_mode() else {}
     _coupled_seq_fwd_kernel[grid](
-        *pad4(us), *pad4(deltas), *pad4(zz), *pad4(outs), *pad4(Bs), *pad4(Cs),
+        *pad4(us), *pad4(deltas), *pad4(zz), *pad4(outs), bc,
         A, Dp, bias, h0, states,
         dim, length, n_slots, scale, 1.0 / scale, math.log2(scale), -math.log2(chains),
-        *us[0].stride(), *deltas[0].stride(), *zz[0].stride(), *outs[0].stride(), *Bs[0].stride(),
+        *us[0].stride(), *deltas[0].stride(), *zz[0].stride(), *outs[0].stride(), bc.stride(0),
         A.stride(0), A.stride(2), A.stride(1), Dp.stride(0), bias.stride(0),
         M=chains, N=state_size, N_PAD=n_pad, LPC=lanes, BD=block_d, K=k, SAVE_EVERY=int(save_every),
         HAS_D=D is not None, HAS_Z=zs is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, FAST=not interpret_mode(),
         PREFETCH_BC=bool(prefetch_bc) and not interpret_mode(), BC_AHEAD=bool(bc_ahead), XLANE=xlane, JS=js,
+        PAD_LC=pad_lc, OFF64=off64, EVEN=SEQ_EVEN_TILES and dim % block_d == 0 and length % k == 0,
         num_warps=num_warps, **options,
     )
     final = states[:, :, n_slots - 1] if save_every else states
