@@ -635,28 +635,35 @@ def prepare_bc(Bs, Cs):
     """
     if packed_bc(Bs, Cs) is not None:
         return list(Bs), list(Cs)
+    packed = _pack_bc(Bs, Cs)
+    views = [packed[:, :, i].transpose(-1, -2) for i in range(packed.shape[2])]
+    return views[:len(Bs)], views[len(Bs):]
+
+
+def _pack_bc(Bs, Cs):
+    """The (batch, L, 2M, N) float32 tensor of ``prepare_bc``, written by one stack (and one conversion)."""
     tensors = list(Bs) + list(Cs)
     batch, state_size, length = tensors[0].shape
     rows = [t.transpose(-1, -2) for t in tensors]
     if all(t.dtype == tensors[0].dtype for t in tensors) and tensors[0].dtype != torch.float32:
         # one stack in the inputs' dtype and one conversion: a stack into a float32 ``out`` copies each input
         # separately (2M kernels)
-        packed = torch.stack(rows, dim=2).float()
-    else:
-        packed = torch.empty(batch, length, len(tensors), state_size, device=tensors[0].device, dtype=torch.float32)
-        torch.stack(rows, dim=2, out=packed)
-    views = [packed[:, :, i].transpose(-1, -2) for i in range(len(tensors))]
-    return views[:len(Bs)], views[len(Bs):]
+        return torch.stack(rows, dim=2).float()
+    packed = torch.empty(batch, length, len(tensors), state_size, device=tensors[0].device, dtype=torch.float32)
+    torch.stack(rows, dim=2, out=packed)
+    return packed
 
 
 def packed_bc(Bs, Cs):
     """The (batch, L, 2M, N) float32 tensor whose views Bs and Cs are (as ``prepare_bc`` returns them; B of chain m
     at row m, C at row M + m), as a tensor starting at Bs[0]'s first element; None if they are not."""
+    first = Bs[0]
+    if first.dtype != torch.float32:  # (the common case, a layer's bf16 rows: decided before any other look)
+        return None
     tensors = list(Bs) + list(Cs)
-    first = tensors[0]
     batch, state_size, length = first.shape
     row = len(tensors) * state_size
-    if first.dtype != torch.float32 or any(t.dtype != torch.float32 or t.device != first.device for t in tensors):
+    if any(t.dtype != torch.float32 or t.device != first.device for t in tensors):
         return None
     if any(t.stride() != first.stride() for t in tensors) or (state_size > 1 and first.stride(1) != 1):
         return None
@@ -714,8 +721,9 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         for t in tensors[1:]:
             if t.stride() != ref:
                 raise ValueError(f"coupled_scan_fwd_seq: the chains' {name} tensors must share strides")
-    Bs, Cs = prepare_bc(Bs, Cs)
-    bc = packed_bc(Bs, Cs)
+    bc = packed_bc(Bs, Cs)  # (B / C as prepare_bc returns them) or packed here, without the per-chain views
+    if bc is None:
+        bc = _pack_bc(Bs, Cs)
     config = tuple(config or default_config(batch, dim, length, state_size, _is_lmajor(u0), u0.dtype, chains))
     if len(config) == 3:
         config = config + SEQ_BC_DEFAULT
@@ -759,7 +767,9 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
 
     # padded steps (t >= L) need their own exponent offset only for "sum" (lc_pad = log2(1 / M) is "mean"'s lc_valid)
     pad_lc = coupling != "mean" and length % k != 0
-    off64 = not (_offsets_fit_int32(all_t, length, k) and (length + 2 * k) * bc.stride(1) <= 2 ** 31 - 1)
+    # (one tensor per kind: the chains of a kind share strides)
+    off64 = not (_offsets_fit_int32((us[0], deltas[0], outs[0]) + ((zs[0],) if zs else ()), length, k)
+                 and (length + 2 * k) * bc.stride(1) <= 2 ** 31 - 1)
     grid = (triton.cdiv(dim, block_d), batch)
     options = {"maxnreg": int(maxnreg)} if maxnreg and not interpret_mode() else {}
     _coupled_seq_fwd_kernel[grid](
