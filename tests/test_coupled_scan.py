@@ -271,3 +271,37 @@ def test_bad_shapes_raise_value_error_naming_the_argument(change, message):
     change(inputs)
     with pytest.raises(ValueError, match=message):
         coupled_selective_scan(**inputs)
+
+
+@pytest.mark.parametrize("coupling", ["mean", "sum"])
+def test_chains_write_y_into_outs_even_over_the_inputs(coupling):
+    """coupled_selective_scan_chains(outs=...): chain m's y lands in outs[m] (the list is the result), also when outs
+    are the us themselves (the Coupled Mamba layer's inference), with the same values as without outs; outs with
+    gradients on, or of the wrong shape or dtype, raise a ValueError."""
+    from multimodal_mamba.modeling.ops_coupled_scan import coupled_selective_scan_chains
+
+    inputs = make_inputs(2, 3, 5, 9, 4, seed=3)
+    A, D, h0 = inputs["A"], inputs["D"], inputs["initial_state"]
+    lists = lambda t: [t[:, m].clone() for m in range(t.shape[1])]  # noqa: E731
+    us, deltas, Bs, Cs, zs = (lists(inputs[k]) for k in ("u", "delta", "B", "C", "z"))
+    with torch.no_grad():
+        y, h = coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D, zs=zs, coupling=coupling, initial_state=h0,
+                                             return_final_state=True)
+        outs = [torch.empty_like(t) for t in us]
+        got = coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D, zs=zs, coupling=coupling, outs=outs)
+        assert isinstance(got, list) and all(a is b for a, b in zip(got, outs))
+        torch.testing.assert_close(torch.stack(outs, dim=1), coupled_selective_scan_chains(
+            us, deltas, A, Bs, Cs, D, zs=zs, coupling=coupling))
+        over = [t.clone() for t in us]
+        got, h_over = coupled_selective_scan_chains(over, deltas, A, Bs, Cs, D, zs=zs, coupling=coupling,
+                                                    initial_state=h0, return_final_state=True, outs=over)
+    assert all(a is b for a, b in zip(got, over))
+    torch.testing.assert_close(torch.stack(over, dim=1), y)
+    torch.testing.assert_close(h_over, h)
+    with pytest.raises(ValueError, match="needs gradients disabled"):
+        coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D, zs=zs, coupling=coupling, outs=outs)
+    with torch.no_grad(), pytest.raises(ValueError, match="outs must be 3 tensors"):
+        coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D, zs=zs, coupling=coupling, outs=outs[:2])
+    with torch.no_grad(), pytest.raises(ValueError, match="outs must be 3 tensors"):
+        coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D, zs=zs, coupling=coupling,
+                                      outs=[o.double() for o in outs])

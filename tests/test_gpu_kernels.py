@@ -564,6 +564,14 @@ def check_chains(shape, dtype, backends, device="cuda"):
             assert rel(h, h_ref) <= 2e-3, (backend, rel(h, h_ref))
             if backend == "triton" and length > 1:  # (M, batch, L, dim) memory: out_proj reads y[:, m] densely
                 assert all(y[:, m].transpose(1, 2).is_contiguous() for m in range(chains))
+            # y written over copies of u (the Coupled Mamba layer's inference: no memory for y)
+            us = [u.clone() for u in lists["us"]]
+            storage = [u.data_ptr() for u in us]
+            with ssm_backend(backend):
+                ys, h = coupled_selective_scan_chains(us, *args[1:], **kwargs, outs=us)
+            assert [t.data_ptr() for t in ys] == storage
+            assert rel(torch.stack(ys, dim=1), y_ref) <= TOL[dtype], (backend, "in place")
+            assert rel(h, h_ref) <= 2e-3, (backend, "in place")
 
 
 @pytest.mark.gpu
@@ -1358,8 +1366,17 @@ def test_interpreter_coupled_chains_and_layer(interpreted, monkeypatch):
     y_ref, h_ref = _stacked_reference(lists, "mean", initial_state=inputs["initial_state"])
     assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
     assert all(y[:, m].transpose(1, 2).is_contiguous() for m in range(3))
+    us = [u.clone() for u in lists["us"]]  # time-major, as a layer's conv outputs: y written over them
+    assert all(u.stride(-2) == 1 for u in us)
+    with torch.no_grad(), ssm_backend("triton"):
+        ys, h = coupled_selective_scan_chains(us, lists["deltas"], inputs["A"], lists["Bs"], lists["Cs"], inputs["D"],
+                                              zs=lists["zs"], delta_bias=inputs["delta_bias"],
+                                              initial_state=inputs["initial_state"], return_final_state=True, outs=us)
+    assert all(a is b for a, b in zip(ys, us))
+    assert rel(torch.stack(ys, dim=1), y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
 
     check_chains((2, 3, 8, 9, 3, "sum", True), torch.float32, ("triton", "torch"), device="cpu")
+    check_chains((2, 3, 8, 12, 3, "mean", True), torch.float32, ("triton", "torch"), device="cpu")
     for coupling in ("mean", "sum"):
         check_coupled_inference(coupling, torch.float32, ("reference", "triton"), device="cpu", length=12, hidden=8,
                                 state=4)

@@ -210,15 +210,21 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
                 y, state.ssm_state = y
             y = y.unflatten(1, (chains, -1))
             del u, delta, z, B, C  # (batch, M, dim, L) each: free them before the output projections
+            ys = list(y.unbind(1))
         else:
             # the chains as they are: the Triton kernel reads each modality's activations in place (no stacking
             # copies; y comes back in the activations' time-major layout); other backends stack them
+            # on CUDA without gradients y is written over the conv outputs (the kernel reads each u before its y):
+            # no memory for y
+            in_place = xs[0].is_cuda and not torch.is_grad_enabled()
             y = coupled_selective_scan_chains(xs, deltas, A, Bs, Cs, D, zs=zs, delta_softplus=True,
                                               coupling=self.coupling, initial_state=initial_state,
-                                              return_final_state=state is not None)
+                                              return_final_state=state is not None, outs=xs if in_place else None)
             if state is not None:
                 y, state.ssm_state = y
             del xs, zs, deltas, Bs, Cs  # free the per-modality activations before the output projections
+            ys = y if isinstance(y, list) else list(y.unbind(1))  # (batch, dim, L) per modality
+        del y
         if not torch.is_grad_enabled():
             # (M, batch, L, hidden) memory: the next layer's per-modality slices are contiguous (no copies for its
             # norms), and the residual sums are written in place of a stacking copy
@@ -226,13 +232,13 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
             branches = capture_branches(hidden_states, chains)
             for index, mixer in enumerate(mixers):
                 with on_branch(branches, index):
-                    torch.add(hidden_states[:, index], mixer.output_stage(y[:, index].to(hidden_states.dtype)),
+                    torch.add(hidden_states[:, index], mixer.output_stage(ys[index].to(hidden_states.dtype)),
                               out=out[index])
             if branches is not None:
-                branches.join()  # (y and the inputs stay referenced until here)
+                branches.join()  # (ys and the inputs stay referenced until here)
             return out.transpose(0, 1)
         outputs = [
-            hidden_states[:, index] + mixer.output_stage(y[:, index].to(hidden_states.dtype))
+            hidden_states[:, index] + mixer.output_stage(ys[index].to(hidden_states.dtype))
             for index, mixer in enumerate(mixers)
         ]
         return torch.stack(outputs, dim=0).transpose(0, 1)

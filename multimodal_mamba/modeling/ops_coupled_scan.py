@@ -412,7 +412,7 @@ def _chains_kernel():
 
 def coupled_selective_scan_chains(
     us, deltas, A, Bs, Cs, D=None, zs=None, delta_bias=None, delta_softplus=True, coupling="mean",
-    initial_state=None, return_final_state=False,
+    initial_state=None, return_final_state=False, outs=None,
 ):
     """``coupled_selective_scan`` with the M chains given as lists: us, deltas, zs (or None): M tensors
     (batch, dim, L); Bs, Cs: M tensors (batch, N, L); A (M, dim, N); D, delta_bias (M, dim) or None.
@@ -421,11 +421,26 @@ def coupled_selective_scan_chains(
     every backend but one). The exception: on the "triton" backend (chosen or forced) without gradients, the
     kernel reads every chain where it lies and writes y in the inputs' layout, so a Coupled Mamba layer's
     per-modality activations are never copied into stacked (batch, M, dim, L) tensors.
+
+    outs: M tensors (batch, dim, L) of us' dtype, or None. When given (without gradients only), chain m's y is
+    written into outs[m] and the list ``outs`` is the result instead of a (batch, M, dim, L) tensor. outs may be
+    ``us`` itself: the Triton kernel reads each u before it writes the y at its place, so inference needs no
+    memory for y (other backends compute y, then copy it in).
     """
+    if outs is not None:
+        if torch.is_grad_enabled():
+            raise ValueError("coupled_selective_scan_chains: outs (y written in place) needs gradients disabled")
+        if len(outs) != len(us) or any(tuple(o.shape) != tuple(us[0].shape) or o.dtype != us[0].dtype for o in outs):
+            raise ValueError(
+                f"coupled_selective_scan_chains: outs must be {len(us)} tensors of shape {tuple(us[0].shape)} and "
+                f"dtype {us[0].dtype}, like us"
+            )
     fn, accepts = _chains_kernel()
     args = (us, deltas, A, Bs, Cs)
     kwargs = dict(D=D, zs=zs, delta_bias=delta_bias, delta_softplus=delta_softplus, coupling=coupling,
                   initial_state=initial_state, return_final_state=return_final_state)
+    if outs is not None and coupling != "sum":  # ("sum" reads its inputs after the scan to tell an overflow)
+        kwargs["outs"] = outs
     if fn is not None and forced_backend() in ("auto", "triton") and accepts(*args, **kwargs):
         _check_coupled_inputs(us[0][:, None], deltas[0][:, None], A[:1], Bs[0][:, None], Cs[0][:, None],
                               D[:1] if D is not None else None, zs[0][:, None] if zs is not None else None,
@@ -438,13 +453,21 @@ def coupled_selective_scan_chains(
                 ("C", t) for t in Cs] + [("z", t) for t in (zs or ())] + [
                 ("A", A), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)]
             _raise_if_overflowed(y, final_state, coupling, named)
-        return result
-    stack = lambda ts: torch.stack(list(ts), dim=1)  # noqa: E731
-    return coupled_selective_scan(
-        stack(us), stack(deltas), A, stack(Bs), stack(Cs), D, z=stack(zs) if zs is not None else None,
-        delta_bias=delta_bias, delta_softplus=delta_softplus, coupling=coupling, initial_state=initial_state,
-        return_final_state=return_final_state,
-    )
+        if outs is None or "outs" in kwargs:
+            return result
+    else:
+        stack = lambda ts: torch.stack(list(ts), dim=1)  # noqa: E731
+        result = coupled_selective_scan(
+            stack(us), stack(deltas), A, stack(Bs), stack(Cs), D, z=stack(zs) if zs is not None else None,
+            delta_bias=delta_bias, delta_softplus=delta_softplus, coupling=coupling, initial_state=initial_state,
+            return_final_state=return_final_state,
+        )
+        if outs is None:
+            return result
+    y, final_state = result if return_final_state else (result, None)
+    for out, chain_y in zip(outs, y.unbind(1)):
+        out.copy_(chain_y)
+    return (list(outs), final_state) if return_final_state else list(outs)
 
 
 register_backend("coupled_selective_scan", "torch", coupled_selective_scan_chunked)

@@ -687,7 +687,7 @@ def _same_layout(tensors):
 
 def accepts_coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D=None, zs=None, delta_bias=None,
                                           delta_softplus=True, coupling="mean", initial_state=None,
-                                          return_final_state=False) -> bool:
+                                          return_final_state=False, outs=None) -> bool:
     """Whether ``coupled_selective_scan_chains_triton`` takes the call: kernel device and float dtypes, 1..4 chains
     of one shape, strides, dtype and device per list, N <= 64, and no gradient needed (it has no backward).
     (Runs once per layer call: the per-tensor checks look at one tensor per list.)"""
@@ -696,6 +696,10 @@ def accepts_coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D=None, zs=None
     if not CHAINS_ENABLED or coupling not in ("mean", "sum") or not 1 <= len(us) <= MAX_CHAINS:
         return False
     lists = (us, deltas, Bs, Cs) if zs is None else (us, deltas, Bs, Cs, zs)
+    if outs is not None:
+        if len(outs) != len(us) or any(o.shape != us[0].shape or o.dtype != us[0].dtype for o in outs):
+            return False
+        lists = lists + (outs,)
     if any(len(t) != len(us) for t in lists) or us[0].shape[-1] < 1:
         return False
     if next_pow2(A.shape[-1]) > sequential.MAX_STATE or not all(_same_layout(t) for t in lists):
@@ -708,18 +712,19 @@ def accepts_coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D=None, zs=None
 
 def coupled_selective_scan_chains_triton(us, deltas, A, Bs, Cs, D=None, zs=None, delta_bias=None,
                                          delta_softplus=True, coupling="mean", initial_state=None,
-                                         return_final_state=False):
+                                         return_final_state=False, outs=None):
     """The coupled scan of ``coupled_selective_scan`` with the M chains given as lists (us, deltas, zs: M tensors
     (batch, dim, L); Bs, Cs: M tensors (batch, N, L)), read where they lie: no stacking copies. Forward only.
 
     y is (batch, M, dim, L); for time-major inputs (a layer's activations) its memory is (M, batch, L, dim), so that
-    ``y[:, m].transpose(1, 2)`` is a contiguous (batch, L, dim) tensor for the chain's out_proj."""
+    ``y[:, m].transpose(1, 2)`` is a contiguous (batch, L, dim) tensor for the chain's out_proj. With ``outs`` (M
+    tensors like ``us``, possibly ``us`` themselves) y is written there and the list is returned instead."""
     if coupling not in ("mean", "sum"):
         raise ValueError(f"coupled_selective_scan: coupling must be 'mean' or 'sum', got {coupling!r}")
     chains = len(us)
     batch, dim, length = us[0].shape
-    out = None
-    if not sequential._is_lmajor(us[0]):
+    out = list(outs) if outs is not None else None
+    if out is None and not sequential._is_lmajor(us[0]):
         out = torch.empty(chains, batch, length, dim, device=us[0].device, dtype=us[0].dtype).permute(1, 0, 3, 2)
     y, final, _ = sequential.coupled_scan_fwd_seq(
         list(us), list(deltas), list(zs) if zs is not None else None, A, list(Bs), list(Cs), D, delta_bias,

@@ -690,11 +690,13 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
                          save_every=0, out=None, config=None):
     """Forward of the coupled scan over M chains given as lists of per-chain tensors.
 
-    us, deltas, zs (or None), out (or None: allocated): M tensors (batch, dim, L) of one layout per list (any
-    strides, shared by the chains of a list); Bs, Cs: M tensors (batch, N, L); A (M, dim, N); D, delta_bias
-    (M, dim) or None; initial_state (batch, dim, N) or None. ``save_every`` > 0: also return the coupled state
-    every ``save_every`` steps in (batch, dim, n_slots, N) float32 (slot j = the state before step
-    j * save_every, the last slot the final state), as the chunked backward reads them.
+    us, deltas, zs (or None): M tensors (batch, dim, L) of one layout per list (any strides, shared by the chains
+    of a list); out: None (allocated), a (batch, M, dim, L) tensor, or a list of M (batch, dim, L) tensors of one
+    layout, which may be ``us`` themselves (each program reads its u tiles before it writes y at the same places);
+    Bs, Cs: M tensors (batch, N, L); A (M, dim, N); D, delta_bias (M, dim) or None; initial_state (batch, dim, N) or
+    None. ``save_every`` > 0: also return the coupled state every ``save_every`` steps in (batch, dim, n_slots, N)
+    float32 (slot j = the state before step j * save_every, the last slot the final state), as the chunked backward
+    reads them.
     Returns (out (batch, M, dim, L) or the given ``out``, final state (batch, dim, N) float32, states or None).
     """
     chains = len(us)
@@ -710,6 +712,11 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         else:
             out_full = torch.empty(batch, chains, length, dim, device=device, dtype=u0.dtype).transpose(-1, -2)
         outs = [out_full[:, m] for m in range(chains)]
+    elif isinstance(out, (list, tuple)):
+        if len(out) != chains or any(tuple(o.shape) != tuple(u0.shape) or o.dtype != u0.dtype for o in out):
+            raise ValueError(f"coupled_scan_fwd_seq: out must be {chains} tensors {tuple(u0.shape)} {u0.dtype}")
+        out_full = list(out)
+        outs = list(out)
     else:
         out_full = out
         outs = [out[:, m] for m in range(chains)]
