@@ -532,6 +532,32 @@ CHAIN_SHAPES = [(2, 3, 64, 77, 16, "mean", True), (1, 1, 32, 1, 16, "mean", True
                 (1, 4, 16, 40, 32, "mean", True), (2, 3, 16, 33, 64, "mean", True), (2, 4, 12, 64, 8, "sum", True)]
 
 
+def check_pack_bc(device):
+    """The sequential scan's B / C packing (one kernel for a layer's x_proj column views) equals the stacked
+    float32 rows, for 1 - 4 chains, N not a power of two, L = 1, and float32 / bf16 / fp16 inputs."""
+    from multimodal_mamba.kernels.coupled_scan import sequential
+
+    gen = torch.Generator().manual_seed(5)
+    for chains, state, length, dtype in [(3, 16, 37, torch.bfloat16), (2, 5, 9, torch.float32),
+                                         (1, 4, 1, torch.bfloat16), (4, 64, 70, torch.float16)]:
+        Bs, Cs = [], []
+        for _ in range(chains):
+            params = torch.randn(2, length, 7 + 2 * state, generator=gen).to(device, dtype)
+            Bs.append(params[..., 7:7 + state].transpose(1, 2))
+            Cs.append(params[..., 7 + state:].transpose(1, 2))
+        packed = sequential._pack_bc(Bs, Cs)
+        expected = torch.stack([t.transpose(-1, -2) for t in Bs + Cs], dim=2).float()
+        assert packed.shape == expected.shape and torch.equal(packed, expected), (chains, state, length, dtype)
+        views_b, views_c = sequential.prepare_bc(Bs, Cs)
+        assert sequential.packed_bc(views_b, views_c) is not None
+        assert all(torch.equal(a.float(), b) for a, b in zip(Bs + Cs, views_b + views_c))
+
+
+@pytest.mark.gpu
+def test_gpu_pack_bc():
+    check_pack_bc("cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=str)
@@ -1340,6 +1366,11 @@ def _check_sequential_cases(sequential, cases):
 
 def triton_cdiv(a, b):
     return -(-a // b)
+
+
+@interpreter
+def test_interpreter_pack_bc(interpreted):
+    check_pack_bc("cpu")
 
 
 @interpreter

@@ -640,10 +640,55 @@ def prepare_bc(Bs, Cs):
     return views[:len(Bs)], views[len(Bs):]
 
 
+@triton.jit
+def _store_rows(src_ptr, dst_ptr, src_off, dst_off, mask):
+    tl.store(dst_ptr + dst_off, tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _pack_bc_kernel(B0, B1, B2, B3, C0, C1, C2, C3, P, length,
+                    stride_b_b, stride_b_n, stride_b_l, stride_c_b, stride_c_n, stride_c_l,
+                    M: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr):
+    """P (batch, L, 2M, N) float32 <- B / C of chains 0 .. M-1 ((batch, N, L) each, any strides shared per kind):
+    one program per (BLOCK_L steps, batch element)."""
+    pid_l = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_n = tl.arange(0, N_PAD)
+    mask = (offs_l < length)[:, None] & (offs_n < N)[None, :]
+    src_b = pid_b * stride_b_b + offs_l[:, None] * stride_b_l + offs_n[None, :] * stride_b_n
+    src_c = pid_b * stride_c_b + offs_l[:, None] * stride_c_l + offs_n[None, :] * stride_c_n
+    dst = (pid_b * length + offs_l[:, None]) * (2 * M * N) + offs_n[None, :]
+    _store_rows(B0, P, src_b, dst, mask)
+    _store_rows(C0, P, src_c, dst + M * N, mask)
+    if M > 1:
+        _store_rows(B1, P, src_b, dst + N, mask)
+        _store_rows(C1, P, src_c, dst + (M + 1) * N, mask)
+    if M > 2:
+        _store_rows(B2, P, src_b, dst + 2 * N, mask)
+        _store_rows(C2, P, src_c, dst + (M + 2) * N, mask)
+    if M > 3:
+        _store_rows(B3, P, src_b, dst + 3 * N, mask)
+        _store_rows(C3, P, src_c, dst + (M + 3) * N, mask)
+
+
 def _pack_bc(Bs, Cs):
-    """The (batch, L, 2M, N) float32 tensor of ``prepare_bc``, written by one stack (and one conversion)."""
+    """The (batch, L, 2M, N) float32 tensor of ``prepare_bc``: one Triton kernel where the chains' B share strides
+    and their C too (a layer's x_proj outputs), else one stack (and one conversion). (At a Coupled Mamba chunk of 100
+    steps the stack and the conversion were two of the ~11 kernels on each layer's critical path.)"""
     tensors = list(Bs) + list(Cs)
     batch, state_size, length = tensors[0].shape
+    same_strides = all(t.stride() == Bs[0].stride() for t in Bs) and all(t.stride() == Cs[0].stride() for t in Cs)
+    if ((tensors[0].is_cuda or interpret_mode()) and len(Bs) <= MAX_CHAINS and same_strides and batch * length > 0
+            and all(t.device == tensors[0].device for t in tensors)):
+        packed = torch.empty(batch, length, len(tensors), state_size, device=tensors[0].device, dtype=torch.float32)
+        block_l = 32
+        pad = lambda ts: list(ts) + [ts[0]] * (MAX_CHAINS - len(ts))  # noqa: E731
+        _pack_bc_kernel[(triton.cdiv(length, block_l), batch)](
+            *pad(Bs), *pad(Cs), packed, length, *Bs[0].stride(), *Cs[0].stride(),
+            M=len(Bs), N=state_size, N_PAD=next_pow2(state_size), BLOCK_L=block_l, num_warps=4,
+        )
+        return packed
     rows = [t.transpose(-1, -2) for t in tensors]
     if all(t.dtype == tensors[0].dtype for t in tensors) and tensors[0].dtype != torch.float32:
         # one stack in the inputs' dtype and one conversion: a stack into a float32 ``out`` copies each input
