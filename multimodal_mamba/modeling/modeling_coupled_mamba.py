@@ -472,8 +472,19 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
 
     @staticmethod
     def _finite_flags(features):
-        """(number of given modalities,) bool on their device: whether each given modality's features are finite."""
-        return torch.stack([torch.isfinite(f).all() for f in features if f is not None])
+        """(number of given modalities,) bool on their device: whether each given modality's features are finite.
+        From each tensor's min and max (NaN propagates, inf is an extreme): ``isfinite(f).all()`` made a bool copy of
+        the features, the largest temporary of a chunked forward at long lengths."""
+        flags = []
+        for f in features:
+            if f is None:
+                continue
+            if f.numel() == 0:
+                flags.append(torch.ones((), dtype=torch.bool, device=f.device))
+                continue
+            low, high = torch.aminmax(f)
+            flags.append(torch.isfinite(low) & torch.isfinite(high))
+        return torch.stack(flags)
 
     @staticmethod
     def _raise_if_not_finite(names, features, flags):
