@@ -261,9 +261,9 @@ class CoupledMambaStepPooling:
     chunk at a time (the chunked forward: no (batch, M, L, hidden) tensor is ever needed) or whole.
 
     mask: (batch, M, L) float, 1 on valid steps. ``add(part, start)`` takes part (batch, M, T, hidden) = the states
-    of steps start .. start + T - 1; ``result(dtype)`` -> pooled (batch, M, hidden), zeros for absent modalities,
-    and present (batch, M) bool. Mean pools sum each chunk in the states' dtype (one matmul per chunk, the weights
-    cast once) and add the chunks' sums in float32 at the end.
+    of steps start .. start + T - 1; ``result()`` -> pooled (batch, M, hidden) in the states' dtype, zeros for absent
+    modalities, and present (batch, M) bool. Mean pools sum each chunk in the states' dtype (one matmul per chunk,
+    the weights cast once) and add the chunks' sums in float32 at the end.
     """
 
     def __init__(self, mode: str, mask: torch.Tensor):
@@ -293,11 +293,11 @@ class CoupledMambaStepPooling:
             held = ((self.last >= start) & (self.last < start + steps))[..., None]
             self.pooled = torch.where(held, picked, picked if self.pooled is None else self.pooled)
 
-    def result(self, dtype: torch.dtype):
+    def result(self):
         pooled = self.pooled
         if self.mode == "mean":
             total = self.sums[0].float() if len(self.sums) == 1 else torch.stack(self.sums).float().sum(0)
-            pooled = (total / self.mask.sum(-1, keepdim=True).clamp_min(1.0)).to(dtype)
+            pooled = (total / self.mask.sum(-1, keepdim=True).clamp_min(1.0)).to(self.sums[0].dtype)
         return torch.where(self.present[..., None], pooled, torch.zeros_like(pooled)), self.present
 
 
@@ -626,7 +626,7 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         else:
             hidden_states, all_hidden_states = self._layers_whole(features, layer_mask, output_hidden_states)
             pooling.add(hidden_states, 0)
-        pooled, present = pooling.result(self.projections[self.config.modality_names[0]].fc2.weight.dtype)
+        pooled, present = pooling.result()
         fused = self._fuse(pooled, present)
         if not keep_last:
             hidden_states = None

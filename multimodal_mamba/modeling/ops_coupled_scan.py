@@ -439,7 +439,9 @@ def coupled_selective_scan_chains(
     args = (us, deltas, A, Bs, Cs)
     kwargs = dict(D=D, zs=zs, delta_bias=delta_bias, delta_softplus=delta_softplus, coupling=coupling,
                   initial_state=initial_state, return_final_state=return_final_state)
-    if outs is not None and coupling != "sum":  # ("sum" reads its inputs after the scan to tell an overflow)
+    # the kernel writes into outs itself, except for "sum", which reads its inputs after the scan to tell an overflow
+    kernel_writes_outs = outs is not None and coupling != "sum"
+    if kernel_writes_outs:
         kwargs["outs"] = outs
     if fn is not None and forced_backend() in ("auto", "triton") and accepts(*args, **kwargs):
         _check_coupled_inputs(us[0][:, None], deltas[0][:, None], A[:1], Bs[0][:, None], Cs[0][:, None],
@@ -453,7 +455,7 @@ def coupled_selective_scan_chains(
                 ("C", t) for t in Cs] + [("z", t) for t in (zs or ())] + [
                 ("A", A), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)]
             _raise_if_overflowed(y, final_state, coupling, named)
-        if outs is None or "outs" in kwargs:
+        if outs is None or kernel_writes_outs:
             return result
     else:
         stack = lambda ts: torch.stack(list(ts), dim=1)  # noqa: E731

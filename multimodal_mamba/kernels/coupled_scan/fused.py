@@ -696,9 +696,7 @@ def accepts_coupled_selective_scan_chains(us, deltas, A, Bs, Cs, D=None, zs=None
     if not CHAINS_ENABLED or coupling not in ("mean", "sum") or not 1 <= len(us) <= MAX_CHAINS:
         return False
     lists = (us, deltas, Bs, Cs) if zs is None else (us, deltas, Bs, Cs, zs)
-    if outs is not None:
-        if len(outs) != len(us) or any(o.shape != us[0].shape or o.dtype != us[0].dtype for o in outs):
-            return False
+    if outs is not None:  # (their count, shapes and dtype were checked by coupled_selective_scan_chains)
         lists = lists + (outs,)
     if any(len(t) != len(us) for t in lists) or us[0].shape[-1] < 1:
         return False
