@@ -889,6 +889,29 @@ def test_gpu_causal_conv1d_matches_reference(backend, dtype, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_conv_state_out_and_overwrite(dtype):
+    """On the GPU the conv writes over x only where (channel block, batch) programs fill the GPU (a Coupled Mamba
+    chunk: batch 32, dim 512), else into a new tensor; both write the conv state and equal the reference."""
+    from multimodal_mamba.kernels.causal_conv1d import fused
+    from multimodal_mamba.kernels.utils import sm_count
+
+    def in_place(shape):
+        batch, dim = shape[:2]
+        return -(-dim // 64) * batch >= 2 * sm_count()
+
+    shapes = [(32, 512, 167, 4, True), (32, 512, 100, 4, False), (64, 512, 3, 4, True), (1, 512, 300, 4, True),
+              (2, 1536, 77, 4, False)]
+    check_conv_state_and_overwrite(fused.causal_conv1d_triton, "cuda", dtype, shapes, TOL[dtype], in_place)
+    x = torch.randn(32, 100, 1024, device="cuda", dtype=dtype).transpose(1, 2)[:, :512]
+    weight = torch.randn(512, 4, device="cuda", dtype=dtype)
+    state = torch.empty(32, 512, 4, device="cuda", dtype=dtype)
+    with ssm_backend("triton"):
+        causal_conv1d(x, weight, conv_state_out=state, overwrite_x=True)
+    assert last_backend("causal_conv1d") == "triton"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 64, 16, None), (4, 96, 16, 3), (3, 40, 5, None), (2, 512, 64, 2)], ids=str)
@@ -1260,6 +1283,47 @@ def test_interpreter_causal_conv1d_and_decode_steps(interpreted):
     y = step.selective_state_update_triton(h_ours, *args, **kwargs)
     y_ref = selective_state_update_ref(h_ref, *args, **kwargs)
     assert rel(y, y_ref) <= 1e-5 and rel(h_ours, h_ref) <= 1e-5
+
+
+def check_conv_state_and_overwrite(conv_fn, device, dtype, shapes, tol, expect_in_place=None):
+    """``conv_fn`` (the Triton conv) with conv_state_out and overwrite_x on in_proj-like halves (x: the first half of
+    time-major (batch, L, 2 dim) memory): y equals the reference of the original x, the state is the last W inputs,
+    the other half is untouched; ``expect_in_place(shape)`` says whether y must be x itself."""
+    gen = torch.Generator().manual_seed(7)
+    for shape in shapes:
+        batch, dim, length, width, with_init = shape
+        both = torch.randn(batch, length, 2 * dim, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+        x, other = both[:, :dim], both[:, dim:]
+        weight = torch.randn(dim, width, generator=gen).to(device=device, dtype=dtype)
+        bias = torch.randn(dim, generator=gen).to(device=device, dtype=dtype)
+        init = torch.randn(batch, dim, width, generator=gen).to(device=device, dtype=dtype)[..., 1:] if with_init else None
+        original, other_before = x.clone(), other.clone()
+        state = torch.full((batch, dim, width), float("nan"), device=device, dtype=dtype)
+        with torch.no_grad():
+            y = conv_fn(x, weight, bias, initial_state=init, activation="silu", conv_state_out=state, overwrite_x=True)
+        y_ref = causal_conv1d_ref(original.float(), weight.float(), bias.float(),
+                                  initial_state=init.float() if init is not None else None, activation="silu")
+        assert rel(y, y_ref) <= tol, shape
+        prefix = init if init is not None else original.new_zeros(batch, dim, width - 1)
+        assert torch.equal(state, torch.cat([prefix, original], -1)[..., -width:]), shape
+        assert torch.equal(other, other_before), shape
+        if expect_in_place is not None:
+            assert (y.data_ptr() == x.data_ptr()) == expect_in_place(shape), shape
+        # without overwrite_x, x is left as it was
+        state_kept = torch.empty_like(state)
+        with torch.no_grad():
+            y_new = conv_fn(original, weight, bias, initial_state=init, activation="silu", conv_state_out=state_kept)
+        assert y_new.data_ptr() != original.data_ptr() and torch.equal(state_kept, state)
+        assert rel(y_new, y_ref) <= tol, shape
+
+
+@interpreter
+def test_interpreter_conv_state_out_and_overwrite(interpreted):
+    """The conv's state output and in-place variant (the interpreter always takes it for time-major x): several
+    64-step tiles walked backwards, a partial last tile, L < W, with and without an initial state."""
+    shapes = [(2, 12, 150, 4, True), (1, 8, 64, 4, False), (2, 5, 2, 4, True), (1, 6, 1, 3, False), (1, 70, 9, 4, True)]
+    check_conv_state_and_overwrite(interpreted["causal_conv1d"].causal_conv1d_triton, "cpu", torch.float32, shapes,
+                                   1e-5, expect_in_place=lambda shape: True)
 
 
 @interpreter

@@ -307,6 +307,45 @@ def test_causal_conv1d(backend, width, length):
         torch.testing.assert_close(torch.cat([head, tail], -1), full, rtol=1e-5, atol=1e-5)
 
 
+def _last_inputs(x, init, width):
+    """The last ``width`` inputs of [initial_state (zeros when None), x], as a decode step reads them."""
+    prefix = init if init is not None else x.new_zeros(x.shape[0], x.shape[1], width - 1)
+    return torch.cat([prefix, x], -1)[..., -width:]
+
+
+@pytest.mark.parametrize("backend", cpu_backends("causal_conv1d"))
+@pytest.mark.parametrize("length", [1, 2, 9])
+def test_causal_conv1d_writes_conv_state_out(backend, length):
+    """conv_state_out receives the last W inputs of the padded sequence (the initial state's, or zeros, where x is
+    shorter than W) on every backend; overwrite_x, which the CPU backends do not take, changes no result."""
+    gen = torch.Generator().manual_seed(length)
+    batch, dim, width = 2, 5, 4
+    x = torch.randn(batch, length, 2 * dim, generator=gen).transpose(1, 2)[:, :dim]  # in_proj's half, time-major
+    weight, bias = torch.randn(dim, width, generator=gen), torch.randn(dim, generator=gen)
+    for init in (None, torch.randn(batch, dim, width - 1, generator=gen)):
+        state = torch.full((batch, dim, width), float("nan"))
+        original = x.clone()
+        with ssm_backend(backend):
+            out = causal_conv1d(x, weight, bias, initial_state=init, activation="silu", conv_state_out=state,
+                                overwrite_x=True)
+        assert last_backend("causal_conv1d") == backend
+        torch.testing.assert_close(out, causal_conv1d_ref(original, weight, bias, initial_state=init,
+                                                          activation="silu"), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, _last_inputs(original, init, width))
+
+
+def test_causal_conv1d_rejects_a_bad_conv_state_out():
+    x, weight = torch.randn(2, 5, 7), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"conv_state_out must be \(batch, dim, W\) = \(2, 5, 4\)"):
+        causal_conv1d(x, weight, conv_state_out=torch.zeros(2, 5, 3))
+    buffer = torch.zeros(2, 5, 11)
+    with pytest.raises(ValueError, match="must not share memory with x"):
+        causal_conv1d(buffer[..., :7], weight, conv_state_out=buffer[..., 7:])
+    init = torch.zeros(2, 5, 4)
+    with pytest.raises(ValueError, match="must not share memory with initial_state"):
+        causal_conv1d(x, weight, initial_state=init[..., 1:], conv_state_out=init)
+
+
 @pytest.mark.parametrize("backend", cpu_backends("causal_conv1d_update"))
 def test_causal_conv1d_update_rolls_state_in_place(backend):
     gen = torch.Generator().manual_seed(0)

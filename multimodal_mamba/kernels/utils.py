@@ -58,6 +58,21 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_SM_COUNT = {}
+
+
+def sm_count(device=None) -> int:
+    """The streaming multiprocessors of ``device`` (default: the current CUDA device); 132 (an H100 / H200) where
+    there is no CUDA device (the Triton interpreter)."""
+    if not torch.cuda.is_available():
+        return 132
+    index = torch.cuda.current_device() if device is None else torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def empty_like_layout(reference: torch.Tensor, dtype=None) -> torch.Tensor:
     """An empty (batch, ..., L) tensor shaped as ``reference``, time-major ((batch, L, ...) memory) when the
     reference's last dim is not its contiguous one, else contiguous. The mixers keep activations time-major,

@@ -297,13 +297,17 @@ class MambaMixer(nn.Module):
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     # The three stages are public so that the Coupled Mamba block can run its own scan between them.
-    def input_stage(self, hidden_states, attention_mask=None, conv_state=None, conv_initial=None):
+    def input_stage(self, hidden_states, attention_mask=None, conv_state=None, conv_initial=None,
+                    overwrite_conv_input=False):
         """hidden_states (batch, L, hidden) -> x (batch, intermediate, L) after conv + SiLU, gate z (same shape).
 
         ``conv_state`` (batch, intermediate, conv_kernel), if given, is updated in place: a single token is
         a decode step, a longer input refreshes it with the last inputs. ``conv_initial`` (batch,
         intermediate, conv_kernel - 1) are the inputs that precede this one (a continued prefill); it must not share
-        memory with ``conv_state``, which is written before the conv reads ``conv_initial``.
+        memory with ``conv_state``, which the conv writes while it reads ``conv_initial``.
+        ``overwrite_conv_input``: the conv may write x over its own input (in_proj's first half), which nothing
+        else reads: inference then holds one (batch, L, intermediate) tensor less (x is then a view with in_proj's
+        row stride).
         """
         hidden_states = _apply_padding_mask(hidden_states, attention_mask)
         # (batch, dim, L) views of time-major memory: the ops run on dense (batch, L, dim) tensors.
@@ -312,15 +316,8 @@ class MambaMixer(nn.Module):
         if conv_state is not None and x.shape[-1] == 1 and conv_initial is None:
             x = causal_conv1d_update(x[..., 0], conv_state, weight, self.conv1d.bias, activation="silu")[..., None]
         else:
-            if conv_state is not None:
-                if x.shape[-1] >= self.conv_kernel:  # the last inputs are all in x (a prefill, or a long chunk)
-                    conv_state.copy_(x[..., -self.conv_kernel:])
-                else:
-                    prefix = conv_initial if conv_initial is not None else x.new_zeros(x.shape[0], x.shape[1], self.conv_kernel - 1)
-                    # only the last conv_kernel inputs: concatenating all of x would copy the whole prompt
-                    history = torch.cat([prefix.to(x.dtype), x[..., -self.conv_kernel:]], dim=-1)[..., -self.conv_kernel:]
-                    conv_state.copy_(history.to(conv_state.dtype))
-            x = causal_conv1d(x, weight, self.conv1d.bias, initial_state=conv_initial, activation="silu")
+            x = causal_conv1d(x, weight, self.conv1d.bias, initial_state=conv_initial, activation="silu",
+                              conv_state_out=conv_state, overwrite_x=overwrite_conv_input)
         if attention_mask is not None:
             x = x * attention_mask[:, None, :].to(x.dtype)
         return x, z

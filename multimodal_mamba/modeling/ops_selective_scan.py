@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .ssm_backends import dispatch, register_backend
+from .ssm_backends import _LAST, _REGISTRY, dispatch, forced_backend, register_backend
 
 LOG2_E = 1.0 / math.log(2.0)
 DEFAULT_CHUNK_SIZE = 64
@@ -698,8 +698,72 @@ def causal_conv1d_shifted(x, weight, bias=None, initial_state=None, activation=N
     return out.to(x.dtype).transpose(1, 2)
 
 
-def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None):
-    """Causal depthwise conv on the best backend (see ``causal_conv1d_ref``)."""
+def write_conv_state(conv_state, x, initial_state=None):
+    """conv_state (batch, dim, W) <- the last W inputs of the padded sequence [initial_state (zeros when None), x]
+    (x (batch, dim, L), initial_state (batch, dim, W - 1)): what a following decode step or chunk reads. Only the
+    last W inputs are gathered (concatenating all of x would copy a whole prompt)."""
+    width = conv_state.shape[-1]
+    if x.shape[-1] >= width:
+        conv_state.copy_(x[..., -width:])
+        return
+    prefix = initial_state if initial_state is not None else x.new_zeros(x.shape[0], x.shape[1], width - 1)
+    history = torch.cat([prefix.to(conv_state.dtype), x.to(conv_state.dtype)], dim=-1)[..., -width:]
+    conv_state.copy_(history)
+
+
+def _conv_state_out_error(x, weight, initial_state, conv_state_out):
+    """A message naming what is wrong with ``conv_state_out``, or None."""
+    expected = (x.shape[0], weight.shape[0], weight.shape[1])
+    if not isinstance(conv_state_out, torch.Tensor) or tuple(conv_state_out.shape) != expected:
+        return f"conv_state_out must be (batch, dim, W) = {expected}, got {tuple(getattr(conv_state_out, 'shape', ()))}"
+    if conv_state_out.device != x.device:
+        return f"conv_state_out is on {conv_state_out.device}, x on {x.device}"
+    for name, other in (("x", x), ("initial_state", initial_state)):
+        if other is not None and _spans_overlap(other, conv_state_out):
+            return f"conv_state_out must not share memory with {name} (it is written while {name} is read)"
+    return None
+
+
+def _spans_overlap(a, b) -> bool:
+    """Whether the memory spans of two (non-negatively strided) tensors overlap: from the first element's address
+    to one past the last's."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t):
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a_first, a_end), (b_first, b_end) = span(a), span(b)
+    return a_first < b_end and b_first < a_end
+
+
+def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, conv_state_out=None, overwrite_x=False):
+    """Causal depthwise conv on the best backend (see ``causal_conv1d_ref``).
+
+    conv_state_out: (batch, dim, W) or None; receives the last W inputs of the padded sequence (``write_conv_state``:
+    the state a following chunk or decode step reads), in the same kernel where the "triton" backend runs.
+    overwrite_x: the output may be written over x, whose values are then lost (a memory saving the caller allows
+    when it no longer needs x). Only the "triton" backend takes it, and only without autograd and where a program
+    per channel block and sequence fills the GPU; use the returned tensor, which may or may not be x.
+    """
+    if conv_state_out is None and not overwrite_x:
+        return dispatch("causal_conv1d", x, weight, bias, initial_state=initial_state, activation=activation)
+    _check_conv_inputs(x, weight, initial_state)
+    if conv_state_out is not None:
+        problem = _conv_state_out_error(x, weight, initial_state, conv_state_out)
+        if problem is not None:
+            raise ValueError(f"causal_conv1d: {problem}")
+    entry = _REGISTRY.get("causal_conv1d", {}).get("triton")
+    if entry is not None and forced_backend() in ("auto", "triton") and (
+        entry[1] is None or entry[1](x, weight, bias, initial_state=initial_state, activation=activation)
+    ):
+        _LAST["causal_conv1d"] = "triton"  # (what dispatch records)
+        return entry[0](x, weight, bias, initial_state=initial_state, activation=activation,
+                        conv_state_out=conv_state_out, overwrite_x=overwrite_x)
+    if conv_state_out is not None:
+        with torch.no_grad():
+            write_conv_state(conv_state_out, x, initial_state)
     return dispatch("causal_conv1d", x, weight, bias, initial_state=initial_state, activation=activation)
 
 

@@ -3,7 +3,10 @@
 References: ``multimodal_mamba.modeling.ops_selective_scan.causal_conv1d_ref`` and ``causal_conv1d_update_ref``
 (``naive.py`` beside this file). out[d, s] = act(bias[d] + sum_k w[d, k] xpad[d, s + k]), where xpad is x preceded by
 the W - 1 inputs of ``initial_state`` (zeros when None). Tiles (BLOCK_D, BLOCK_T) over any strides (the mixers pass
-time-major views). The backward computes the gradient of the padded input, dxpad[p] = sum_k w[k] dpre[p - k], in one
+time-major views). The forward can also write the conv state that a following chunk or decode step reads (the
+last W inputs of xpad) and, without autograd, write its output over x (``overwrite_x``: a program then owns a
+channel block over the whole sequence and walks its tiles from the last to the first, so that every input is read
+before the output overwrites it). The backward computes the gradient of the padded input, dxpad[p] = sum_k w[k] dpre[p - k], in one
 pass over p in [0, L + W - 1): its first W - 1 positions are the gradient of ``initial_state``; dpre is recomputed
 from x (checkpointing the pre-activation would cost a full extra tensor). dweight and dbias are reduced per tile
 and summed after (deterministic, no atomics).
@@ -15,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import CachedLaunch, empty_like_layout, next_pow2
+from ..utils import CachedLaunch, empty_like_layout, interpret_mode, next_pow2, sm_count
 
 
 @triton.jit
@@ -43,33 +46,84 @@ def _pre_activation(x_base, init_base, w_base, bias, s, mask_d, length, stride_x
 
 
 @triton.jit
+def _conv_tile(x_base, init_base, w_base, bias, s0, mask_d, length, stride_x_l, stride_init_w, stride_w_k,
+               W: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_T: tl.constexpr):
+    """The activated outputs of steps s0 .. s0 + BLOCK_T - 1 (BLOCK_D, BLOCK_T) float32. Only a tile that starts
+    within the first W - 1 steps reads initial_state (the other tiles skip its masked loads)."""
+    s = s0 + tl.arange(0, BLOCK_T)
+    if HAS_INIT and s0 < W - 1:
+        pre = _pre_activation(x_base, init_base, w_base, bias, s, mask_d, length, stride_x_l, stride_init_w,
+                              stride_w_k, W, True, BLOCK_D, BLOCK_T)
+    else:
+        pre = _pre_activation(x_base, init_base, w_base, bias, s, mask_d, length, stride_x_l, stride_init_w,
+                              stride_w_k, W, False, BLOCK_D, BLOCK_T)
+    if SILU:
+        pre = pre * tl.sigmoid(pre)
+    return pre
+
+
+@triton.jit
+def _write_conv_state(x_base, init_base, state_base, mask_d, length, stride_x_l, stride_init_w, stride_s_w,
+                      W: tl.constexpr, W_PAD: tl.constexpr, HAS_INIT: tl.constexpr):
+    """state[:, k] = xpad[L - 1 + k] for k < W: the last W inputs, initial_state's (or zeros) where x is shorter."""
+    offs_k = tl.arange(0, W_PAD)
+    window = _xpad(x_base, init_base, length - 1 + offs_k, mask_d, length, stride_x_l, stride_init_w, W, HAS_INIT)
+    tl.store(state_base + offs_k[None, :] * stride_s_w, window.to(state_base.dtype.element_ty),
+             mask=mask_d[:, None] & (offs_k < W)[None, :])
+
+
+@triton.jit
 def _causal_conv1d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, init_ptr, out_ptr, state_ptr,
     dim, length,
     stride_x_b, stride_x_d, stride_x_l, stride_w_d, stride_w_k,
     stride_init_b, stride_init_d, stride_init_w, stride_out_b, stride_out_d, stride_out_l,
-    W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    stride_s_b, stride_s_d, stride_s_w,
+    W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr, WRITE_STATE: tl.constexpr,
+    IN_PLACE: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    """Grid (time tiles, channel blocks, batch); IN_PLACE: (1, channel blocks, batch), each program walking its
+    tiles from the last to the first (out == x: a tile's inputs are all read before its outputs are stored, and the
+    earlier tiles read only inputs before it)."""
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    s = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     x_base = x_ptr + pid_b * stride_x_b + offs_d[:, None] * stride_x_d
     init_base = init_ptr + pid_b * stride_init_b + offs_d[:, None] * stride_init_d
+    out_base = out_ptr + pid_b * stride_out_b + offs_d[:, None] * stride_out_d
     w_base = w_ptr + offs_d * stride_w_d
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    pre = _pre_activation(x_base, init_base, w_base, bias, s, mask_d, length, stride_x_l, stride_init_w, stride_w_k,
-                          W, HAS_INIT, BLOCK_D, BLOCK_T)
-    if SILU:
-        pre = pre * tl.sigmoid(pre)
-    out_ptrs = out_ptr + pid_b * stride_out_b + offs_d[:, None] * stride_out_d + s[None, :] * stride_out_l
-    tl.store(out_ptrs, pre.to(out_ptr.dtype.element_ty), mask=mask_d[:, None] & (s < length)[None, :])
+    n_tiles = tl.cdiv(length, BLOCK_T)
+    if IN_PLACE:
+        if WRITE_STATE:  # before any output overwrites the last inputs
+            _write_conv_state(x_base, init_base, state_ptr + pid_b * stride_s_b + offs_d[:, None] * stride_s_d,
+                              mask_d, length, stride_x_l, stride_init_w, stride_s_w, W, W_PAD, HAS_INIT)
+        for back in range(0, n_tiles):
+            s0 = (n_tiles - 1 - back) * BLOCK_T
+            out = _conv_tile(x_base, init_base, w_base, bias, s0, mask_d, length, stride_x_l, stride_init_w,
+                             stride_w_k, W, HAS_INIT, SILU, BLOCK_D, BLOCK_T)
+            s = s0 + tl.arange(0, BLOCK_T)
+            tl.debug_barrier()  # every thread's reads of this tile's inputs come before any thread's store
+            tl.store(out_base + s[None, :] * stride_out_l, out.to(out_ptr.dtype.element_ty),
+                     mask=mask_d[:, None] & (s < length)[None, :])
+    else:
+        pid_t = tl.program_id(0)
+        s0 = pid_t * BLOCK_T
+        out = _conv_tile(x_base, init_base, w_base, bias, s0, mask_d, length, stride_x_l, stride_init_w, stride_w_k,
+                         W, HAS_INIT, SILU, BLOCK_D, BLOCK_T)
+        s = s0 + tl.arange(0, BLOCK_T)
+        tl.store(out_base + s[None, :] * stride_out_l, out.to(out_ptr.dtype.element_ty),
+                 mask=mask_d[:, None] & (s < length)[None, :])
+        if WRITE_STATE:
+            if pid_t == n_tiles - 1:
+                _write_conv_state(x_base, init_base, state_ptr + pid_b * stride_s_b + offs_d[:, None] * stride_s_d,
+                                  mask_d, length, stride_x_l, stride_init_w, stride_s_w, W, W_PAD, HAS_INIT)
 
 
 @triton.jit
@@ -179,19 +233,43 @@ def _blocks(x):
 _FWD = CachedLaunch(_causal_conv1d_fwd_kernel)
 
 
-def causal_conv1d_fwd(x, weight, bias=None, initial_state=None, activation=None):
+def _in_place_applies(x, block_d) -> bool:
+    """Whether the conv may write over x: time-major x (the in-place program walks a channel block's tiles in
+    order) with enough (channel block, batch) programs to fill the GPU without the time axis (2 per SM)."""
+    batch, dim, length = x.shape
+    if x.stride(-1) == 1 and length > 1:
+        return False
+    if interpret_mode():
+        return True
+    return triton.cdiv(dim, block_d) * batch >= 2 * sm_count(x.device)
+
+
+def causal_conv1d_fwd(x, weight, bias=None, initial_state=None, activation=None, conv_state_out=None,
+                      overwrite_x=False):
+    """The conv's forward (see ``causal_conv1d``); conv_state_out (batch, dim, W) or None receives the last W
+    inputs of xpad; overwrite_x: the output may be x itself (see ``_in_place_applies``)."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     silu = _silu(activation)
-    out = empty_like_layout(x)
     block_d, block_t = _blocks(x)
+    in_place = bool(overwrite_x) and length > 0 and _in_place_applies(x, block_d)
+    out = x if in_place else empty_like_layout(x)
     init = initial_state if initial_state is not None else x
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
-    if out.numel():
-        grid = (triton.cdiv(length, block_t), triton.cdiv(dim, block_d), batch)
-        _FWD(grid, (x, weight, bias if bias is not None else weight, init, out),
-             (dim, length) + x.stride() + weight.stride() + init_strides + out.stride(),
-             (width, block_d, block_t, bias is not None, initial_state is not None, silu), 4)
+    state = conv_state_out if conv_state_out is not None else x
+    state_strides = conv_state_out.stride() if conv_state_out is not None else (0, 0, 0)
+    if x.numel():
+        if in_place:
+            block_t = 64  # one program walks the whole sequence: fewer, longer steps
+        grid = (1 if in_place else triton.cdiv(length, block_t), triton.cdiv(dim, block_d), batch)
+        _FWD(grid, (x, weight, bias if bias is not None else weight, init, out, state),
+             (dim, length) + x.stride() + weight.stride() + init_strides + out.stride() + state_strides,
+             (width, next_pow2(width), block_d, block_t, bias is not None, initial_state is not None, silu,
+              conv_state_out is not None, in_place), 4)
+    elif conv_state_out is not None:  # no step: the state is initial_state's last inputs (or zeros)
+        from ...modeling.ops_selective_scan import write_conv_state
+
+        write_conv_state(conv_state_out, x, initial_state)
     return out
 
 
@@ -236,12 +314,20 @@ class CausalConv1dFn(torch.autograd.Function):
         return dx, dweight, dbias, dinit, None
 
 
-def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation=None):
+def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation=None, conv_state_out=None,
+                         overwrite_x=False):
     """Causal depthwise conv on the Triton kernels (backend "triton"); same contract as ``causal_conv1d``:
-    x (batch, dim, L); weight (dim, W); bias (dim,); initial_state (batch, dim, W - 1)."""
+    x (batch, dim, L); weight (dim, W); bias (dim,); initial_state (batch, dim, W - 1); conv_state_out (batch, dim,
+    W) or None; overwrite_x honoured without autograd (see ``causal_conv1d_fwd``)."""
     _silu(activation)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))):
-        return causal_conv1d_fwd(x, weight, bias, initial_state, activation)  # (no autograd node: less host time)
+        # (no autograd node: less host time)
+        return causal_conv1d_fwd(x, weight, bias, initial_state, activation, conv_state_out, overwrite_x)
+    if conv_state_out is not None:  # (a copy of inputs: nothing to differentiate)
+        with torch.no_grad():
+            from ...modeling.ops_selective_scan import write_conv_state
+
+            write_conv_state(conv_state_out, x, initial_state)
     return CausalConv1dFn.apply(x, weight, bias, initial_state, activation)
 
 

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import interpret_mode, mufu_ex2, mufu_lg2, mufu_rcp, next_pow2
+from ..utils import interpret_mode, mufu_ex2, mufu_lg2, mufu_rcp, next_pow2, sm_count
 
 MAX_CHAINS = 4
 MAX_STATE = 64  # larger N: the chunked kernel of fused.py
@@ -574,7 +574,7 @@ def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
     prefetch_bc, bc_ahead = SEQ_BC_DEFAULT
     bc_ahead = bc_ahead and chains <= 3
     maxnreg = SEQ_MAXNREG if n_pad <= 16 else 0
-    one_wave = _sm_count() * SEQ_WARPS_PER_SM
+    one_wave = sm_count() * SEQ_WARPS_PER_SM
     # XLANE's configs were measured at N <= 16 (128 registers, 16 warps per SM); at N 64 (the paper's d_state) K = 8
     # lanes doubled the compile time (84 s against 43 s for (16, 1, 4) with Triton 3.6 on this project's CPU
     # machine) and was not timed on the GPU, so larger N keep the previous defaults
@@ -588,16 +588,6 @@ def default_config(batch, dim, length, state_size, lmajor, dtype, chains=3):
     return 32 // lanes, 1, k, prefetch_bc, bc_ahead, SEQ_XLANE_DEFAULT, maxnreg if k == lanes >= 4 else 0
 
 
-_SM_COUNT = {}
-
-
-def _sm_count():
-    if not torch.cuda.is_available():
-        return 132
-    device = torch.cuda.current_device()
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
 
 
 SEQ_K = {"lmajor": 4, "tmajor": 4}
@@ -810,8 +800,10 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         n_slots = 1
         states = torch.empty(batch, dim, state_size, device=device, dtype=torch.float32)
     h0 = initial_state.float().contiguous() if initial_state is not None else states
-    Dp = (D if D is not None else A[:, :, 0]).contiguous()
-    bias = (delta_bias if delta_bias is not None else A[:, :, 0]).contiguous()
+    # (absent D / delta_bias: any tensor serves as the pointer the kernel never reads; A's strided column would cost
+    # a copy kernel per call)
+    Dp = D.contiguous() if D is not None else A
+    bias = delta_bias.contiguous() if delta_bias is not None else A
     zz = zs if zs is not None else us
 
     def pad4(ts):
