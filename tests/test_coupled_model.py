@@ -321,8 +321,8 @@ def test_inference_chunk_size_leaves_gradient_forwards_whole():
     from multimodal_mamba.modeling.modeling_coupled_mamba import CoupledMambaLayerState
 
     layer = model.model.layers[0]
-    state = CoupledMambaLayerState(3, 2, model.config.intermediate_size, model.config.conv_kernel, "cpu",
-                                   torch.float32)
+    (state,) = CoupledMambaLayerState.for_layers(1, 3, 2, model.config.intermediate_size, model.config.conv_kernel,
+                                                 "cpu", torch.float32)
     with pytest.raises(ValueError, match="needs gradients disabled"):
         layer(torch.randn(2, 3, 5, 16), None, state=state)
 

@@ -128,13 +128,19 @@ class CoupledMambaLayerState:
     not change during a forward).
     """
 
-    def __init__(self, chains, batch, intermediate_size, conv_kernel, device, dtype):
-        shape = (batch, intermediate_size, conv_kernel)
-        self.conv_states = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(chains)]
-        # zeros as well: a first chunk of one step updates its buffer in place as the conv's history (decode path)
-        self.conv_spares = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(chains)]
+    def __init__(self, conv_buffers):
+        """conv_buffers: (2, M, batch, intermediate, conv_kernel) zeros (a first chunk of one step updates its buffer
+        in place as the conv's history: the decode path), the conv states and their spares."""
+        self.conv_states = list(conv_buffers[0].unbind(0))
+        self.conv_spares = list(conv_buffers[1].unbind(0))
         self.ssm_state = None
         self.scan_parameters = None
+
+    @classmethod
+    def for_layers(cls, layers, chains, batch, intermediate_size, conv_kernel, device, dtype):
+        """One state per layer, their conv buffers zeroed in one allocation (one kernel, not 2 M per layer)."""
+        buffers = torch.zeros(layers, 2, chains, batch, intermediate_size, conv_kernel, device=device, dtype=dtype)
+        return [cls(buffers[index]) for index in range(layers)]
 
     @property
     def started(self) -> bool:
@@ -175,21 +181,26 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         # under a CUDA graph capture the modalities' input stages are captured on separate streams (concurrent at
         # replay); the scan, which needs all of them, runs after the join
         branches = capture_branches(hidden_states, chains)
+        # without gradients the conv writes its output over in_proj's first half, which nothing else reads
+        overwrite = not torch.is_grad_enabled()
         for index, block in enumerate(self.blocks.values()):
             with on_branch(branches, index):
                 mask = attention_mask[:, index] if attention_mask is not None else None
-                normed = block.norm(hidden_states[:, index])
-                if state is None:
-                    x, z = block.mixer.input_stage(normed, mask)  # (batch, dim, L) each
-                else:  # a continued sequence: the conv reads the previous chunk's last inputs, and keeps this one's
+                conv_state = conv_initial = None
+                if state is not None:  # a continued sequence: the conv reads the previous chunk's last inputs, and
+                    # writes this one's
+                    conv_state = state.conv_spares[index]
                     conv_initial = state.conv_states[index][..., 1:] if state.started else None
-                    x, z = block.mixer.input_stage(normed, mask, state.conv_spares[index], conv_initial)
+                # (the normed input is not kept: it is dead once in_proj has read it)
+                x, z = block.mixer.input_stage(block.norm(hidden_states[:, index]), mask, conv_state, conv_initial,
+                                               overwrite_conv_input=overwrite)  # (batch, dim, L) each
                 delta, B, C = block.mixer.ssm_parameters(x)  # (batch, dim, L), (batch, N, L), (batch, N, L)
             xs.append(x)
             zs.append(z)
             deltas.append(delta)
             Bs.append(B)
             Cs.append(C)
+        del x, z, delta, B, C  # (the lists hold them: the output stage then frees them with the lists)
         if branches is not None:
             branches.join()
         if state is not None:
@@ -637,9 +648,10 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             hidden_states=all_hidden_states,
         )
 
-    def _per_modality(self, modules, inputs):
-        """modules[name](inputs[i]) for each modality, stacked: (batch, M, ...). Under a CUDA graph capture each
-        modality's call is captured on its own stream (``capture_branches``), so the replay runs them concurrently."""
+    def _per_modality(self, modules, inputs, modality_major=False):
+        """modules[name](inputs[i]) for each modality, stacked: (batch, M, ...); with ``modality_major`` a view of
+        (M, batch, ...) memory, whose per-modality slices are contiguous. Under a CUDA graph capture each modality's
+        call is captured on its own stream (``capture_branches``), so the replay runs them concurrently."""
         names = self.config.modality_names
         branches = capture_branches(inputs[0], len(names))
         outputs = []
@@ -648,11 +660,14 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
                 outputs.append(modules[name](inputs[index]))
         if branches is not None:
             branches.join()
+        if modality_major:
+            return torch.stack(outputs, dim=0).transpose(0, 1)
         return torch.stack(outputs, dim=1)
 
     def _project(self, features):
-        """M (batch, L, dim_m) features -> (batch, M, L, hidden) through the input projections."""
-        return self._per_modality(self.projections, features)
+        """M (batch, L, dim_m) features -> (batch, M, L, hidden) through the input projections, a view of (M, batch,
+        L, hidden) memory as every layer's output: the first layer reads each modality's states densely."""
+        return self._per_modality(self.projections, features, modality_major=True)
 
     def _final_norm(self, hidden_states):
         """(batch, M, L, hidden) -> the same after each modality's final LayerNorm."""
@@ -690,24 +705,25 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         last_hidden = torch.empty(shape, device=device, dtype=dtype) if keep_last else None
         # every layer's input (embeddings first) when asked for: those are L long by request
         levels = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers] if output_hidden_states else []
-        states = [
-            CoupledMambaLayerState(len(names), batch, self.config.intermediate_size, self.config.conv_kernel, device,
-                                   dtype)
-            for _ in self.layers
-        ]
+        states = CoupledMambaLayerState.for_layers(len(self.layers), len(names), batch, self.config.intermediate_size,
+                                                   self.config.conv_kernel, device, dtype)
         with config_backend(self.config):
             for start in range(0, length, chunk):
                 end = min(start + chunk, length)
-                hidden_states = self._project([feat[:, start:end] for feat in features])
+                # (a time slice of a (batch, L, dim) tensor is strided: as a contiguous copy the projections' GEMMs
+                # take it directly, with their bias fused, instead of copying it and adding the bias separately)
+                hidden_states = self._project([feat[:, start:end].contiguous() for feat in features])
                 mask = layer_mask[..., start:end] if layer_mask is not None else None
                 for index, (layer, state) in enumerate(zip(self.layers, states)):
                     if levels:
                         levels[index][:, :, start:end] = hidden_states
                     hidden_states = layer(hidden_states, mask, state=state)
                 final = self._final_norm(hidden_states)
+                del hidden_states  # (the next chunk's layers run without this chunk's states)
                 pooling.add(final, start)
                 if last_hidden is not None:
                     last_hidden[:, :, start:end] = final
+                del final
         return last_hidden, (tuple(levels) + (last_hidden,) if output_hidden_states else None)
 
 
