@@ -898,10 +898,11 @@ def test_gpu_conv_state_out_and_overwrite(dtype):
 
     def in_place(shape):
         batch, dim = shape[:2]
-        return -(-dim // 64) * batch >= 2 * sm_count()
+        return -(-dim // fused.IN_PLACE_BLOCK_D) * batch >= 2 * sm_count()
 
     shapes = [(32, 512, 167, 4, True), (32, 512, 100, 4, False), (64, 512, 3, 4, True), (1, 512, 300, 4, True),
               (2, 1536, 77, 4, False)]
+    assert in_place(shapes[0]) and not in_place(shapes[3])  # (both paths run)
     check_conv_state_and_overwrite(fused.causal_conv1d_triton, "cuda", dtype, shapes, TOL[dtype], in_place)
     x = torch.randn(32, 100, 1024, device="cuda", dtype=dtype).transpose(1, 2)[:, :512]
     weight = torch.randn(512, 4, device="cuda", dtype=dtype)

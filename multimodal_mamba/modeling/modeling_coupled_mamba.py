@@ -93,6 +93,21 @@ class CoupledMambaInputProjection(nn.Module):
         return self.norm2(self.fc2(hidden))
 
 
+def _gemm_rows(features: torch.Tensor) -> torch.Tensor:
+    """(batch, T, dim) -> the (batch * T, dim) rows the input projection multiplies. On CUDA they are copied into
+    rows whose stride is a multiple of 16 bytes where they are not already dense and aligned: the modalities' feature
+    sizes (300, 74, 35) are not, and cuBLAS then falls back to kernels several times slower; a time slice (a chunked
+    forward) is not dense, and F.linear would copy it and add the bias in a separate pass. Elsewhere a reshape."""
+    batch, steps, dim = features.shape
+    align = max(1, 16 // features.element_size())
+    padded = -(-dim // align) * align
+    if not features.is_cuda or (padded == dim and features.is_contiguous()):
+        return features.reshape(batch * steps, dim)
+    rows = features.new_empty(batch * steps, padded)[:, :dim]
+    rows.view(batch, steps, dim).copy_(features)
+    return rows
+
+
 class CoupledMambaBlock(nn.Module):
     """One modality's Coupled Mamba block: pre-norm and the shared ``MambaMixer`` (its scan runs in the layer)."""
 
@@ -165,15 +180,17 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         self.coupling = config.coupling
         self.blocks = nn.ModuleDict({name: CoupledMambaBlock(config, layer_idx) for name in config.modality_names})
 
-    def forward(self, hidden_states, attention_mask=None, state=None):
+    def forward(self, hidden_states, attention_mask=None, state=None, scan_parameters=None):
+        """scan_parameters: this layer's (A, D) as ``_scan_parameters`` returns them, when the caller computed them
+        (the model does, for every layer at once, in inference); None: computed here."""
         if state is not None and torch.is_grad_enabled():
             raise ValueError("CoupledMambaLayer: a carried state (chunked inference) needs gradients disabled")
         if not self.training:
-            return self._forward(hidden_states, attention_mask, state)
+            return self._forward(hidden_states, attention_mask, state, scan_parameters)
         with training_forward():  # the same numbers with and without gradients (see MambaMixer.forward)
-            return self._forward(hidden_states, attention_mask, state)
+            return self._forward(hidden_states, attention_mask, state, scan_parameters)
 
-    def _forward(self, hidden_states, attention_mask, state=None):
+    def _forward(self, hidden_states, attention_mask, state=None, scan_parameters=None):
         xs, zs, deltas, Bs, Cs = [], [], [], [], []
         initial_state = state.ssm_state if state is not None else None
         mixers = [block.mixer for block in self.blocks.values()]
@@ -206,10 +223,10 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         if state is not None:
             state.swap_conv_states()
             if state.scan_parameters is None:
-                state.scan_parameters = self._scan_parameters(mixers)
+                state.scan_parameters = scan_parameters or self._scan_parameters(mixers)
             A, D = state.scan_parameters
         else:
-            A, D = self._scan_parameters(mixers)
+            A, D = scan_parameters or self._scan_parameters(mixers)
         if self.coupling == "none":
             # Independent chains: one grouped selective scan, group m = modality m's channels with its B, C.
             u, delta, z = torch.cat(xs, dim=1), torch.cat(deltas, dim=1), torch.cat(zs, dim=1)
@@ -648,16 +665,18 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             hidden_states=all_hidden_states,
         )
 
-    def _per_modality(self, modules, inputs, modality_major=False):
-        """modules[name](inputs[i]) for each modality, stacked: (batch, M, ...); with ``modality_major`` a view of
-        (M, batch, ...) memory, whose per-modality slices are contiguous. Under a CUDA graph capture each modality's
-        call is captured on its own stream (``capture_branches``), so the replay runs them concurrently."""
+    def _per_modality(self, modules, inputs, modality_major=False, prepare=None):
+        """modules[name](prepare(inputs[i])) for each modality (``prepare``: none when None), stacked: (batch, M,
+        ...); with ``modality_major`` a view of (M, batch, ...) memory, whose per-modality slices are contiguous. Under
+        a CUDA graph capture each modality's call is captured on its own stream (``capture_branches``), so the replay
+        runs them concurrently."""
         names = self.config.modality_names
         branches = capture_branches(inputs[0], len(names))
         outputs = []
         for index, name in enumerate(names):
             with on_branch(branches, index):
-                outputs.append(modules[name](inputs[index]))
+                value = inputs[index] if prepare is None else prepare(inputs[index])
+                outputs.append(modules[name](value))
         if branches is not None:
             branches.join()
         if modality_major:
@@ -667,11 +686,27 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
     def _project(self, features):
         """M (batch, L, dim_m) features -> (batch, M, L, hidden) through the input projections, a view of (M, batch,
         L, hidden) memory as every layer's output: the first layer reads each modality's states densely."""
-        return self._per_modality(self.projections, features, modality_major=True)
+        batch, length = features[0].shape[:2]
+        projected = self._per_modality(self.projections, features, modality_major=True, prepare=_gemm_rows)
+        return projected.transpose(0, 1).unflatten(1, (batch, length)).transpose(0, 1)
 
     def _final_norm(self, hidden_states):
         """(batch, M, L, hidden) -> the same after each modality's final LayerNorm."""
         return self._per_modality(self.norm_f, hidden_states.unbind(1))
+
+    def _inference_scan_parameters(self):
+        """Every layer's (A, D) for its coupled scan, computed at once (4 kernels instead of 5 per layer), for a
+        forward without gradients; None (each layer computes its own) with gradients, for ``coupling="none"`` and
+        while a mixer's A is overridden."""
+        mixers = [[block.mixer for block in layer.blocks.values()] for layer in self.layers]
+        if (torch.is_grad_enabled() or self.config.coupling == "none" or not mixers
+                or any(m.__dict__.get("_A_override") is not None for row in mixers for m in row)):
+            return None
+        A = -torch.exp(torch.stack([m.A_log for row in mixers for m in row]).float())
+        D = torch.stack([m.D for row in mixers for m in row])
+        chains = len(mixers[0])
+        A, D = A.unflatten(0, (len(mixers), chains)), D.unflatten(0, (len(mixers), chains))
+        return [(A[index], D[index]) for index in range(len(mixers))]
 
     def _layers_whole(self, features, layer_mask, output_hidden_states):
         """features: M (batch, L, dim_m) -> the final (normed) hidden states (batch, M, L, hidden) and, when asked,
@@ -682,9 +717,13 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
             # e.g. LoRA on the mixers only, would leave every checkpointed adapter without a gradient).
             hidden_states.requires_grad_(True)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        parameters = self._inference_scan_parameters() or [None] * len(self.layers)
         with config_backend(self.config):
-            for layer in self.layers:
-                hidden_states = layer(hidden_states, layer_mask)
+            for layer, scan_parameters in zip(self.layers, parameters):
+                if scan_parameters is None:  # (a training forward: its layers' calls stay as they were)
+                    hidden_states = layer(hidden_states, layer_mask)
+                else:
+                    hidden_states = layer(hidden_states, layer_mask, scan_parameters=scan_parameters)
                 if output_hidden_states:
                     all_hidden_states = all_hidden_states + (hidden_states,)
         hidden_states = self._final_norm(hidden_states)
@@ -707,12 +746,12 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         levels = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers] if output_hidden_states else []
         states = CoupledMambaLayerState.for_layers(len(self.layers), len(names), batch, self.config.intermediate_size,
                                                    self.config.conv_kernel, device, dtype)
+        for state, scan_parameters in zip(states, self._inference_scan_parameters() or []):
+            state.scan_parameters = scan_parameters
         with config_backend(self.config):
             for start in range(0, length, chunk):
                 end = min(start + chunk, length)
-                # (a time slice of a (batch, L, dim) tensor is strided: as a contiguous copy the projections' GEMMs
-                # take it directly, with their bias fused, instead of copying it and adding the bias separately)
-                hidden_states = self._project([feat[:, start:end].contiguous() for feat in features])
+                hidden_states = self._project([feat[:, start:end] for feat in features])
                 mask = layer_mask[..., start:end] if layer_mask is not None else None
                 for index, (layer, state) in enumerate(zip(self.layers, states)):
                     if levels:

@@ -233,7 +233,12 @@ def _blocks(x):
 _FWD = CachedLaunch(_causal_conv1d_fwd_kernel)
 
 
-def _in_place_applies(x, block_d) -> bool:
+# The in-place program's channel block: narrower than the parallel kernel's 64, for more (channel block, batch)
+# programs (a Coupled Mamba chunk at batch 32, dim 512: 512 of them), rows of 32 contiguous channels
+IN_PLACE_BLOCK_D, IN_PLACE_BLOCK_T = 32, 64
+
+
+def _in_place_applies(x) -> bool:
     """Whether the conv may write over x: time-major x (the in-place program walks a channel block's tiles in
     order) with enough (channel block, batch) programs to fill the GPU without the time axis (2 per SM)."""
     batch, dim, length = x.shape
@@ -241,7 +246,7 @@ def _in_place_applies(x, block_d) -> bool:
         return False
     if interpret_mode():
         return True
-    return triton.cdiv(dim, block_d) * batch >= 2 * sm_count(x.device)
+    return triton.cdiv(dim, IN_PLACE_BLOCK_D) * batch >= 2 * sm_count(x.device)
 
 
 def causal_conv1d_fwd(x, weight, bias=None, initial_state=None, activation=None, conv_state_out=None,
@@ -251,16 +256,14 @@ def causal_conv1d_fwd(x, weight, bias=None, initial_state=None, activation=None,
     batch, dim, length = x.shape
     width = weight.shape[1]
     silu = _silu(activation)
-    block_d, block_t = _blocks(x)
-    in_place = bool(overwrite_x) and length > 0 and _in_place_applies(x, block_d)
+    in_place = bool(overwrite_x) and length > 0 and _in_place_applies(x)
+    block_d, block_t = (IN_PLACE_BLOCK_D, IN_PLACE_BLOCK_T) if in_place else _blocks(x)
     out = x if in_place else empty_like_layout(x)
     init = initial_state if initial_state is not None else x
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
     state = conv_state_out if conv_state_out is not None else x
     state_strides = conv_state_out.stride() if conv_state_out is not None else (0, 0, 0)
     if x.numel():
-        if in_place:
-            block_t = 64  # one program walks the whole sequence: fewer, longer steps
         grid = (1 if in_place else triton.cdiv(length, block_t), triton.cdiv(dim, block_d), batch)
         _FWD(grid, (x, weight, bias if bias is not None else weight, init, out, state),
              (dim, length) + x.stride() + weight.stride() + init_strides + out.stride() + state_strides,
