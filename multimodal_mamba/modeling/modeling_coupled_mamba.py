@@ -94,18 +94,10 @@ class CoupledMambaInputProjection(nn.Module):
 
 
 def _gemm_rows(features: torch.Tensor) -> torch.Tensor:
-    """(batch, T, dim) -> the (batch * T, dim) rows the input projection multiplies. On CUDA they are copied into
-    rows whose stride is a multiple of 16 bytes where they are not already dense and aligned: the modalities' feature
-    sizes (300, 74, 35) are not, and cuBLAS then falls back to kernels several times slower; a time slice (a chunked
-    forward) is not dense, and F.linear would copy it and add the bias in a separate pass. Elsewhere a reshape."""
-    batch, steps, dim = features.shape
-    align = max(1, 16 // features.element_size())
-    padded = -(-dim // align) * align
-    if not features.is_cuda or (padded == dim and features.is_contiguous()):
-        return features.reshape(batch * steps, dim)
-    rows = features.new_empty(batch * steps, padded)[:, :dim]
-    rows.view(batch, steps, dim).copy_(features)
-    return rows
+    """(batch, T, dim) -> the (batch * T, dim) rows the input projection multiplies: a view where the memory allows,
+    else a dense copy (a chunked forward's time slices). F.linear given the strided 3-D slice would copy it just the
+    same and then add the bias in a pass of its own; on 2-D rows the bias is fused into the GEMM."""
+    return features.reshape(-1, features.shape[-1])
 
 
 class CoupledMambaBlock(nn.Module):

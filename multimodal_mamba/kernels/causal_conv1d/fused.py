@@ -233,9 +233,10 @@ def _blocks(x):
 _FWD = CachedLaunch(_causal_conv1d_fwd_kernel)
 
 
-# The in-place program's channel block: narrower than the parallel kernel's 64, for more (channel block, batch)
-# programs (a Coupled Mamba chunk at batch 32, dim 512: 512 of them), rows of 32 contiguous channels
-IN_PLACE_BLOCK_D, IN_PLACE_BLOCK_T = 32, 64
+# The in-place program's tile: a channel block narrower than the parallel kernel's 64, for more (channel block,
+# batch) programs (a Coupled Mamba chunk at batch 32, dim 512: 512 of them), rows of 32 contiguous channels; long
+# time tiles, since a program's tiles run one after the other (each waits for its loads)
+IN_PLACE_BLOCK_D, IN_PLACE_BLOCK_T, IN_PLACE_WARPS = 32, 128, 8
 
 
 def _in_place_applies(x) -> bool:
@@ -268,7 +269,7 @@ def causal_conv1d_fwd(x, weight, bias=None, initial_state=None, activation=None,
         _FWD(grid, (x, weight, bias if bias is not None else weight, init, out, state),
              (dim, length) + x.stride() + weight.stride() + init_strides + out.stride() + state_strides,
              (width, next_pow2(width), block_d, block_t, bias is not None, initial_state is not None, silu,
-              conv_state_out is not None, in_place), 4)
+              conv_state_out is not None, in_place), IN_PLACE_WARPS if in_place else 4)
     elif conv_state_out is not None:  # no step: the state is initial_state's last inputs (or zeros)
         from ...modeling.ops_selective_scan import write_conv_state
 
