@@ -679,8 +679,9 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         """M (batch, L, dim_m) features -> (batch, M, L, hidden) through the input projections, a view of (M, batch,
         L, hidden) memory as every layer's output: the first layer reads each modality's states densely."""
         batch, length = features[0].shape[:2]
+        # (batch * L, M, hidden) rows of (M, batch * L, hidden) memory -> (batch, M, L, hidden)
         projected = self._per_modality(self.projections, features, modality_major=True, prepare=_gemm_rows)
-        return projected.transpose(0, 1).unflatten(1, (batch, length)).transpose(0, 1)
+        return projected.unflatten(0, (batch, length)).transpose(1, 2)
 
     def _final_norm(self, hidden_states):
         """(batch, M, L, hidden) -> the same after each modality's final LayerNorm."""
