@@ -95,6 +95,17 @@ def kernel_profile(model, feats, chunk):
     }
 
 
+def fusion_model_and_features(batch, length, dtype=torch.bfloat16):
+    """The fusion benchmark's Coupled Mamba model (hidden 256, 4 layers, state 16, "mean") on CUDA in eval mode, and
+    random (batch, length, dim) features of its three modalities."""
+    config = CoupledMambaConfig(modality_dims=MODALITIES, hidden_size=256, num_hidden_layers=4, state_size=16,
+                                coupling="mean")
+    torch.manual_seed(0)
+    model = CoupledMambaModel(config).to("cuda", dtype).eval()
+    feats = {n: torch.randn(batch, length, d, device="cuda", dtype=dtype) for n, d in MODALITIES.items()}
+    return model, feats
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=500)
@@ -103,12 +114,8 @@ def main():
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     dtype = torch.bfloat16
-    config = CoupledMambaConfig(modality_dims=MODALITIES, hidden_size=256, num_hidden_layers=4, state_size=16,
-                                coupling="mean")
-    torch.manual_seed(0)
-    coupled = CoupledMambaModel(config).to("cuda", dtype).eval()
+    coupled, feats = fusion_model_and_features(args.batch, args.length, dtype)
     attention = CrossAttentionFusion(MODALITIES, 256, 4, 8, False).to("cuda", dtype).eval()
-    feats = {n: torch.randn(args.batch, args.length, d, device="cuda", dtype=dtype) for n, d in MODALITIES.items()}
     rows = []
 
     def record(mode, seconds, peak):

@@ -26,8 +26,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.bench_gpu_coupled_vs_attention import MODALITIES  # noqa: E402
-from multimodal_mamba import CoupledMambaConfig, CoupledMambaModel, ssm_backend  # noqa: E402
+from benchmarks.diag_coupled_chunk_modes import fusion_model_and_features  # noqa: E402
+from multimodal_mamba import ssm_backend  # noqa: E402
 
 
 def kernel_events(call):
@@ -115,12 +115,8 @@ def main():
     parser.add_argument("--memory-chunk", type=int, nargs="+", default=[100])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    dtype = torch.bfloat16
-    config = CoupledMambaConfig(modality_dims=MODALITIES, hidden_size=256, num_hidden_layers=4, state_size=16,
-                                coupling="mean")
-    torch.manual_seed(0)
-    model = CoupledMambaModel(config).to("cuda", dtype).eval()
-    feats = {n: torch.randn(args.batch, args.length, d, device="cuda", dtype=dtype) for n, d in MODALITIES.items()}
+    model, feats = fusion_model_and_features(args.batch, args.length)
+    config = model.config
     result = {"length": args.length, "batch": args.batch, "timeline": {}, "memory": {}}
     with ssm_backend("triton"), torch.no_grad():
         for chunk in [None] + args.chunks:
