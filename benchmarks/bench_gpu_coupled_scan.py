@@ -128,7 +128,7 @@ def measure(batch, chains, dim, length, state, dtype, bandwidth, with_torch=True
         torch.autograd.grad(run_triton(tg), leaves, grad)
 
     row["fwdbwd_ms"] = do_bench(step, warmup=10, rep=100, return_mode="median")
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return row
 
 
