@@ -40,7 +40,9 @@ def main():
         x = both.transpose(1, 2)[:, :dim]
         weight = torch.randn(dim, 4, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.5
         bias = torch.randn(dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-        init = torch.randn(batch, dim, 4, device="cuda", dtype=torch.bfloat16, generator=gen)[..., 1:] if with_init else None
+        init = None
+        if with_init:
+            init = torch.randn(batch, dim, 4, device="cuda", dtype=torch.bfloat16, generator=gen)[..., 1:]
         state = torch.empty(batch, dim, 4, device="cuda", dtype=torch.bfloat16)
         reference = causal_conv1d_ref(x.float(), weight.float(), bias.float(),
                                       initial_state=init.float() if init is not None else None, activation="silu")

@@ -6,10 +6,10 @@ the W - 1 inputs of ``initial_state`` (zeros when None). Tiles (BLOCK_D, BLOCK_T
 time-major views). The forward can also write the conv state that a following chunk or decode step reads (the
 last W inputs of xpad) and, without autograd, write its output over x (``overwrite_x``: a program then owns a
 channel block over the whole sequence and walks its tiles from the last to the first, so that every input is read
-before the output overwrites it). The backward computes the gradient of the padded input, dxpad[p] = sum_k w[k] dpre[p - k], in one
-pass over p in [0, L + W - 1): its first W - 1 positions are the gradient of ``initial_state``; dpre is recomputed
-from x (checkpointing the pre-activation would cost a full extra tensor). dweight and dbias are reduced per tile
-and summed after (deterministic, no atomics).
+before the output overwrites it). The backward computes the gradient of the padded input,
+dxpad[p] = sum_k w[k] dpre[p - k], in one pass over p in [0, L + W - 1): its first W - 1 positions are the gradient
+of ``initial_state``; dpre is recomputed from x (checkpointing the pre-activation would cost a full extra tensor).
+dweight and dbias are reduced per tile and summed after (deterministic, no atomics).
 """
 
 from __future__ import annotations
