@@ -269,11 +269,17 @@ class CoupledMambaLayer(GradientCheckpointingLayer):
         PyTorch's fused AdamW, the Trainer's default, updates parameters without bumping their version counters.)"""
         if self.coupling == "none":
             return torch.cat([m.ssm_A() for m in mixers], dim=0), torch.cat([m.D for m in mixers], dim=0)
-        if any(m.__dict__.get("_A_override") is not None for m in mixers):
-            A = torch.stack([m.ssm_A() for m in mixers])
-        else:  # the same values as stacking every ssm_A(), in 3 kernels instead of 2 M + 1
-            A = -torch.exp(torch.stack([m.A_log for m in mixers]).float())
-        return A, torch.stack([m.D for m in mixers])
+        return _stacked_scan_parameters(mixers)
+
+
+def _stacked_scan_parameters(mixers):
+    """A (len(mixers), dim, N) float32 and D (len(mixers), dim) of the given mixers, stacked: the same values as
+    stacking every ``ssm_A()``, in 3 kernels instead of 2 * len(mixers) + 1 (unless a mixer's A is overridden)."""
+    if any(m.__dict__.get("_A_override") is not None for m in mixers):
+        A = torch.stack([m.ssm_A() for m in mixers])
+    else:
+        A = -torch.exp(torch.stack([m.A_log for m in mixers]).float())
+    return A, torch.stack([m.D for m in mixers])
 
 
 class CoupledMambaStepPooling:
@@ -688,18 +694,16 @@ class CoupledMambaModel(CoupledMambaPreTrainedModel):
         return self._per_modality(self.norm_f, hidden_states.unbind(1))
 
     def _inference_scan_parameters(self):
-        """Every layer's (A, D) for its coupled scan, computed at once (4 kernels instead of 5 per layer), for a
-        forward without gradients; None (each layer computes its own) with gradients, for ``coupling="none"`` and
-        while a mixer's A is overridden."""
-        mixers = [[block.mixer for block in layer.blocks.values()] for layer in self.layers]
-        if (torch.is_grad_enabled() or self.config.coupling == "none" or not mixers
-                or any(m.__dict__.get("_A_override") is not None for row in mixers for m in row)):
+        """Every layer's (A, D) for its coupled scan, computed at once (one stack for all layers instead of one per
+        layer), for a forward without gradients; None (each layer computes its own) with gradients and for
+        ``coupling="none"``."""
+        if torch.is_grad_enabled() or self.config.coupling == "none" or not len(self.layers):
             return None
-        A = -torch.exp(torch.stack([m.A_log for row in mixers for m in row]).float())
-        D = torch.stack([m.D for row in mixers for m in row])
-        chains = len(mixers[0])
-        A, D = A.unflatten(0, (len(mixers), chains)), D.unflatten(0, (len(mixers), chains))
-        return [(A[index], D[index]) for index in range(len(mixers))]
+        mixers = [block.mixer for layer in self.layers for block in layer.blocks.values()]
+        A, D = _stacked_scan_parameters(mixers)
+        shape = (len(self.layers), len(self.config.modality_names))
+        A, D = A.unflatten(0, shape), D.unflatten(0, shape)
+        return [(A[index], D[index]) for index in range(len(self.layers))]
 
     def _layers_whole(self, features, layer_mask, output_hidden_states):
         """features: M (batch, L, dim_m) -> the final (normed) hidden states (batch, M, L, hidden) and, when asked,

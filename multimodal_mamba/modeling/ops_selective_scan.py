@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .ssm_backends import _LAST, _REGISTRY, dispatch, forced_backend, register_backend
+from .ssm_backends import choose_backend, dispatch, record_backend, register_backend
 
 LOG2_E = 1.0 / math.log(2.0)
 DEFAULT_CHUNK_SIZE = 64
@@ -754,17 +754,15 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, con
         problem = _conv_state_out_error(x, weight, initial_state, conv_state_out)
         if problem is not None:
             raise ValueError(f"causal_conv1d: {problem}")
-    entry = _REGISTRY.get("causal_conv1d", {}).get("triton")
-    if entry is not None and forced_backend() in ("auto", "triton") and (
-        entry[1] is None or entry[1](x, weight, bias, initial_state=initial_state, activation=activation)
-    ):
-        _LAST["causal_conv1d"] = "triton"  # (what dispatch records)
-        return entry[0](x, weight, bias, initial_state=initial_state, activation=activation,
-                        conv_state_out=conv_state_out, overwrite_x=overwrite_x)
+    name, fn = choose_backend("causal_conv1d", x, weight, bias, initial_state=initial_state, activation=activation)
+    record_backend("causal_conv1d", name)
+    if name == "triton":  # (the one backend that takes the two arguments)
+        return fn(x, weight, bias, initial_state=initial_state, activation=activation, conv_state_out=conv_state_out,
+                  overwrite_x=overwrite_x)
     if conv_state_out is not None:
         with torch.no_grad():
             write_conv_state(conv_state_out, x, initial_state)
-    return dispatch("causal_conv1d", x, weight, bias, initial_state=initial_state, activation=activation)
+    return fn(x, weight, bias, initial_state=initial_state, activation=activation)
 
 
 def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):

@@ -127,8 +127,10 @@ def record_backend(op: str, name: str) -> None:
     _LAST[op] = name
 
 
-def dispatch(op: str, *args, **kwargs):
-    """Run ``op`` on the first backend that applies (or on the forced one) and record which ran."""
+def choose_backend(op: str, *args, **kwargs):
+    """(name, implementation) of the backend ``dispatch`` runs this call of ``op`` on: the first that applies, or the
+    forced one (a ValueError where none can run it). For an op entry point that hands some calls extra arguments only
+    one backend takes; it records what ran with ``record_backend``."""
     registered = _REGISTRY.get(op)
     if not registered:
         raise ValueError(f"no backend is registered for op {op!r}")
@@ -140,8 +142,7 @@ def dispatch(op: str, *args, **kwargs):
                 continue
             entry = registered.get(name)
             if entry is not None and (entry[1] is None or entry[1](*args, **kwargs)):
-                _LAST[op] = name
-                return entry[0](*args, **kwargs)
+                return name, entry[0]
         raise ValueError(f"no backend can run this {op!r} call (registered: {sorted(registered)})")
     fallback = FALLBACK.get(forced)
     if fallback is not None and fallback in registered:
@@ -156,5 +157,11 @@ def dispatch(op: str, *args, **kwargs):
     fn, accepts = registered[forced]
     if accepts is not None and not accepts(*args, **kwargs):
         raise ValueError(f"ssm backend {forced!r} was forced but cannot run this {op!r} call (device, dtype or shape)")
-    _LAST[op] = forced
+    return forced, fn
+
+
+def dispatch(op: str, *args, **kwargs):
+    """Run ``op`` on the first backend that applies (or on the forced one) and record which ran."""
+    name, fn = choose_backend(op, *args, **kwargs)
+    _LAST[op] = name
     return fn(*args, **kwargs)
