@@ -7,6 +7,7 @@ per configuration (block_d, num_warps, K): registers, spill bytes, and the instr
 time step (per lane and per (lane, state)), MUFU (special-function) instructions and shuffles included.
 
     python benchmarks/bench_gpu_coupled_sass.py [--configs 16,1,4 16,1,1 ...] [--layout lmajor|tmajor] [--even]
+        [--state N] [--act bf16|fp32]
 
 What it is for: the kernel's layouts are chosen by Triton's layout propagation, which differs between versions (a
 channel's states must stay in one or two lanes; see sequential.py). This checks that on any Triton without a GPU.
@@ -119,9 +120,12 @@ def main():
     parser.add_argument("--layout", choices=["lmajor", "tmajor"], nargs="+", default=["lmajor", "tmajor"])
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (ptxas .maxnreg)")
     parser.add_argument("--even", action="store_true", help="specialize for dim, L multiples of (block_d, K)")
+    parser.add_argument("--state", type=int, default=16, help="N, the state size")
+    parser.add_argument("--act", choices=["bf16", "fp32"], default="bf16", help="dtype of u, delta, z and out")
     parser.add_argument("--dump", default=None, help="write each config's main-loop SASS to DUMP_<config>.sass")
     args = parser.parse_args()
-    print(f"triton {triton.__version__}, target sm_90; M 3, N 16, bf16 activations, float32 B / C", flush=True)
+    print(f"triton {triton.__version__}, target sm_90; M 3, N {args.state}, {args.act} activations, float32 B / C",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layout:
             for text in args.configs:
@@ -130,7 +134,8 @@ def main():
                 prefetch_bc, bc_ahead = (bool(v) for v in (values[3:5] if len(values) >= 5 else (0, 0)))
                 xlane = len(values) == 6 and bool(values[5])
                 compiled = compile_config(block_d, num_warps, k, layout == "lmajor", prefetch_bc=prefetch_bc,
-                                          bc_ahead=bc_ahead, maxnreg=args.maxnreg, xlane=xlane, even=args.even)
+                                          bc_ahead=bc_ahead, maxnreg=args.maxnreg, xlane=xlane, even=args.even,
+                                          state=args.state, act=args.act)
                 cubin = Path(tmp) / "k.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
                 usage = subprocess.run([f"{NVBIN}/cuobjdump", "-res-usage", str(cubin)], capture_output=True,
@@ -148,7 +153,7 @@ def main():
                 lanes = max(1, 32 * num_warps // block_d)
                 mufu = sum(v for key, v in mix.items() if key.startswith("MUFU"))
                 print(f"{layout} {tuple(values)}: regs {regs}, spill {spill} B; per step per lane "
-                      f"{total / k:.0f} instr ({total / k / (16 / lanes):.1f} per (lane, state)), MUFU "
+                      f"{total / k:.0f} instr ({total / k / max(1, args.state / lanes):.1f} per (lane, state)), MUFU "
                       f"{mufu / k:.1f}, SHFL {mix['SHFL'] / k:.1f}, LDG {mix['LDG'] / k:.1f}", flush=True)
 
 

@@ -88,9 +88,16 @@ def _silu(z, FAST: tl.constexpr):
 
 
 @triton.jit
+def _neg_zero(shape):
+    """A float32 tile of -0.0, the identity of +, so that x + it folds away (x + 0.0 does not: -0.0 + 0.0 is +0.0).
+    Made by a bitcast: Triton 3.6 turns a literal -0.0 into +0.0."""
+    return tl.full(shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _row(tile, offs_k, k):
     """Row k of a (K, BD) tile (K held by each thread: a register pick once the compiler folds the select)."""
-    return tl.sum(tl.where(offs_k[:, None] == k, tile, -0.0), axis=0)
+    return tl.sum(tl.where(offs_k[:, None] == k, tile, _neg_zero(tile.shape)), axis=0)
 
 
 @triton.jit
@@ -207,8 +214,8 @@ def _xstep(H, A2, dt_k, dtu_k, lc, Bv, Cv, FAST: tl.constexpr):
 
 @triton.jit
 def _xpick(acc, offs_acc, k: tl.constexpr):
-    """Step k's (LPC, BD) partials of a (K, LPC, BD) accumulator (K in-thread: a register pick)."""
-    return tl.sum(tl.where(offs_acc == k, acc, 0.0), axis=0)
+    """Step k's (LPC, BD) partials of a (K, LPC, BD) accumulator (K in-thread: a register pick, no adds left)."""
+    return tl.sum(tl.where(offs_acc == k, acc, _neg_zero(acc.shape)), axis=0)
 
 
 @triton.jit
