@@ -13,9 +13,10 @@ the goal and whether a kernel of this design could reach it at all. Each variant
 - ``decays_only``: both: per (channel, step) only the M N decays exp2(dt A), the coupled recurrence
   H = sum_m (a^m H + dt^m u^m), softplus, the gate and the loads and stores of u, delta, z and y;
 - ``io_only``: ``decays_only`` without the decays (H = sum_m (H + dt^m u^m)): what the loads, stores and the
-  per-(channel, step) work of the walk through time cost by themselves.
-``stream_elementwise``: the same bytes moved by ``torch.addcmul`` per chain (u, delta, z read, y written, coalesced), the
-cost of the bytes alone. Outputs of the stripped variants are not the scan's; only their times mean something. ``--baseline PATH`` adds another
+  per-(channel, step) work of the walk through time cost by themselves;
+- ``stream_elementwise`` (not a kernel variant): the same bytes moved by ``torch.addcmul`` per chain (u, delta, z
+  read, y written, coalesced): the cost of the bytes alone.
+Outputs of the stripped variants are not the scan's; only their times mean something. ``--baseline PATH`` adds another
 version of sequential.py (e.g. main's) as the variant ``baseline``, checked against ``full`` (relative difference).
 
 Per row: ms (``triton.testing.do_bench`` median, best of ``--rounds`` interleaved rounds), hbm_fraction (the full
@@ -120,27 +121,24 @@ def inputs(shape):
                 A=t["A"], D=t["D"], delta_bias=t["delta_bias"])
 
 
-def scan_call(module, lists, config, knobs=(1, 0)):
-    """The variant's forward on ``lists`` with B / C packed once (the kernel alone); knobs: the module's
-    (SEQ_AHEAD_CHUNKS, SEQ_L2_PREFETCH_CHUNKS) for this call."""
+def scan_call(module, lists, config):
+    """The variant's forward on ``lists`` with B / C packed once (the kernel alone)."""
     Bs, Cs = module.prepare_bc(lists["Bs"], lists["Cs"])
 
     def call():
-        if hasattr(module, "SEQ_AHEAD_CHUNKS"):
-            module.SEQ_AHEAD_CHUNKS, module.SEQ_L2_PREFETCH_CHUNKS = knobs
         return module.coupled_scan_fwd_seq(lists["us"], lists["deltas"], lists["zs"], lists["A"], Bs, Cs, lists["D"],
                                            lists["delta_bias"], True, "mean", None, config=config)[0]
     return call
 
 
 def _compile(task):
-    case, variant, config, knobs, baseline_path = task
+    case, variant, config, baseline_path = task
     try:
         import torch
 
         module = load_variant(variant, baseline_path)
         with torch.no_grad():
-            scan_call(module, inputs(CASES[case][0]), config, knobs)()
+            scan_call(module, inputs(CASES[case][0]), config)()
         torch.cuda.synchronize()
         return None
     except Exception as error:  # reported, not timed
@@ -152,19 +150,17 @@ def main():
     parser.add_argument("--baseline", type=Path, default=None, help="another version's sequential.py")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--variants", nargs="+", default=None, help="default: full, the stripped ones, baseline")
-    parser.add_argument("--knobs", nargs="+", default=["1,0"],
-                        help="AHEAD,PF_L2 pairs: u / delta / z loaded 1 or 2 chunks ahead, L2 prefetch distance")
+    parser.add_argument("--variants", nargs="+", default=None, choices=["full", *STRIPPED, "baseline"],
+                        help="default: full, the stripped ones, and baseline when --baseline is given")
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--rep", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     variants = args.variants or ["full", *STRIPPED] + (["baseline"] if args.baseline else [])
-    knob_sets = [tuple(int(v) for v in text.split(",")) for text in args.knobs]
-    tasks = [(case, variant, config, knobs, str(args.baseline) if args.baseline else None)
-             for case in args.cases for config in CASES[case][1] for variant in variants for knobs in knob_sets]
+    tasks = [(case, variant, config, str(args.baseline) if args.baseline else None)
+             for case in args.cases for config in CASES[case][1] for variant in variants]
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        errors = dict(zip([t[:4] for t in tasks], pool.map(_compile, tasks, chunksize=1)))
+        errors = dict(zip([t[:3] for t in tasks], pool.map(_compile, tasks, chunksize=1)))
     import torch
     from triton.testing import do_bench
 
@@ -184,14 +180,12 @@ def main():
         rows = []
         for config in configs:
             for variant in variants:
-                for knobs in knob_sets:
-                    error = errors[(case, variant, config, knobs)]
-                    if error:
-                        print(json.dumps(dict(case=case, variant=variant, config=config, knobs=knobs, error=error)),
-                              flush=True)
-                        continue
-                    rows.append(dict(variant=variant, config=config, knobs=knobs, ms=[],
-                                     fn=scan_call(load_variant(variant, args.baseline), lists, config, knobs)))
+                error = errors[(case, variant, config)]
+                if error:
+                    print(json.dumps(dict(case=case, variant=variant, config=config, error=error)), flush=True)
+                    continue
+                rows.append(dict(variant=variant, config=config, ms=[],
+                                 fn=scan_call(load_variant(variant, args.baseline), lists, config)))
         # the same bytes streamed by an elementwise op (u, delta, z read, y written; coalesced): what moving them costs
         # when nothing else does
         stream_out = [torch.empty_like(u) for u in lists["us"]]
@@ -199,22 +193,21 @@ def main():
         def stream(chains=tuple(zip(lists["us"], lists["deltas"], lists["zs"], stream_out))):
             for u, dl, z, y in chains:
                 torch.addcmul(dl, u, z, out=y)
-        rows.append(dict(variant="stream_elementwise", config=None, knobs=None, ms=[], fn=stream))
+        rows.append(dict(variant="stream_elementwise", config=None, ms=[], fn=stream))
         for _ in range(args.rounds):
             for row in rows:
                 with torch.no_grad():
                     row["ms"].append(do_bench(row["fn"], warmup=10, rep=args.rep, return_mode="median"))
         with torch.no_grad():
-            full = {(row["config"], row["knobs"]): row["fn"]().float() for row in rows if row["variant"] == "full"}
+            full = {row["config"]: row["fn"]().float() for row in rows if row["variant"] == "full"}
         for row in rows:
             ms = min(row["ms"])
             out = dict(case=case, shape=shape, variant=row["variant"], config=row["config"] or "default",
-                       knobs=row["knobs"],
                        ms=round(ms, 4), ms_rounds=[round(v, 4) for v in row["ms"]],
                        hbm_fraction=round(nbytes / (ms * 1e-3) / bandwidth, 4),
                        sfu_busy=round(mufu / SFU_EXP2_PER_S / (ms * 1e-3), 4))
-            ref = full.get((row["config"], knob_sets[0]))
-            if row["variant"] in ("baseline", "full") and ref is not None:  # (against full at the first knobs)
+            ref = full.get(row["config"])
+            if row["variant"] == "baseline" and ref is not None:
                 with torch.no_grad():
                     y = row["fn"]().float()
                 out["rel_diff_vs_full"] = float((y - ref).norm() / ref.norm())

@@ -64,29 +64,6 @@ def _prefetch_l1(ptrs):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines holding ``ptrs`` (no registers held)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_tiles_l2(U, DL, Z, off_u, off_dl, off_z, HAS_Z: tl.constexpr, XLANE: tl.constexpr):
-    """L2 prefetch of a chunk's u / delta / z tiles (addresses as _load_raw forms them; past the end of a tensor a
-    prefetch is dropped, never faulting)."""
-    if XLANE:
-        _prefetch_l2(U + off_u[None, :, :])
-        _prefetch_l2(DL + off_dl[None, :, :])
-        if HAS_Z:
-            _prefetch_l2(Z + off_z[None, :, :])
-    else:
-        _prefetch_l2(U + off_u)
-        _prefetch_l2(DL + off_dl)
-        if HAS_Z:
-            _prefetch_l2(Z + off_z)
-
-
-@triton.jit
 def _prefetch_bc_steps(BC, t_first, length, offs_pf_line, ROW: tl.constexpr, OFF64: tl.constexpr):
     """L1 prefetch of the B / C rows of steps t_first .. t_first + K - 1 (K * ROW contiguous floats of this batch
     element's packed (L, 2M, N) rows, K * ROW <= 32 * len(offs_pf_line) - 32; clamped to its last element): one
@@ -349,7 +326,7 @@ def _coupled_seq_fwd_kernel(
     SAVE_EVERY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, FAST: tl.constexpr, PREFETCH_BC: tl.constexpr,
     BC_AHEAD: tl.constexpr, XLANE: tl.constexpr, JS: tl.constexpr, PAD_LC: tl.constexpr, OFF64: tl.constexpr,
-    EVEN: tl.constexpr, AHEAD: tl.constexpr = 1, PF_L2: tl.constexpr = 0,
+    EVEN: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -428,19 +405,6 @@ def _coupled_seq_fwd_kernel(
     if M > 3:
         ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, row_u + t[:, None] * stride_u_l, row_dl + t[:, None] * stride_dl_l,
                                   row_z + t[:, None] * stride_z_l, mask, HAS_Z, XLANE, EVEN)
-    if AHEAD == 2:  # chunk 1 as well: two chunks of loads in flight
-        t1 = tl.minimum(t + K, length - 1) if EVEN else t + K
-        mask1 = (t1 < length)[:, None] & mask_d[None, :]
-        off1_u = row_u + t1[:, None] * stride_u_l
-        off1_dl = row_dl + t1[:, None] * stride_dl_l
-        off1_z = row_z + t1[:, None] * stride_z_l
-        qu0, qd0, qz0 = _load_raw(U0, DL0, Z0, off1_u, off1_dl, off1_z, mask1, HAS_Z, XLANE, EVEN)
-        if M > 1:
-            qu1, qd1, qz1 = _load_raw(U1, DL1, Z1, off1_u, off1_dl, off1_z, mask1, HAS_Z, XLANE, EVEN)
-        if M > 2:
-            qu2, qd2, qz2 = _load_raw(U2, DL2, Z2, off1_u, off1_dl, off1_z, mask1, HAS_Z, XLANE, EVEN)
-        if M > 3:
-            qu3, qd3, qz3 = _load_raw(U3, DL3, Z3, off1_u, off1_dl, off1_z, mask1, HAS_Z, XLANE, EVEN)
 
     # B / C rows: every step reads M (N,) rows of B and of C that no earlier step touched (64-byte rows, new L1
     # sectors each step), so without help each step waits for L2 about M times over. PREFETCH_BC asks L1 for the
@@ -461,68 +425,33 @@ def _coupled_seq_fwd_kernel(
         if OFF64:
             t = t.to(tl.int64)
         mask = (t < length)[:, None] & mask_d[None, :]
-        # the look-ahead loads: AHEAD chunks ahead (EVEN: past the end they read step L - 1 again instead of masking)
-        tn = tl.minimum(t + AHEAD * K, length - 1) if EVEN else t + AHEAD * K
+        # (EVEN: the last chunk's look-ahead reads step L - 1 again instead of masking)
+        tn = tl.minimum(t + K, length - 1) if EVEN else t + K
         mask_next = (tn < length)[:, None] & mask_d[None, :]
         off_nu = row_u + tn[:, None] * stride_u_l
         off_nd = row_dl + tn[:, None] * stride_dl_l
         off_nz = row_z + tn[:, None] * stride_z_l
-        if PF_L2 > 0:  # and PF_L2 chunks further, into L2 only
-            tp = t + (AHEAD + PF_L2) * K
-            _prefetch_tiles_l2(U0, DL0, Z0, row_u + tp[:, None] * stride_u_l, row_dl + tp[:, None] * stride_dl_l,
-                               row_z + tp[:, None] * stride_z_l, HAS_Z, XLANE)
-            if M > 1:
-                _prefetch_tiles_l2(U1, DL1, Z1, row_u + tp[:, None] * stride_u_l, row_dl + tp[:, None] * stride_dl_l,
-                                   row_z + tp[:, None] * stride_z_l, HAS_Z, XLANE)
-            if M > 2:
-                _prefetch_tiles_l2(U2, DL2, Z2, row_u + tp[:, None] * stride_u_l, row_dl + tp[:, None] * stride_dl_l,
-                                   row_z + tp[:, None] * stride_z_l, HAS_Z, XLANE)
-            if M > 3:
-                _prefetch_tiles_l2(U3, DL3, Z3, row_u + tp[:, None] * stride_u_l, row_dl + tp[:, None] * stride_dl_l,
-                                   row_z + tp[:, None] * stride_z_l, HAS_Z, XLANE)
-        # this chunk's raw tiles; the look-ahead loads go out before the work
+        # this chunk's raw tiles; the next chunk's loads go out before the work
         cu0, cd0, cz0 = ru0, rd0, rz0
-        if AHEAD == 2:
-            ru0, rd0, rz0 = qu0, qd0, qz0
-            qu0, qd0, qz0 = _load_raw(U0, DL0, Z0, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
-        else:
-            ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
+        ru0, rd0, rz0 = _load_raw(U0, DL0, Z0, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
         dt0, dtu0 = _prep(cu0, cd0, bias0, mask, scale, HAS_BIAS, SOFTPLUS, FAST, EVEN)
         y0 = tl.zeros([K, BD], dtype=tl.float32)
         acc0 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 1:
             cu1, cd1, cz1 = ru1, rd1, rz1
-            if AHEAD == 2:
-                ru1, rd1, rz1 = qu1, qd1, qz1
-                qu1, qd1, qz1 = _load_raw(U1, DL1, Z1, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE,
-                                                EVEN)
-            else:
-                ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE,
-                                                EVEN)
+            ru1, rd1, rz1 = _load_raw(U1, DL1, Z1, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
             dt1, dtu1 = _prep(cu1, cd1, bias1, mask, scale, HAS_BIAS, SOFTPLUS, FAST, EVEN)
             y1 = tl.zeros([K, BD], dtype=tl.float32)
             acc1 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 2:
             cu2, cd2, cz2 = ru2, rd2, rz2
-            if AHEAD == 2:
-                ru2, rd2, rz2 = qu2, qd2, qz2
-                qu2, qd2, qz2 = _load_raw(U2, DL2, Z2, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE,
-                                                EVEN)
-            else:
-                ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE,
-                                                EVEN)
+            ru2, rd2, rz2 = _load_raw(U2, DL2, Z2, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
             dt2, dtu2 = _prep(cu2, cd2, bias2, mask, scale, HAS_BIAS, SOFTPLUS, FAST, EVEN)
             y2 = tl.zeros([K, BD], dtype=tl.float32)
             acc2 = tl.zeros([K, LPC, BD], dtype=tl.float32)
         if M > 3:
             cu3, cd3, cz3 = ru3, rd3, rz3
-            if AHEAD == 2:
-                ru3, rd3, rz3 = qu3, qd3, qz3
-                qu3, qd3, qz3 = _load_raw(U3, DL3, Z3, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE,
-                                                EVEN)
-            else:
-                ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE,
-                                                EVEN)
+            ru3, rd3, rz3 = _load_raw(U3, DL3, Z3, off_nu, off_nd, off_nz, mask_next, HAS_Z, XLANE, EVEN)
             dt3, dtu3 = _prep(cu3, cd3, bias3, mask, scale, HAS_BIAS, SOFTPLUS, FAST, EVEN)
             y3 = tl.zeros([K, BD], dtype=tl.float32)
             acc3 = tl.zeros([K, LPC, BD], dtype=tl.float32)
@@ -675,10 +604,6 @@ SEQ_WARPS_PER_SM = 16  # at <= 128 registers
 SEQ_MAXNREG = 128
 # no masks where dim and L are multiples of (block_d, K) (the last chunk's look-ahead re-reads step L - 1)
 SEQ_EVEN_TILES = True
-# u / delta / z tiles: loaded into registers SEQ_AHEAD_CHUNKS chunks ahead (1 or 2), and prefetched into L2
-# SEQ_L2_PREFETCH_CHUNKS chunks further (0: not)
-SEQ_AHEAD_CHUNKS = 1
-SEQ_L2_PREFETCH_CHUNKS = 0
 # (prefetch_bc, bc_ahead) of a 3-tuple config: how the per-step B / C rows reach the registers (see the kernel)
 SEQ_BC_DEFAULT = (True, True)
 # the cross-lane scheme of a config where it applies (``xlane_applies``): rows by indexed shuffles, readout
@@ -909,7 +834,6 @@ def coupled_scan_fwd_seq(us, deltas, zs, A, Bs, Cs, D, delta_bias, delta_softplu
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, FAST=not interpret_mode(),
         PREFETCH_BC=bool(prefetch_bc) and not interpret_mode(), BC_AHEAD=bool(bc_ahead), XLANE=xlane, JS=js,
         PAD_LC=pad_lc, OFF64=off64, EVEN=SEQ_EVEN_TILES and dim % block_d == 0 and length % k == 0,
-        AHEAD=SEQ_AHEAD_CHUNKS, PF_L2=SEQ_L2_PREFETCH_CHUNKS if not interpret_mode() else 0,
         num_warps=num_warps, **options,
     )
     final = states[:, :, n_slots - 1] if save_every else states
