@@ -91,13 +91,11 @@ def load_variant(variant, baseline_path=None):
     if name not in sys.modules:
         path = Path(baseline_path) if variant == "baseline" else SEQUENTIAL
         source = path.read_text() + STRIPPED.get(variant, "")
-        spec = importlib.util.spec_from_loader(name, loader=None, origin=str(path))
-        module = importlib.util.module_from_spec(spec)
-        module.__file__ = str(path)  # (Triton reads a jit function's source through inspect; see _SourceLoader)
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None, origin=str(path)))
         sys.modules[name] = module
-        code = compile(source, f"<{name}>", "exec")
-        _remember_source(f"<{name}>", source)
-        exec(code, module.__dict__)
+        filename = f"<{name}>"
+        _remember_source(filename, source)  # (Triton's jit reads each function's source through inspect)
+        exec(compile(source, filename, "exec"), module.__dict__)
     return sys.modules[name]
 
 
